@@ -1,0 +1,1 @@
+"""Small helpers shared by several layers (imports by name, atomic files)."""
