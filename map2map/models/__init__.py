@@ -1,0 +1,24 @@
+"""Models and the tensor tools around them, looked up by name (e.g. `--model VNet`).
+
+Every model is built as `Model(in_chan, out_chan, **kwargs)` and always
+receives `scale_factor` as a keyword, which models that do not resample
+ignore.  No convolution pads: outputs are smaller than inputs, and
+`required_pad` says by how much to pad the input.
+"""
+
+from .bypass import resolve_bypass
+from .conv import ConvBlock, ResBlock
+from .lag2eul import lag2eul
+from .narrow import narrow_by, narrow_cast, narrow_like
+from .power import power
+from .resample import Resampler, resample, resample_edge
+from .srsgan import G
+from .stride import StrideError, check_stride, required_pad, total_stride
+from .unet import UNet
+from .vnet import VNet
+
+__all__ = [
+    "ConvBlock", "G", "ResBlock", "Resampler", "StrideError", "UNet", "VNet",
+    "check_stride", "lag2eul", "narrow_by", "narrow_cast", "narrow_like", "power",
+    "required_pad", "resample", "resample_edge", "resolve_bypass", "total_stride",
+]

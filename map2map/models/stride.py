@@ -1,0 +1,150 @@
+"""How a model's downsampling constrains crops, steps and pads.
+
+A model that downsamples by a total stride s is translation-equivariant only
+for shifts that are multiples of s: two crops give consistent outputs, and
+tiles stitch into the whole-box result, only if their origins differ by
+multiples of s.  Its input size must also let every down level be undone by
+its up level.  `total_stride`, `check_stride` and `required_pad` turn these
+facts into numbers and clear errors.
+"""
+
+from __future__ import annotations
+
+import copy
+from fractions import Fraction
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from map2map.errors import UserError
+
+from .resample import Resampler
+
+
+class StrideError(UserError, ValueError):
+    """A crop, step or pad that the model's stride does not allow."""
+
+
+def _module_factor(module: nn.Module) -> Fraction:
+    """How much `module` downsamples (2 for a stride-2 conv, 1/2 for a stride-2 transposed conv)."""
+    if isinstance(module, Resampler):
+        return 1 / Fraction(module.scale_factor).limit_denominator(1 << 16)
+    stride = getattr(module, "stride", None)
+    if stride is None or not isinstance(module, (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd,
+                                                 nn.modules.pooling._AvgPoolNd)):
+        return Fraction(1)
+    stride = max(stride) if isinstance(stride, Sequence) else stride
+    transposed = getattr(module, "transposed", False)
+    return 1 / Fraction(stride) if transposed else Fraction(stride)
+
+
+def total_stride(model: nn.Module) -> int:
+    """The total downsampling stride of `model`: 4 for UNet/VNet, 1 for plain conv nets and G.
+
+    An integer `model.total_stride` attribute is trusted.  Otherwise the
+    modules are walked in registration order (assumed to be forward order),
+    multiplying by each strided convolution or pooling stride, dividing by
+    each transposed convolution stride (and by each `Resampler` factor); the
+    largest running product, i.e. the downsampling at the deepest point, is
+    the total stride.
+    """
+    declared = getattr(model, "total_stride", None)
+    if isinstance(declared, int):
+        return declared
+    running, deepest = Fraction(1), Fraction(1)
+    for module in model.modules():
+        running *= _module_factor(module)
+        deepest = max(deepest, running)
+    return int(deepest)
+
+
+def _nearest_multiples(value: int, stride: int) -> str:
+    below = value // stride * stride
+    return f"{below} or {below + stride}" if below > 0 else f"{stride}"
+
+
+def check_stride(crop: int | Sequence[int], step: int | Sequence[int] | None, stride: int) -> None:
+    """Raise `StrideError` unless every crop size and crop step is a multiple of `stride`.
+
+    `step` None means the crops tile the field (step = crop).  The message
+    names the offending value and the nearest multiples that would work.
+    """
+    crops = [crop] if isinstance(crop, int) else list(crop)
+    steps = crops if step is None else ([step] if isinstance(step, int) else list(step))
+    for name, values in (("crop", crops), ("crop step", steps)):
+        for value in values:
+            if value % stride:
+                raise StrideError(f"{name} {value} is not a multiple of the model's total stride {stride}; "
+                                  f"use e.g. {_nearest_multiples(value, stride)}")
+
+
+def _output_size(model: nn.Module, in_chan: int, size: int, dim: int) -> int | None:
+    """Spatial size of `model`'s output for a cubic zero input of `size`, or None if the model rejects it."""
+    device = next(model.parameters(), torch.empty(0)).device
+    x = torch.zeros((1, in_chan) + (size,) * dim, device=device)
+    try:
+        y = model(x)
+    except (RuntimeError, ValueError):
+        return None
+    return y.shape[2]
+
+
+def _covers(out: int | None, target: int) -> bool:
+    return out is not None and out >= target and (out - target) % 2 == 0
+
+
+def _search(model: nn.Module, in_chan: int, crop: int, dim: int, target: int,
+            max_pad: int) -> tuple[int | None, bool]:
+    """The smallest pad up to `max_pad` whose output covers `target`, and whether any pass ran at all."""
+    ran = False
+    for pad in range(max_pad + 1):
+        out = _output_size(model, in_chan, crop + 2 * pad, dim)
+        ran = ran or out is not None
+        if _covers(out, target):
+            return pad, True
+    return None, ran
+
+
+def _find_pad(model: nn.Module, in_chan: int, crop: int, dim: int, target: int, max_pad: int) -> int | None:
+    """Search on a shape-only 'meta' copy, confirm with one real pass, else search with real passes.
+
+    If every meta pass fails the copy is taken as unusable (an operation
+    without meta support); if some ran and none covered, no pad works.
+    """
+    pad, meta_ran = _search(copy.deepcopy(model).to("meta"), in_chan, crop, dim, target, max_pad)
+    if pad is not None and _covers(_output_size(model, in_chan, crop + 2 * pad, dim), target):
+        return pad
+    if pad is None and meta_ran:
+        return None
+    return _search(model, in_chan, crop, dim, target, max_pad)[0]
+
+
+def required_pad(model: nn.Module, in_chan: int, crop: int, dim: int, scale_factor: float = 1,
+                 tgt_pad: int = 0, max_pad: int = 128) -> int:
+    """The smallest pad p such that `model` maps an input of crop + 2p voxels per axis
+    onto at least crop * scale_factor + 2 * tgt_pad voxels, with an even excess
+    (so the output narrows symmetrically onto the target).
+
+    Sizes the model rejects (e.g. levels that do not line up) are skipped.
+    Shapes are found by forward passes on zero inputs under `torch.no_grad`
+    in eval mode: on a copy of the model on the 'meta' device (shapes only, no
+    arithmetic, so the search is cheap), confirmed by one real pass; if the
+    meta copy cannot run, every pass is real.  `model` is left in the
+    training mode it had.  Raises `StrideError` if no p up to `max_pad` works.
+    """
+    target = crop * scale_factor + 2 * tgt_pad
+    if not float(target).is_integer():
+        raise StrideError(f"crop {crop} times scale_factor {scale_factor} is not a whole number of voxels")
+    target = int(target)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            pad = _find_pad(model, in_chan, crop, dim, target, max_pad)
+    finally:
+        model.train(was_training)
+    if pad is None:
+        raise StrideError(f"no pad up to {max_pad} lets the model map a crop of {crop} onto "
+                          f"{target} output voxels per axis; check the crop, scale factor and model")
+    return pad

@@ -1,0 +1,85 @@
+"""Reading .npy files in bounded pieces, through memory maps, never whole.
+
+`inspect` parses and checks a header (and that the file holds all the bytes
+it promises); `read_block` copies one rectangular region of the array into a
+native float32 (or float64) buffer by mapping one storage plane at a time and
+unmapping it right after, so the resident memory of a conversion does not
+grow with the file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from map2map.errors import UserError
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def inspect(path: str | Path) -> NpyHeader:
+    """Parse the header of `path`; refuse corrupt, truncated or non-real-numeric files."""
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f, max_header_size=100000)
+            offset = f.tell()
+    except (ValueError, OSError, SyntaxError, EOFError) as exc:
+        raise UserError(f"{path} is not a readable .npy file ({exc})") from None
+    if dtype.hasobject or dtype.fields is not None or dtype.kind not in "fiu":
+        raise UserError(f"{path} has dtype {dtype}: expected real numbers (float or int)")
+    header = NpyHeader(path, tuple(int(s) for s in shape), dtype, bool(fortran), offset)
+    size = os.path.getsize(path)
+    if size < offset + header.nbytes:
+        raise UserError(f"{path} is truncated: {size} bytes, but its header promises {offset + header.nbytes}")
+    return header
+
+
+def _storage(header: NpyHeader) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The C-order shape the bytes are laid out in, and the permutation from it back to array axes."""
+    ndim = len(header.shape)
+    if header.fortran_order:
+        return header.shape[::-1], tuple(reversed(range(ndim)))
+    return header.shape, tuple(range(ndim))
+
+
+def read_block(header: NpyHeader, region: tuple[slice, ...], out: np.ndarray) -> None:
+    """Copy ``array[region]`` into `out` (any dtype; converted on the way).
+
+    Maps one storage plane (the two fastest storage axes) at a time; the
+    planes are unmapped as soon as they are copied.
+    """
+    region = tuple(slice(*s.indices(n)[:2]) for s, n in zip(region, header.shape))
+    storage_shape, axes = _storage(header)
+    # region expressed in storage axes
+    sregion = tuple(region[a] for a in axes)
+    plane_shape = storage_shape[-2:]
+    plane_bytes = int(np.prod(plane_shape)) * header.dtype.itemsize
+    outer = [range(s.start, s.stop) for s in sregion[:-2]]
+    # view of `out` in storage axis order
+    out_s = out.transpose(axes)
+    for idx in itertools.product(*outer):
+        flat = int(np.ravel_multi_index(idx, storage_shape[:-2])) if idx else 0
+        plane = np.memmap(header.path, dtype=header.dtype, mode="r",
+                          offset=header.offset + flat * plane_bytes, shape=plane_shape)
+        rel = tuple(i - s.start for i, s in zip(idx, sregion[:-2]))
+        out_s[rel] = plane[sregion[-2], sregion[-1]]
+        del plane  # unmaps: the plane's pages stop counting as ours

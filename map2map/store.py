@@ -1,0 +1,241 @@
+"""The store contract between pipeline stages: create, open, validate, mark complete.
+
+A store is a Zarr (format 3) group.  Each field is an array shaped
+``(sample, channel, *spatial)`` with named dimensions; every distinct grid size
+gets its own spatial dimension names (``x_64``, ``y_64``, ``z_64``) and
+channel counts their own channel dimension (``channel_3``), so that
+``xarray.open_zarr`` opens the whole store as one Dataset and stores with the
+same grids line up.  Coordinates are cell centres, in the box's length unit
+when a box size is known and in box fractions otherwise.
+
+The group attribute ``map2map`` holds the format version, box size,
+periodicity, per-field settings, ``nsample`` (the number of samples that are
+complete) and ``complete``.  The completion mark, together with the
+consolidated metadata, is written last: readers open the consolidated view,
+which only ever shows whole, finished samples, and refuse a store whose mark
+is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import zarr
+
+from map2map.errors import UserError
+
+FORMAT_VERSION = 1
+ATTR = "map2map"
+AXES = "xyz"
+
+warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
+
+
+class IncompleteStoreError(UserError):
+    """The store lacks its completion mark: a writer died or is still running."""
+
+
+def spatial_dims(shape: Iterable[int]) -> tuple[str, ...]:
+    """Dimension names of a grid: the axis letter and its size, e.g. ``("x_64", "y_64", "z_64")``."""
+    return tuple(f"{AXES[d]}_{n}" for d, n in enumerate(shape))
+
+
+def channel_dim(nchan: int) -> str:
+    return f"channel_{nchan}"
+
+
+def field_dims(nchan: int, spatial: Iterable[int]) -> tuple[str, ...]:
+    return ("sample", channel_dim(nchan)) + spatial_dims(spatial)
+
+
+def cell_centres(n: int, boxsize: float | None) -> np.ndarray:
+    """Cell-centre positions of a periodic grid of `n` cells, in box units (or box fractions)."""
+    length = 1.0 if boxsize is None else float(boxsize)
+    return (np.arange(n, dtype=np.float64) + 0.5) * (length / n)
+
+
+@dataclass(frozen=True)
+class FieldLayout:
+    """How one field is stored: its shape per sample and its chunking (spatial parts only)."""
+
+    name: str
+    channels: int
+    spatial: tuple[int, ...]
+    shard: tuple[int, ...]
+    chunk: tuple[int, ...]
+    dtype: str = "float32"
+    compressor: str = "none"
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        return field_dims(self.channels, self.spatial)
+
+
+def _compressors(name: str) -> Any:
+    if name == "none":
+        return None
+    if name == "zstd":
+        return zarr.codecs.ZstdCodec(level=1)
+    if name == "blosc":
+        return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    raise UserError(f"unknown compressor {name!r}: expected none, zstd or blosc")
+
+
+def _create_field(group: zarr.Group, layout: FieldLayout, nsample: int) -> None:
+    arr = group.create_array(
+        layout.name,
+        shape=(nsample, layout.channels) + layout.spatial,
+        chunks=(1, layout.channels) + layout.chunk,
+        shards=(1, layout.channels) + layout.shard,
+        dtype=layout.dtype,
+        compressors=_compressors(layout.compressor),
+        fill_value=np.nan,
+        dimension_names=list(layout.dims),
+    )
+    arr.attrs["coordinates"] = f"source_{layout.name}"
+    src = group.create_array(f"source_{layout.name}", shape=(nsample,), chunks=(4096,), dtype=str,
+                             dimension_names=["sample"])
+    src.attrs["long_name"] = f"source file of each sample of {layout.name}"
+
+
+def _create_coords(group: zarr.Group, layouts: Iterable[FieldLayout], boxsize: float | None,
+                   nsample: int) -> None:
+    sample = group.create_array("sample", shape=(nsample,), chunks=(4096,), dtype="int64",
+                                dimension_names=["sample"])
+    if nsample:
+        sample[:] = np.arange(nsample)
+    done = set()
+    for layout in layouts:
+        for name, n in zip(spatial_dims(layout.spatial), layout.spatial):
+            if name in done:
+                continue
+            done.add(name)
+            coord = group.create_array(name, shape=(n,), dtype="float64", dimension_names=[name])
+            coord[:] = cell_centres(n, boxsize)
+            coord.attrs["units"] = "box length unit" if boxsize is not None else "box fraction"
+            coord.attrs["long_name"] = f"{name[0]} cell centre"
+        cname = channel_dim(layout.channels)
+        if cname not in done:
+            done.add(cname)
+            coord = group.create_array(cname, shape=(layout.channels,), dtype="int64", dimension_names=[cname])
+            coord[:] = np.arange(layout.channels)
+
+
+def create(path: str | Path, layouts: list[FieldLayout], *, nsample: int, boxsize: float | None,
+           settings: dict[str, Any]) -> zarr.Group:
+    """Create an empty, incomplete store at `path` (which must not exist)."""
+    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "nsample": 0,
+        "boxsize": boxsize,
+        "periodic": True,
+        "fields": {lay.name: dict(settings.get(lay.name, {}), channels=lay.channels, spatial=list(lay.spatial),
+                                  shard=list(lay.shard), chunk=list(lay.chunk), dtype=lay.dtype,
+                                  compressor=lay.compressor)
+                   for lay in layouts},
+    }
+    meta.update({k: v for k, v in settings.items() if k not in meta["fields"]})
+    group.attrs[ATTR] = meta
+    for layout in layouts:
+        _create_field(group, layout, nsample)
+    _create_coords(group, layouts, boxsize, nsample)
+    return group
+
+
+def mark_complete(path: str | Path, nsample: int, **extra: Any) -> None:
+    """Write the completion mark and the consolidated metadata: the last write of every writer."""
+    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    meta = dict(group.attrs[ATTR])
+    meta.update(extra, complete=True, nsample=int(nsample))
+    group.attrs[ATTR] = meta
+    zarr.consolidate_metadata(str(path))
+
+
+def mark_incomplete(path: str | Path) -> None:
+    """Clear the completion mark before rewriting samples a reader may already rely on."""
+    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    meta = dict(group.attrs[ATTR])
+    meta["complete"] = False
+    group.attrs[ATTR] = meta
+    zarr.consolidate_metadata(str(path))
+
+
+def read_meta(path: str | Path) -> dict[str, Any] | None:
+    """The ``map2map`` attribute of the group at `path`, or None if it is no map2map store."""
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except (FileNotFoundError, ValueError, zarr.errors.GroupNotFoundError, json.JSONDecodeError):
+        return None
+    return group.attrs.get(ATTR)
+
+
+@dataclass
+class Store:
+    """An opened, complete store: the group as of its completion mark."""
+
+    path: str
+    group: zarr.Group
+    meta: dict[str, Any]
+
+    @property
+    def nsample(self) -> int:
+        return int(self.meta["nsample"])
+
+    @property
+    def boxsize(self) -> float | None:
+        return self.meta.get("boxsize")
+
+    @property
+    def field_names(self) -> list[str]:
+        return list(self.meta["fields"])
+
+    def field(self, name: str) -> zarr.Array:
+        if name not in self.meta["fields"]:
+            raise UserError(f"no field {name!r} in store {self.path}: it has {', '.join(self.field_names)}")
+        return self.group[name]
+
+    def sources(self, name: str) -> list[str]:
+        return [str(s) for s in self.group[f"source_{name}"][: self.nsample]]
+
+
+def open_store(path: str | Path, *, allow_incomplete: bool = False) -> Store:
+    """Open a store for reading; refuse a missing, foreign or incomplete one with a one-line error."""
+    path = str(path)
+    if not Path(path).exists():
+        raise UserError(f"store {path} does not exist")
+    try:
+        group = zarr.open_group(path, mode="r", use_consolidated=None)
+    except Exception as exc:  # zarr raises several types for unreadable metadata
+        raise UserError(f"{path} is not a readable Zarr store ({type(exc).__name__}: {exc})") from None
+    meta = group.attrs.get(ATTR)
+    if meta is None:
+        raise UserError(f"{path} is a Zarr group but not a map2map store (no '{ATTR}' attribute)")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"store {path} has format version {meta['format_version']}; "
+                        f"this map2map reads up to {FORMAT_VERSION}")
+    if not meta.get("complete") and not allow_incomplete:
+        raise IncompleteStoreError(f"store {path} is incomplete (no completion mark): "
+                                   "its writer was interrupted; run it again")
+    return Store(path, group, meta)
+
+
+def remove(path: str | Path) -> None:
+    """Delete a local store directory (only ever called on map2map stores or our own temporaries)."""
+    shutil.rmtree(path, ignore_errors=False)
+
+
+def stored_bytes(path: str | Path, name: str) -> int:
+    """Bytes the field `name` occupies on disk (local stores)."""
+    total = 0
+    for root, _, files in os.walk(Path(path) / name):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
