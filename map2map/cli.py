@@ -53,7 +53,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compressor", choices=["none", "zstd", "blosc"], default="none",
                    help="lossless codec (saves little on these fields and slows reads; see README)")
     p.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf values instead of refusing them")
-    p.add_argument("--workers", type=int, default=2, help="threads converting shards in parallel")
+    p.add_argument("--workers", type=int, default=2, help="processes converting shards in parallel")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_convert)
 

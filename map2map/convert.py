@@ -22,8 +22,8 @@ import glob
 import math
 import os
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -36,7 +36,7 @@ from map2map import geometry, npyfile, store
 from map2map.errors import UserError
 
 MAX_CHANNELS = 16
-UNIT_BYTES = 64 * 2**20
+UNIT_BYTES = 32 * 2**20
 
 
 @dataclass
@@ -87,11 +87,16 @@ def parse_field(spec: str) -> tuple[str, str]:
     return name, pattern
 
 
+def _looks_channel_last(shape: tuple[int, ...]) -> bool:
+    """A cube of voxels followed by a short axis, e.g. (64, 64, 64, 3): channels last."""
+    return len(shape) == 4 and shape[-1] <= 4 < shape[0] and shape[0] == shape[1] == shape[2]
+
+
 def _check_shape(header: npyfile.NpyHeader) -> None:
     shape = header.shape
     if len(shape) not in (3, 4):
         raise UserError(f"{header.path} has shape {shape}: expected channel-first (C, X, Y) or (C, X, Y, Z)")
-    if shape[0] > MAX_CHANNELS:
+    if shape[0] > MAX_CHANNELS or _looks_channel_last(shape):
         hint = (" it looks channel-last: move the channel axis first (np.moveaxis(a, -1, 0))"
                 if shape[-1] <= MAX_CHANNELS else
                 " a scalar field needs a leading channel axis of 1 (a[None])")
@@ -180,27 +185,25 @@ def units(layout: store.FieldLayout, itemsize: int) -> list[tuple[slice, ...]]:
     return out
 
 
-class _Tally:
-    """Thread-safe count of non-finite values per source file."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.bad: dict[str, int] = {}
-
-    def add(self, path: str, n: int) -> None:
-        if n:
-            with self.lock:
-                self.bad[path] = self.bad.get(path, 0) + n
+_OPEN: dict[tuple[str, str], zarr.Array] = {}
 
 
-def _write_unit(arr: zarr.Array, header: npyfile.NpyHeader, sample: int, region: tuple[slice, ...],
-                dtype: np.dtype, tally: _Tally, allow_nonfinite: bool) -> int:
+def _array(path: str, name: str) -> zarr.Array:
+    """The array `name` of the store at `path`, opened once per process."""
+    key = (path, name)
+    if key not in _OPEN:
+        _OPEN[key] = zarr.open_group(path, mode="r+", use_consolidated=False)[name]
+    return _OPEN[key]
+
+
+def _write_unit(path: str, name: str, header: npyfile.NpyHeader, sample: int, region: tuple[slice, ...],
+                dtype: str, check_finite: bool) -> tuple[int, int]:
+    """Convert one unit; returns (bytes written, number of non-finite values found)."""
     buf = np.empty((header.shape[0],) + tuple(s.stop - s.start for s in region), dtype=dtype)
     npyfile.read_block(header, (slice(None),) + region, buf)
-    if not allow_nonfinite:
-        tally.add(header.path, int(buf.size - np.count_nonzero(np.isfinite(buf))))
-    arr[(sample, slice(None)) + region] = buf
-    return buf.nbytes
+    bad = int(buf.size - np.count_nonzero(np.isfinite(buf))) if check_finite else 0
+    _array(path, name)[(sample, slice(None)) + region] = buf
+    return buf.nbytes, bad
 
 
 def _jobs(fields: list[FieldInput], layouts: list[store.FieldLayout], first_sample: int,
@@ -211,26 +214,56 @@ def _jobs(fields: list[FieldInput], layouts: list[store.FieldLayout], first_samp
                 yield f.name, f.headers[i], first_sample + i, region
 
 
+def _pool(workers: int) -> Executor:
+    """Worker processes for the copy (zarr-python serialises threads on its event loop).
+
+    Spawned, not forked: a forked child would inherit zarr's event loop state
+    from the parent, which has already opened the store.  One unit of work or
+    one worker runs in this process instead.
+    """
+    if workers <= 1:
+        return _InlineExecutor()
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+class _InlineExecutor(Executor):
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
+        fut: Future = Future()
+        fut.set_result(fn(*args, **kwargs))
+        return fut
+
+
 def write_samples(path: str, fields: list[FieldInput], layouts: list[store.FieldLayout], first_sample: int,
                   opts: Options) -> None:
-    """Write every file of every field as samples ``first_sample, first_sample + 1, ...``."""
-    group = zarr.open_group(path, mode="r+", use_consolidated=False)
-    arrays = {f.name: group[f.name] for f in fields}
-    dtype = np.dtype(opts.dtype)
-    jobs = list(_jobs(fields, layouts, first_sample, dtype.itemsize))
-    total = sum(math.prod((s.stop - s.start for s in r)) * h.shape[0] * dtype.itemsize for _, h, _, r in jobs)
-    tally = _Tally()
+    """Write every file of every field as samples ``first_sample, first_sample + 1, ...``.
+
+    Stops early once a file is known to hold NaN/Inf (unless allowed), after
+    counting that file's values, and raises a UserError naming it.
+    """
+    _OPEN.clear()  # array objects cache their shape: never reuse them across writes
+    itemsize = np.dtype(opts.dtype).itemsize
+    jobs = list(_jobs(fields, layouts, first_sample, itemsize))
+    total = sum(math.prod(s.stop - s.start for s in r) * h.shape[0] * itemsize for _, h, _, r in jobs)
+    workers = min(opts.workers, max(1, total // UNIT_BYTES))
+    bad: dict[str, int] = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not opts.progress,
-              file=sys.stderr) as bar, ThreadPoolExecutor(max(1, opts.workers)) as pool:
-        futures = [pool.submit(_write_unit, arrays[n], h, s, r, dtype, tally, opts.allow_nonfinite)
+              file=sys.stderr) as bar, _pool(workers) as pool:
+        futures = [(h.path, pool.submit(_write_unit, path, n, h, s, r, opts.dtype, not opts.allow_nonfinite))
                    for n, h, s, r in jobs]
-        for fut in futures:
-            bar.update(fut.result())
-    if tally.bad:
-        path0, count = next(iter(tally.bad.items()))
-        more = f" (and {len(tally.bad) - 1} more files)" if len(tally.bad) > 1 else ""
-        raise UserError(f"{path0} has {count} non-finite values (NaN/Inf){more}; "
+        for src, fut in futures:
+            nbytes, nbad = fut.result()
+            bar.update(nbytes)
+            if nbad:
+                bad[src] = bad.get(src, 0) + nbad
+            elif bad and src not in bad:  # the bad file is fully counted: stop
+                for _, f in futures:
+                    f.cancel()
+                break
+    if bad:
+        path0, count = next(iter(bad.items()))
+        raise UserError(f"{path0} has {count} non-finite values (NaN/Inf); "
                         "fix the data or pass --allow-nonfinite to keep them")
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
     for f in fields:
         src = group[f"source_{f.name}"]
         src[first_sample:first_sample + len(f.headers)] = np.array([os.path.abspath(h.path) for h in f.headers])

@@ -9,7 +9,6 @@ grow with the file.
 
 from __future__ import annotations
 
-import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,22 +63,18 @@ def _storage(header: NpyHeader) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def read_block(header: NpyHeader, region: tuple[slice, ...], out: np.ndarray) -> None:
     """Copy ``array[region]`` into `out` (any dtype; converted on the way).
 
-    Maps one storage plane (the two fastest storage axes) at a time; the
-    planes are unmapped as soon as they are copied.
+    Maps one slab of the slowest storage axis at a time (a channel for C-order
+    files, a z-plane for Fortran-order ones) and unmaps it as soon as it is
+    copied, so only the pages of the current slab count as resident.
     """
     region = tuple(slice(*s.indices(n)[:2]) for s, n in zip(region, header.shape))
     storage_shape, axes = _storage(header)
-    # region expressed in storage axes
     sregion = tuple(region[a] for a in axes)
-    plane_shape = storage_shape[-2:]
-    plane_bytes = int(np.prod(plane_shape)) * header.dtype.itemsize
-    outer = [range(s.start, s.stop) for s in sregion[:-2]]
-    # view of `out` in storage axis order
+    slab_shape = storage_shape[1:]
+    slab_bytes = int(np.prod(slab_shape)) * header.dtype.itemsize
     out_s = out.transpose(axes)
-    for idx in itertools.product(*outer):
-        flat = int(np.ravel_multi_index(idx, storage_shape[:-2])) if idx else 0
-        plane = np.memmap(header.path, dtype=header.dtype, mode="r",
-                          offset=header.offset + flat * plane_bytes, shape=plane_shape)
-        rel = tuple(i - s.start for i, s in zip(idx, sregion[:-2]))
-        out_s[rel] = plane[sregion[-2], sregion[-1]]
-        del plane  # unmaps: the plane's pages stop counting as ours
+    for i in range(sregion[0].start, sregion[0].stop):
+        slab = np.memmap(header.path, dtype=header.dtype, mode="r", offset=header.offset + i * slab_bytes,
+                         shape=slab_shape)
+        out_s[i - sregion[0].start] = slab[sregion[1:]]
+        del slab  # unmaps: the slab's pages stop counting as ours

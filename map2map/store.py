@@ -35,7 +35,7 @@ FORMAT_VERSION = 1
 ATTR = "map2map"
 AXES = "xyz"
 
-warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
+warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
 
 
 class IncompleteStoreError(UserError):
@@ -96,8 +96,9 @@ def _create_field(group: zarr.Group, layout: FieldLayout, nsample: int) -> None:
         shards=(1, layout.channels) + layout.shard,
         dtype=layout.dtype,
         compressors=_compressors(layout.compressor),
-        fill_value=np.nan,
+        fill_value=0.0,
         dimension_names=list(layout.dims),
+        config={"write_empty_chunks": True},
     )
     arr.attrs["coordinates"] = f"source_{layout.name}"
     src = group.create_array(f"source_{layout.name}", shape=(nsample,), chunks=(4096,), dtype=str,

@@ -1,0 +1,314 @@
+"""`m2m convert` and `m2m info` on real files: round trips bit for bit, layouts, bad input, interruptions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from conftest import save_fields
+from map2map import store
+from map2map.cli import main
+from map2map.errors import UserError
+
+
+def convert(*args: str) -> int:
+    return main(["convert", *args, "--no-progress"])
+
+
+def test_round_trip_mixed_fields(tmp_path, capsys):
+    lr = save_fields(tmp_path / "in", "lr", (3, 16, 16, 16), 3, seed=1)
+    hr = save_fields(tmp_path / "in", "hr", (1, 32, 32, 32), 3, seed=2)
+    out = tmp_path / "s.zarr"
+    assert convert(str(out), f"--field=disp={tmp_path}/in/lr_*.npy", f"--field=dens={tmp_path}/in/hr_*.npy",
+                   "--crop", "8", "--pad", "3", "--boxsize", "100") == 0
+    ds = xr.open_zarr(out)
+    for i in range(3):
+        assert np.array_equal(ds["disp"].values[i], lr[i])
+        assert np.array_equal(ds["dens"].values[i], hr[i])
+    assert ds["disp"].dims == ("sample", "channel_3", "x_16", "y_16", "z_16")
+    assert ds["dens"].dims == ("sample", "channel_1", "x_32", "y_32", "z_32")
+    np.testing.assert_allclose(ds["x_16"].values, (np.arange(16) + 0.5) * 100 / 16)
+    np.testing.assert_allclose(ds["x_32"].values, (np.arange(32) + 0.5) * 100 / 32)
+    assert [Path(p).name for p in ds["source_disp"].values] == ["lr_00.npy", "lr_01.npy", "lr_02.npy"]
+    meta = ds.attrs["map2map"]
+    assert meta["complete"] and meta["nsample"] == 3 and meta["boxsize"] == 100 and meta["periodic"]
+    # shards = crop, scaled for the finer grid; inner chunk from the pad
+    g = zarr.open_group(str(out), mode="r")
+    assert g["disp"].shards == (1, 3, 8, 8, 8) and g["dens"].shards == (1, 1, 16, 16, 16)
+    assert g["dens"].chunks[2:] == tuple(2 * c for c in g["disp"].chunks[2:])
+
+
+def test_2d_and_unusual_encodings(tmp_path):
+    """Big-endian, Fortran order, float64 and int data convert to the same float32 values."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((2, 4, 24, 20))
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(2):
+        np.save(d / f"be_{i}.npy", base[i].astype(">f4"))
+        np.save(d / f"f_{i}.npy", np.asfortranarray(base[i].astype("f4")))
+        np.save(d / f"d_{i}.npy", base[i])
+        np.save(d / f"i_{i}.npy", (base[i] * 100).astype("i4"))
+    out = tmp_path / "s.zarr"
+    assert convert(str(out), f"--field=be={d}/be_*.npy", f"--field=f={d}/f_*.npy", f"--field=d={d}/d_*.npy",
+                   f"--field=i={d}/i_*.npy", "--crop", "8,4") == 0
+    st = store.open_store(out)
+    for i in range(2):
+        want = base[i].astype("f4")
+        for name in ("be", "f", "d"):
+            got = st.field(name)[i]
+            assert got.dtype == np.float32 and np.array_equal(got, want), name
+        assert np.array_equal(st.field("i")[i], (base[i] * 100).astype("i4").astype("f4"))
+    assert st.field("be").shards == (1, 4, 8, 4)
+
+
+def test_float64_kept_on_request(tmp_path, capsys):
+    a = save_fields(tmp_path, "a", (1, 8, 8, 8), 1, dtype="float64")
+    out = tmp_path / "s.zarr"
+    assert convert(str(out), f"--field=a={tmp_path}/a_*.npy") == 0
+    assert "float64 stored as float32" in capsys.readouterr().out
+    out2 = tmp_path / "s64.zarr"
+    assert convert(str(out2), f"--field=a={tmp_path}/a_*.npy", "--dtype", "float64") == 0
+    assert np.array_equal(store.open_store(out2).field("a")[0], a[0])
+
+
+def test_pairing_follows_sorted_paths(tmp_path):
+    """Sample i pairs the i-th file of each field in path order, whatever the creation order."""
+    for i in (2, 0, 1):
+        np.save(tmp_path / f"x_{i}.npy", np.full((1, 4, 4), i, "f4"))
+        np.save(tmp_path / f"y_{i}.npy", np.full((1, 4, 4), 10 + i, "f4"))
+    out = tmp_path / "s.zarr"
+    assert convert(str(out), f"--field=x={tmp_path}/x_*.npy", f"--field=y={tmp_path}/y_*.npy") == 0
+    st = store.open_store(out)
+    for i in range(3):
+        assert st.field("x")[i].max() == i and st.field("y")[i].max() == 10 + i
+
+
+def test_append_adds_samples(tmp_path):
+    a = save_fields(tmp_path / "a", "f", (1, 16, 16), 2, seed=1)
+    b = save_fields(tmp_path / "b", "f", (1, 16, 16), 3, seed=2)
+    out = tmp_path / "s.zarr"
+    assert convert(str(out), f"--field=f={tmp_path}/a/f_*.npy", "--crop", "8") == 0
+    assert convert(str(out), f"--field=f={tmp_path}/b/f_*.npy", "--crop", "8", "--append") == 0
+    st = store.open_store(out)
+    assert st.nsample == 5
+    for i, want in enumerate(a + b):
+        assert np.array_equal(st.field("f")[i], want)
+    assert len(xr.open_zarr(out).sample) == 5
+    assert [Path(p).parent.name for p in st.sources("f")] == ["a", "a", "b", "b", "b"]
+
+
+def test_info(tmp_path, capsys):
+    save_fields(tmp_path, "f", (3, 16, 16, 16), 2)
+    out = tmp_path / "s.zarr"
+    assert convert(str(out), f"--field=disp={tmp_path}/f_*.npy", "--crop", "8") == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "complete   yes" in text and "samples    2" in text
+    assert "disp: shape (2, 3, 16, 16, 16)" in text and "shard (8, 8, 8)" in text
+    ratio = float(text.split("compression ratio")[1].split()[0])
+    assert 0.95 < ratio <= 1.0  # uncompressed: only the shard indices add bytes
+
+
+BAD_CASES = {
+    "no match": (lambda d: [f"--field=a={d}/nothing_*.npy"], "matches no files"),
+    "different counts": (lambda d: [f"--field=a={d}/a_*.npy", f"--field=b={d}/b_01*.npy"],
+                         "different numbers of files"),
+    "different shapes": (lambda d: [f"--field=m={d}/m_*.npy"], "has shape"),
+    "complex": (lambda d: [f"--field=c={d}/c_*.npy"], "expected real numbers"),
+    "strings": (lambda d: [f"--field=s={d}/s_*.npy"], "expected real numbers"),
+    "truncated": (lambda d: [f"--field=t={d}/t_*.npy"], "is truncated"),
+    "corrupt": (lambda d: [f"--field=g={d}/g_*.npy"], "not a readable .npy"),
+    "channel last": (lambda d: [f"--field=l={d}/l_*.npy"], "channel-last"),
+    "no channel axis": (lambda d: [f"--field=n={d}/n_*.npy"], "leading channel axis"),
+    "bad field spec": (lambda d: ["--field=nopattern"], "expected NAME=PATTERN"),
+}
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    d = tmp_path / "in"
+    save_fields(d, "a", (1, 8, 8), 2)
+    save_fields(d, "b", (1, 8, 8), 2)
+    np.save(d / "m_0.npy", np.zeros((1, 8, 8), "f4"))
+    np.save(d / "m_1.npy", np.zeros((1, 8, 9), "f4"))
+    np.save(d / "c_0.npy", np.zeros((1, 8, 8), "c8"))
+    np.save(d / "s_0.npy", np.array([["a"] * 8] * 8)[None])
+    np.save(d / "t_0.npy", np.zeros((1, 8, 8, 8), "f4"))
+    with open(d / "t_0.npy", "r+b") as f:
+        f.truncate(os.path.getsize(d / "t_0.npy") - 100)
+    (d / "g_0.npy").write_bytes(b"this is not a numpy file at all")
+    np.save(d / "l_0.npy", np.zeros((16, 16, 16, 3), "f4"))
+    np.save(d / "n_0.npy", np.zeros((32, 32, 32), "f4"))
+    return d
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_one_line_error(bad_inputs, tmp_path, capsys, case):
+    args, message = BAD_CASES[case]
+    out = tmp_path / "s.zarr"
+    assert convert(str(out), *args(bad_inputs)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("m2m convert: error:")
+    assert not out.exists()
+
+
+def test_nonfinite_refused_then_allowed(tmp_path, capsys):
+    a = np.ones((1, 8, 8, 8), "f4")
+    a[0, 1, 2, 3] = np.nan
+    a[0, 4, 4, 4] = np.inf
+    np.save(tmp_path / "f_0.npy", a)
+    out = tmp_path / "s.zarr"
+    assert convert(str(out), f"--field=f={tmp_path}/f_*.npy") == 2
+    err = capsys.readouterr().err
+    assert "f_0.npy has 2 non-finite values" in err and "--allow-nonfinite" in err
+    assert not out.exists()
+    assert convert(str(out), f"--field=f={tmp_path}/f_*.npy", "--allow-nonfinite") == 0
+    got = store.open_store(out).field("f")[0]
+    assert np.array_equal(got, a, equal_nan=True)
+
+
+def test_existing_output_refused_and_overwrite(tmp_path, capsys):
+    save_fields(tmp_path / "a", "f", (1, 8, 8), 1, seed=1)
+    b = save_fields(tmp_path / "b", "f", (1, 8, 8), 2, seed=2)
+    out = tmp_path / "s.zarr"
+    assert convert(str(out), f"--field=f={tmp_path}/a/f_*.npy") == 0
+    assert convert(str(out), f"--field=f={tmp_path}/b/f_*.npy") == 2
+    assert "exists and is complete" in capsys.readouterr().err
+    assert store.open_store(out).nsample == 1
+    assert convert(str(out), f"--field=f={tmp_path}/b/f_*.npy", "--overwrite") == 0
+    st = store.open_store(out)
+    assert st.nsample == 2 and np.array_equal(st.field("f")[1], b[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "s.zarr"]
+
+
+def test_overwrite_with_bad_data_keeps_old_store(tmp_path, capsys):
+    a = save_fields(tmp_path / "a", "f", (1, 8, 8), 1, seed=1)
+    np.save(tmp_path / "nan_0.npy", np.full((1, 8, 8), np.nan, "f4"))
+    out = tmp_path / "s.zarr"
+    assert convert(str(out), f"--field=f={tmp_path}/a/f_*.npy") == 0
+    assert convert(str(out), f"--field=f={tmp_path}/nan_*.npy", "--overwrite") == 2
+    st = store.open_store(out)
+    assert np.array_equal(st.field("f")[0], a[0])
+
+
+def test_refuses_to_overwrite_foreign_directory(tmp_path, capsys):
+    save_fields(tmp_path / "a", "f", (1, 8, 8), 1)
+    out = tmp_path / "mydata"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert convert(str(out), f"--field=f={tmp_path}/a/f_*.npy") == 2
+    assert convert(str(out), f"--field=f={tmp_path}/a/f_*.npy", "--overwrite") == 2
+    assert "not a map2map store" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_append_mismatch_refused(tmp_path, capsys):
+    save_fields(tmp_path / "a", "f", (1, 8, 8), 1)
+    save_fields(tmp_path / "b", "f", (1, 8, 16), 1)
+    save_fields(tmp_path / "c", "g", (1, 8, 8), 1)
+    out = tmp_path / "s.zarr"
+    assert convert(str(out), f"--field=f={tmp_path}/a/f_*.npy") == 0
+    assert convert(str(out), f"--field=f={tmp_path}/b/f_*.npy", "--append") == 2
+    assert "--append: field f is stored as" in capsys.readouterr().err
+    assert convert(str(out), f"--field=g={tmp_path}/c/g_*.npy", "--append") == 2
+    assert "has fields ['f']" in capsys.readouterr().err
+    assert store.open_store(out).nsample == 1
+
+
+def test_append_to_missing_store(tmp_path, capsys):
+    save_fields(tmp_path / "a", "f", (1, 8, 8), 1)
+    assert convert(str(tmp_path / "none.zarr"), f"--field=f={tmp_path}/a/f_*.npy", "--append") == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_exit_status_and_help(tmp_path, m2m):
+    res = m2m("convert", str(tmp_path / "s.zarr"), f"--field=a={tmp_path}/none*.npy")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "matches no files" in res.stderr
+    res = m2m("convert", "--help")
+    assert res.returncode == 0
+    for option in ("--field", "--crop", "--pad", "--boxsize", "--overwrite", "--append", "--chunk",
+                   "--dtype", "--compressor", "--allow-nonfinite", "--workers"):
+        assert option in res.stdout
+    assert "(default: float32)" in res.stdout.replace("\n", " ").replace("  ", " ") or "default: float32" in res.stdout
+    res = m2m("--help")
+    assert res.returncode == 0 and "convert" in res.stdout and "info" in res.stdout
+    res = m2m("info", str(tmp_path / "missing.zarr"))
+    assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_tools_script_runs_the_same_program(tmp_path):
+    a = save_fields(tmp_path, "f", (1, 8, 8), 1)
+    script = Path(__file__).resolve().parents[1] / "tools" / "convert_npy.py"
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "s.zarr"), f"--field=f={tmp_path}/f_*.npy",
+                          "--no-progress"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert np.array_equal(store.open_store(tmp_path / "s.zarr").field("f")[0], a[0])
+
+
+def _start_and_kill(args: list[str], out: Path, field: str) -> None:
+    """Start `m2m convert` in a subprocess and SIGKILL it once it has written some shards of `field`."""
+    proc = subprocess.Popen([sys.executable, "-m", "map2map.cli", "convert", *args, "--no-progress",
+                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    chunks = out / field / "c"
+    while time.time() < deadline and proc.poll() is None:
+        if chunks.exists() and sum(len(f) for _, _, f in os.walk(chunks)) >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "conversion finished before it could be killed: make the input larger"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_killed_conversion_is_refused_then_redone(tmp_path, capsys):
+    arrays = save_fields(tmp_path / "in", "f", (1, 64, 64, 64), 24)
+    out = tmp_path / "s.zarr"
+    args = [str(out), f"--field=f={tmp_path}/in/f_*.npy", "--crop", "8"]
+    _start_and_kill(args, out, "f")
+    with pytest.raises(store.IncompleteStoreError, match="incomplete"):
+        store.open_store(out)
+    assert main(["info", str(out)]) == 0
+    assert "NO (interrupted" in capsys.readouterr().out
+    assert convert(*args) == 0
+    assert "incomplete store from an interrupted run" in capsys.readouterr().out
+    st = store.open_store(out)
+    assert st.nsample == 24 and all(np.array_equal(st.field("f")[i], arrays[i]) for i in (0, 23))
+
+
+def test_killed_append_keeps_earlier_samples(tmp_path):
+    first = save_fields(tmp_path / "a", "f", (1, 64, 64, 64), 2, seed=1)
+    save_fields(tmp_path / "b", "f", (1, 64, 64, 64), 24, seed=2)
+    out = tmp_path / "s.zarr"
+    assert convert(str(out), f"--field=f={tmp_path}/a/f_*.npy", "--crop", "8") == 0
+    before = sum(len(f) for _, _, f in os.walk(out / "f" / "c"))
+    proc_args = [str(out), f"--field=f={tmp_path}/b/f_*.npy", "--crop", "8", "--append"]
+    proc = subprocess.Popen([sys.executable, "-m", "map2map.cli", "convert", *proc_args, "--no-progress",
+                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and sum(len(f) for _, _, f in os.walk(out / "f" / "c")) < before + 3:
+        time.sleep(0.01)
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    st = store.open_store(out)
+    assert st.nsample == 2
+    for i in range(2):
+        assert np.array_equal(st.field("f")[i], first[i])
+    ds = xr.open_zarr(out)
+    assert ds.sizes["sample"] == 2 and np.array_equal(ds["f"].values[1], first[1])
+    # running the append again completes it
+    assert convert(*proc_args) == 0
+    assert store.open_store(out).nsample == 26
