@@ -257,7 +257,12 @@ def _layout(da) -> tuple[str | None, list[str], list[str]]:
 
 
 def _boxsize_of(da, spatial: Sequence[str]) -> float | None:
-    """Box size from a ``boxsize``/``box_size`` attr, else from evenly spaced spatial coords."""
+    """Box size from a ``boxsize``/``box_size`` attr, else from evenly spaced spatial coords.
+
+    Cell-centre coordinates in box units (as `map2map.store` writes when the
+    box size is known) give ``L = N * spacing``; coordinates whose ``units``
+    attr says "box fraction" do not count.
+    """
     for key in ("boxsize", "box_size"):
         if key in da.attrs:
             value = np.atleast_1d(np.asarray(da.attrs[key], dtype=float))
@@ -266,8 +271,8 @@ def _boxsize_of(da, spatial: Sequence[str]) -> float | None:
             return float(value[0])
     sizes = []
     for d in spatial:
-        if d not in da.coords or da.sizes[d] < 2:
-            return None
+        if d not in da.coords or da.sizes[d] < 2 or "fraction" in str(da.coords[d].attrs.get("units", "")):
+            return None  # no coordinate, or one in box fractions (a store written without a box size)
         c = np.asarray(da.coords[d].values, dtype=float)
         sizes.append(da.sizes[d] * (c[1] - c[0]))
     if not np.allclose(sizes, sizes[0], rtol=1e-6):

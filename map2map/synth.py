@@ -43,7 +43,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from scipy import integrate
@@ -208,7 +208,7 @@ def _nyquist_mask(ngrid: int) -> np.ndarray:
     return keep
 
 
-def gaussian_field(noise: np.ndarray, boxsize: float, power: np.ndarray | Any) -> np.ndarray:
+def gaussian_field(noise: np.ndarray, boxsize: float, power: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """Colour unit white noise (N^3, real space) into a field with power spectrum `power`.
 
     `power` is a callable P(k) [(Mpc/h)^3] of k [h/Mpc].  Returns
@@ -223,7 +223,7 @@ def gaussian_field(noise: np.ndarray, boxsize: float, power: np.ndarray | Any) -
     nonzero = k > 0
     amp[nonzero] = np.sqrt(power(k[nonzero]) / (boxsize / n) ** 3)
     delta_k = np.fft.rfftn(noise) * amp * _nyquist_mask(n)
-    return np.fft.irfftn(delta_k, s=noise.shape)
+    return np.fft.irfftn(delta_k, s=noise.shape, axes=(0, 1, 2))
 
 
 def linear_field(ngrid: int, boxsize: float, rng: np.random.Generator, redshift: float = 0.0,
@@ -255,7 +255,7 @@ def _gradient_k(ngrid: int, boxsize: float) -> list[np.ndarray]:
 def _grad_of_potential(phi_k: np.ndarray, ngrid: int, boxsize: float) -> np.ndarray:
     """grad phi (3, N, N, N) in real space from phi_k in rfftn layout."""
     shape = (ngrid,) * 3
-    return np.stack([np.fft.irfftn(1j * ki * phi_k, s=shape) for ki in _gradient_k(ngrid, boxsize)])
+    return np.stack([np.fft.irfftn(1j * ki * phi_k, s=shape, axes=(0, 1, 2)) for ki in _gradient_k(ngrid, boxsize)])
 
 
 def za_displacement(delta: np.ndarray, boxsize: float) -> np.ndarray:
@@ -280,10 +280,10 @@ def second_order_source(delta: np.ndarray, boxsize: float) -> np.ndarray:
     ks, kodd = wavevectors(n, boxsize), _gradient_k(n, boxsize)
     k2 = sum(ki ** 2 for ki in ks)
     phi_k = _inverse_laplacian_k(np.fft.rfftn(delta), k2)
-    diag = [np.fft.irfftn(-ki * ki * phi_k, s=shape) for ki in ks]
+    diag = [np.fft.irfftn(-ki * ki * phi_k, s=shape, axes=(0, 1, 2)) for ki in ks]
     source = diag[0] * diag[1] + diag[0] * diag[2] + diag[1] * diag[2]
     for i, j in ((0, 1), (0, 2), (1, 2)):
-        source -= np.fft.irfftn(-kodd[i] * kodd[j] * phi_k, s=shape) ** 2
+        source -= np.fft.irfftn(-kodd[i] * kodd[j] * phi_k, s=shape, axes=(0, 1, 2)) ** 2
     return source
 
 

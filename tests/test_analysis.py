@@ -152,6 +152,11 @@ def test_numpy_torch_xarray_dask_agree():
     assert power_spectrum(single).dims == ("k",)
     with pytest.raises(UserError):
         power_spectrum(single.drop_attrs())
+    fractions = _store_like(values) / 1
+    for d in ("x", "y", "z"):
+        fractions.coords[d] = (d, (np.arange(8) + 0.5) / 8, {"units": "box fraction"})
+    with pytest.raises(UserError):
+        power_spectrum(fractions)
 
 
 class _Log(Callback):
@@ -186,3 +191,24 @@ def test_dask_backed_computes_one_sample_at_a_time():
 
 def test_fundamental_mode():
     assert analysis.fundamental_mode(2 * np.pi) == 1.0
+
+
+def test_plots_return_figures(tmp_path):
+    from matplotlib.figure import Figure
+
+    from map2map import plot
+
+    rng = np.random.default_rng(9)
+    true, pred = rng.standard_normal((2, 3, 8, 8, 8))
+    fig = plot.plot_slices({"true": true, "pred": torch.from_numpy(pred)}, axis=0, residual=("pred", "true"))
+    assert isinstance(fig, Figure) and len([a for a in fig.axes if a.images]) == 3
+    np.testing.assert_array_equal(fig.axes[0].images[0].get_array().T, true[0, 4])
+    assert fig.axes[0].images[0].norm is fig.axes[1].images[0].norm  # one shared scale
+    fig.savefig(tmp_path / "slices.png")
+    k, p_true, _ = power_spectrum(true, L)
+    fig = plot.plot_spectra(k, {"true": p_true, "pred": np.stack([p_true, 2 * p_true])})
+    assert isinstance(fig, Figure) and len(fig.axes) == 1 and len(fig.axes[0].lines) == 2
+    fig = plot.plot_transfer_correlation(k, {"pred": transfer(pred, true, L).value},
+                                         {"pred": correlation(pred, true, L).value}, stochasticity=True)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    fig.savefig(tmp_path / "tr.png")
