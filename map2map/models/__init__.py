@@ -8,6 +8,7 @@ ignore.  No convolution pads: outputs are smaller than inputs, and
 
 from .bypass import resolve_bypass
 from .conv import ConvBlock, ResBlock
+from .init import init_weights
 from .lag2eul import lag2eul
 from .narrow import narrow_by, narrow_cast, narrow_like
 from .power import power
@@ -19,6 +20,6 @@ from .vnet import VNet
 
 __all__ = [
     "ConvBlock", "G", "ResBlock", "Resampler", "StrideError", "UNet", "VNet",
-    "check_stride", "lag2eul", "narrow_by", "narrow_cast", "narrow_like", "power",
+    "check_stride", "init_weights", "lag2eul", "narrow_by", "narrow_cast", "narrow_like", "power",
     "required_pad", "resample", "resample_edge", "resolve_bypass", "total_stride",
 ]

@@ -5,13 +5,13 @@ its displacement; its value (mass 1 by default) is shared among the 2^ndim
 voxels nearest its new position in proportion to the overlap of a voxel-sized
 cloud (CIC), on the periodic grid of the same size.  With val = 1 the result
 is the density in particles per voxel, mean 1.  Built from torch ops
-(`index_add`), so it is differentiable in the displacement and values, e.g.
+(`scatter_add`), so it is differentiable in the displacement and values, e.g.
 to train a displacement emulator on the density it implies.
 
 Units: the painted displacement in voxels is dis * dis_norm, further times
 meshsize / boxsize when `boxsize` is given (dis in the box's length unit;
-meshsize defaults to the grid size of `dis`, set it when `dis` is a crop of a
-larger box).  `dis_norm` undoes a normalization of the stored field.
+meshsize defaults to the first axis length of `dis`; set it when `dis` is a
+crop of a larger box).  `dis_norm` undoes a normalization of the stored field.
 """
 
 from __future__ import annotations

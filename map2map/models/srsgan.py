@@ -21,6 +21,7 @@ from torch import nn
 
 from .bypass import resolve_bypass
 from .conv import ConvBlock, conv_class
+from .init import init_weights
 from .narrow import narrow_like
 from .resample import resample
 
@@ -37,7 +38,7 @@ class G(nn.Module):
     """Padding-free super-resolution generator; see the module docstring. Extra kwargs are ignored."""
 
     def __init__(self, in_chan: int, out_chan: int, scale_factor: float = 2, dim: int = 3,
-                 width: int = 32, bypass: bool | None = None, **kwargs) -> None:
+                 width: int = 16, bypass: bool | None = None, **kwargs) -> None:
         super().__init__()
         self.scale_factor = scale_factor
         self.bypass = resolve_bypass(bypass, in_chan, out_chan)
@@ -45,6 +46,7 @@ class G(nn.Module):
         self.stages = nn.Sequential(*[ConvBlock(width, width, seq="UACACA", dim=dim)
                                       for _ in range(_n_stages(scale_factor))])
         self.tail = conv_class(dim)(width, out_chan, 1)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tail(self.stages(self.head(x)))

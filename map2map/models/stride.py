@@ -107,16 +107,11 @@ def _search(model: nn.Module, in_chan: int, crop: int, dim: int, target: int,
 
 
 def _find_pad(model: nn.Module, in_chan: int, crop: int, dim: int, target: int, max_pad: int) -> int | None:
-    """Search on a shape-only 'meta' copy, confirm with one real pass, else search with real passes.
-
-    If every meta pass fails the copy is taken as unusable (an operation
-    without meta support); if some ran and none covered, no pad works.
-    """
+    """Search on a shape-only 'meta' copy of `model`; if no meta pass runs at all (an operation
+    without meta support), search again with real passes."""
     pad, meta_ran = _search(copy.deepcopy(model).to("meta"), in_chan, crop, dim, target, max_pad)
-    if pad is not None and _covers(_output_size(model, in_chan, crop + 2 * pad, dim), target):
+    if meta_ran:
         return pad
-    if pad is None and meta_ran:
-        return None
     return _search(model, in_chan, crop, dim, target, max_pad)[0]
 
 
@@ -128,10 +123,11 @@ def required_pad(model: nn.Module, in_chan: int, crop: int, dim: int, scale_fact
 
     Sizes the model rejects (e.g. levels that do not line up) are skipped.
     Shapes are found by forward passes on zero inputs under `torch.no_grad`
-    in eval mode: on a copy of the model on the 'meta' device (shapes only, no
-    arithmetic, so the search is cheap), confirmed by one real pass; if the
-    meta copy cannot run, every pass is real.  `model` is left in the
-    training mode it had.  Raises `StrideError` if no p up to `max_pad` works.
+    in eval mode, on a copy of the model on the 'meta' device: shapes only, no
+    arithmetic, so even a large super-resolution model costs nothing.  If the
+    meta copy cannot run, the passes are real (slow for large models).
+    `model` is left in the training mode it had.  Raises `StrideError` if no
+    p up to `max_pad` works.
     """
     target = crop * scale_factor + 2 * tgt_pad
     if not float(target).is_integer():

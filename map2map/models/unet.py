@@ -24,13 +24,15 @@ from torch import nn
 
 from .bypass import resolve_bypass
 from .conv import ConvBlock, conv_class
+from .init import init_weights
 from .narrow import narrow_like
 
 
 class UNet(nn.Module):
     """U-Net with plain 'CACA' blocks (no normalization); see the module docstring.
 
-    Extra keyword arguments (e.g. the `scale_factor` every model receives) are ignored.
+    Convolutions are He-initialized (`init_weights`) so the deep level is not
+    damped at the start of training.  Extra keyword arguments (e.g. the `scale_factor` every model receives) are ignored.
     """
 
     down_seq = "DA"
@@ -51,6 +53,7 @@ class UNet(nn.Module):
         self.up_r0 = ConvBlock(2 * w, w, seq=self.up_seq, dim=dim)
         self.conv_r0 = self.block(2 * w, w, dim)
         self.conv_out = conv_class(dim)(w, out_chan, 1)
+        init_weights(self)
 
     @staticmethod
     def block(in_chan: int, out_chan: int, dim: int) -> nn.Module:
