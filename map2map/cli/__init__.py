@@ -1,5 +1,7 @@
 """Command-line parsing for every `m2m` subcommand; the work happens in the modules it calls.
 
+Small subcommands are parsed here; `train_args` and `infer_args` hold the larger ones.
+
 A `UserError` from any subcommand is printed as one line on stderr with exit
 status 2 and no traceback; argparse's own errors are shortened to one line too.
 """
@@ -113,7 +115,11 @@ def _run_synth(args: argparse.Namespace) -> None:
         print(f"{name}: {len(files)} files, e.g. {files[0]}")
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_synth, _add_convert, _add_info]
+def _subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Every subcommand's parser builder; larger ones live in their own module of this package."""
+    from map2map.cli import infer_args, train_args
+
+    return [_add_synth, _add_convert, _add_info, train_args.add_train, infer_args.add_infer, infer_args.add_test]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"map2map {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for add in SUBCOMMANDS:
+    for add in _subcommands():
         add(sub)
     return parser
 

@@ -1,0 +1,237 @@
+"""`FieldDataset`: crops of input and target fields with periodic halos, normalised and augmented.
+
+Item ``idx`` is crop ``idx % ncrop`` of sample ``idx // ncrop``; crop anchors
+run in C order over the start/stop/step lattice (the original toolkit's
+order).  The input is the window ``[anchor - in_pad_lo, anchor + crop +
+in_pad_hi)`` of every input field, read with periodic wrap and concatenated
+along channels; the target is the same region on the target grid
+(``scale_factor`` times finer) with ``tgt_pad``.  Then, in this order: norms
+per field, a random element of the cube's symmetry group (the same for input
+and target; vector fields turn their components with space), and additive /
+multiplicative noise (the same draw for input and target).
+
+Randomness is drawn from ``(seed, epoch, idx)``, so an item is the same
+whichever worker or rank reads it, and a restarted run sees the same
+augmentations.  ``aug_shift`` moves the anchor of one read only; the
+anchors themselves never change (the original moved them in place, so crops
+drifted further every epoch).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from map2map import geometry, store
+from map2map.data import augment
+from map2map.data.windows import FieldSource, NpyField, ReadStats, ZarrField, read_window
+from map2map.errors import UserError
+from map2map.utils.imports import import_attr
+
+
+def _norms(names: Sequence[str] | None, nfields: int, what: str, callback_at: str | None) -> list:
+    if not names:
+        return [None] * nfields
+    if len(names) != nfields:
+        raise UserError(f"{what} lists {len(names)} norms for {nfields} fields; give one per field")
+    return [import_attr(n, ["map2map.data.norms"], callback_at, what="norm") for n in names]
+
+
+def _open_store_fields(path: str, names: Sequence[str], cache_bytes: int) -> list[ZarrField]:
+    st = store.open_store(path)
+    for n in names:
+        st.field(n)  # one-line error listing the fields the store has
+    return [ZarrField(path, n, st.nsample, cache_bytes) for n in names]
+
+
+def _open_patterns(patterns: Sequence[str], what: str) -> list[NpyField]:
+    fields = []
+    for p in patterns:
+        paths = sorted(glob.glob(p))
+        if not paths:
+            raise UserError(f"{what} pattern {p!r} matches no files")
+        fields.append(NpyField(paths))
+    counts = {len(f.paths) for f in fields}
+    if len(counts) > 1:
+        raise UserError(f"{what} patterns match different numbers of files: {[len(f.paths) for f in fields]}")
+    return fields
+
+
+class FieldDataset(Dataset):
+    """Crops of input and target fields from a store (or .npy globs); see the module docstring."""
+
+    def __init__(self, *, store: str | None = None, in_fields: Sequence[str] | None = None,
+                 tgt_fields: Sequence[str] | None = None, in_patterns: Sequence[str] | None = None,
+                 tgt_patterns: Sequence[str] | None = None, crop: int | Sequence[int] | None = None,
+                 crop_start: int | Sequence[int] | None = None, crop_stop: int | Sequence[int] | None = None,
+                 crop_step: int | Sequence[int] | None = None, in_pad: int | Sequence[int] = 0,
+                 tgt_pad: int | Sequence[int] = 0, scale_factor: int = 1, augment: bool = False,
+                 aug_shift: int | Sequence[int] | None = None, aug_add: float | None = None,
+                 aug_mul: float | None = None, in_norms: Sequence[str] | None = None,
+                 tgt_norms: Sequence[str] | None = None, callback_at: str | None = None, seed: int = 0,
+                 cache_bytes: int = 64 * 2**20, **kwargs: Any) -> None:
+        self.inputs, self.targets = self._sources(store, in_fields, tgt_fields, in_patterns, tgt_patterns,
+                                                  cache_bytes)
+        self.nsample = self.inputs[0].shape[0]
+        self.size = self._spatial(self.inputs, "input")
+        self.ndim = len(self.size)
+        if not isinstance(scale_factor, int) or scale_factor < 1:
+            raise UserError(f"scale_factor must be a positive integer, got {scale_factor!r}")
+        self.scale_factor = scale_factor
+        if self.targets:
+            tsize = self._spatial(self.targets, "target")
+            if tsize != tuple(n * scale_factor for n in self.size):
+                raise UserError(f"target grid {list(tsize)} is not scale_factor={scale_factor} times the "
+                                f"input grid {list(self.size)}")
+        self.crop = geometry.as_tuple(crop if crop is not None else self.size, self.ndim, "crop")
+        opt = lambda v, name: None if v is None else geometry.as_tuple(v, self.ndim, name)  # noqa: E731
+        try:
+            self.grid = geometry.crop_grid(self.size, self.crop, opt(crop_start, "crop_start"),
+                                           opt(crop_stop, "crop_stop"), opt(crop_step, "crop_step"))
+            self.in_pad = geometry.parse_pad(in_pad, self.ndim, "in_pad")
+            self.tgt_pad = geometry.parse_pad(tgt_pad, self.ndim, "tgt_pad")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        self.augment = augment
+        self.aug_shift = opt(aug_shift, "aug_shift")
+        self.aug_add, self.aug_mul = aug_add, aug_mul
+        self.in_norms = _norms(in_norms, len(self.inputs), "in_norms", callback_at)
+        self.tgt_norms = _norms(tgt_norms, len(self.targets), "tgt_norms", callback_at)
+        self.norm_kwargs = kwargs
+        self.seed = seed
+        self.epoch = 0
+        self.in_chan = [f.shape[1] for f in self.inputs]
+        self.tgt_chan = [f.shape[1] for f in self.targets]
+
+    @staticmethod
+    def _sources(store_path, in_fields, tgt_fields, in_patterns, tgt_patterns,
+                 cache_bytes) -> tuple[list[FieldSource], list[FieldSource]]:
+        if store_path is not None:
+            if not in_fields:
+                raise UserError("a store needs input field names (in_fields / --in)")
+            names = list(in_fields) + list(tgt_fields or [])
+            fields = _open_store_fields(store_path, names, cache_bytes)
+            return fields[:len(in_fields)], fields[len(in_fields):]
+        if not in_patterns:
+            raise UserError("give a store with in_fields, or in_patterns (.npy glob patterns)")
+        inputs = _open_patterns(in_patterns, "input")
+        targets = _open_patterns(tgt_patterns, "target") if tgt_patterns else []
+        if targets and len(targets[0].paths) != len(inputs[0].paths):
+            raise UserError(f"input patterns match {len(inputs[0].paths)} files but target patterns "
+                            f"{len(targets[0].paths)}")
+        return inputs, targets
+
+    @staticmethod
+    def _spatial(fields: Sequence[FieldSource], what: str) -> tuple[int, ...]:
+        sizes = {tuple(f.shape[2:]) for f in fields}
+        if len(sizes) > 1:
+            raise UserError(f"{what} fields have different spatial sizes: {sorted(sizes)}")
+        return sizes.pop()
+
+    @property
+    def ncrop(self) -> int:
+        return self.grid.size
+
+    @property
+    def crop_counts(self) -> tuple[int, ...]:
+        """Anchors per axis, for the locality-aware sampler."""
+        return self.grid.counts
+
+    def __len__(self) -> int:
+        return self.nsample * self.ncrop
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the augmentation draws of this epoch (call before each epoch, as for the sampler)."""
+        self.epoch = epoch
+
+    def read_stats(self) -> ReadStats:
+        """Bytes decoded vs returned by this process's readers, over all fields."""
+        total = ReadStats()
+        for f in self.inputs + self.targets:
+            total = total + f.stats
+        return total
+
+    def anchor(self, idx: int) -> tuple[int, int, tuple[int, ...]]:
+        if not 0 <= idx < len(self):
+            raise IndexError(f"item {idx} out of range for {len(self)} items")
+        sample, crop = divmod(idx, self.ncrop)
+        return sample, crop, self.grid.anchor(crop)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        sample, _, anchor = self.anchor(idx)
+        rng = np.random.default_rng([self.seed, self.epoch, idx])
+        if self.aug_shift is not None:
+            anchor = tuple(a + int(rng.integers(0, s)) if s > 0 else a for a, s in zip(anchor, self.aug_shift))
+        win = geometry.window(anchor, self.crop, self.in_pad)
+        x = self._read(self.inputs, sample, win, self.in_norms)
+        item: dict[str, Any] = {"input": x, "sample": sample, "anchor": np.array(anchor), "index": idx}
+        if self.targets:
+            s = self.scale_factor
+            twin = geometry.window(tuple(a * s for a in anchor), tuple(c * s for c in self.crop), self.tgt_pad)
+            item["target"] = self._read(self.targets, sample, twin, self.tgt_norms)
+        self._augment(item, rng)
+        for key in ("input", "target"):
+            if key in item:
+                item[key] = torch.from_numpy(np.ascontiguousarray(item[key]))
+        item["anchor"] = torch.from_numpy(item["anchor"])
+        return item
+
+    def _read(self, fields: Sequence[FieldSource], sample: int, win, norms: list) -> np.ndarray:
+        chans = [f.shape[1] for f in fields]
+        out = np.empty((sum(chans),) + geometry.window_shape(win), dtype=np.float32)
+        start = 0
+        for f, c, norm in zip(fields, chans, norms):
+            part = out[start:start + c]
+            read_window(f, sample, win, part)
+            if norm is not None:
+                apply_norm(norm, part, **self.norm_kwargs)
+            start += c
+        return out
+
+    def _augment(self, item: dict[str, Any], rng: np.random.Generator) -> None:
+        if self.augment:
+            element = augment.random_element(rng, self.ndim)
+            item["input"] = self._transform(item["input"], self.in_chan, element)
+            if "target" in item:
+                item["target"] = self._transform(item["target"], self.tgt_chan, element)
+        if self.aug_add is not None:
+            shift = augment.add_noise(rng, self.aug_add)
+            for key in ("input", "target"):
+                if key in item:
+                    item[key] += np.float32(shift)
+        if self.aug_mul is not None:
+            factor = augment.mul_noise(rng, self.aug_mul)
+            for key in ("input", "target"):
+                if key in item:
+                    item[key] *= np.float32(factor)
+
+    def _transform(self, x: np.ndarray, chans: list[int], element: augment.CubeElement) -> np.ndarray:
+        """Apply `element` field by field: vector fields (channels == ndim) turn their components."""
+        parts, start = [], 0
+        for c in chans:
+            parts.append(augment.apply(x[start:start + c], element, vector=(c == self.ndim)))
+            start += c
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def apply_norm(norm: Callable, x, undo: bool = False, **kwargs: Any) -> None:
+    """Run `norm` on `x` in place, also for user norms that return a new array instead."""
+    res = norm(x, undo=undo, **kwargs)
+    if res is not None and res is not x:
+        x[...] = res
+
+
+def undo_norms(x, norm_names: Sequence[str] | None, chans: Sequence[int], callback_at: str | None = None,
+               channel_axis: int = 0, **kwargs: Any):
+    """Invert per-field norms, in place, on a channel-concatenated array (e.g. predictions)."""
+    start = 0
+    for c, norm in zip(chans, _norms(norm_names, len(chans), "tgt_norms", callback_at)):
+        if norm is not None:
+            apply_norm(norm, x[(slice(None),) * channel_axis + (slice(start, start + c),)], undo=True, **kwargs)
+        start += c
+    return x

@@ -1,0 +1,300 @@
+"""Periodic window reads from stored fields, chunk-aware and cached.
+
+A window (crop + halo, possibly wrapping around the periodic box) is split by
+`map2map.geometry.window_pieces` into at most ``2**ndim`` box-aligned plain
+slices.  For Zarr fields each slice is assembled from the inner chunks it
+intersects; decoded chunks are kept in a small per-process LRU cache bounded
+in bytes, so neighbouring crops reuse the halo they share.  Counters record
+bytes decoded and bytes returned (their ratio is the read amplification).
+
+Uncompressed sharded arrays on a local disk (the layout `m2m convert` writes
+by default) are read through a direct path: the shard index is read once per
+shard and each inner chunk is a single ``pread`` of its byte range, exactly
+as the Zarr v3 sharding specification lays them out.  zarr-python 3.1 reads
+inner chunks one by one through its async machinery at 0.1-0.4 GB/s; the
+direct path runs at memory speed.  Any other layout, codec or store goes
+through zarr-python itself.  Tests check both paths agree bit for bit.
+
+Readers open files lazily and reopen after a fork, so they are safe in
+DataLoader workers started with fork or spawn.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from map2map import geometry
+
+_MISSING = np.uint64(2**64 - 1)
+
+
+@dataclass
+class ReadStats:
+    """Bytes decoded from storage vs bytes handed out; `amplification` = decoded / returned."""
+
+    decoded: int = 0
+    returned: int = 0
+
+    @property
+    def amplification(self) -> float:
+        return self.decoded / self.returned if self.returned else float("nan")
+
+    def __add__(self, other: "ReadStats") -> "ReadStats":
+        return ReadStats(self.decoded + other.decoded, self.returned + other.returned)
+
+
+class FieldSource(Protocol):
+    """A stored field: `shape` is (nsample, channels, *spatial)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    stats: ReadStats
+
+    def read_box(self, sample: int, box: tuple[slice, ...], out: np.ndarray) -> None:
+        """Copy the box-aligned region `box` (spatial slices inside the box) of `sample` into `out`."""
+
+
+def read_window(source: FieldSource, sample: int, win: tuple[geometry.Interval, ...],
+                out: np.ndarray | None = None, periodic: bool = True) -> np.ndarray:
+    """Read the (periodic) window `win` of `sample`: an array (channels, *window shape).
+
+    `out` may be a preallocated float array of that shape (e.g. a channel slice
+    of a larger input), which is filled in place and returned.
+    """
+    shape = (source.shape[1],) + geometry.window_shape(win)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape:
+        raise ValueError(f"out has shape {out.shape}, the window needs {shape}")
+    for src, dst in geometry.window_pieces(win, source.shape[2:], periodic):
+        source.read_box(sample, src, out[(slice(None),) + dst])
+    source.stats.returned += out.size * out.itemsize
+    return out
+
+
+class _LRU:
+    """Decoded chunks keyed by (sample, chunk index), evicted least recently used past `max_bytes`."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        value = self.items.get(key)
+        if value is not None:
+            self.items.move_to_end(key)
+        return value
+
+    def put(self, key: tuple, value: np.ndarray) -> None:
+        if value.nbytes > self.max_bytes:
+            return
+        self.items[key] = value
+        self.nbytes += value.nbytes
+        while self.nbytes > self.max_bytes:
+            _, old = self.items.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.nbytes = 0
+
+
+@dataclass
+class _ShardLayout:
+    """What the direct read path needs to know about an uncompressed sharded Zarr array."""
+
+    root: Path
+    shard: tuple[int, ...]       # full shard shape (all dims)
+    chunk: tuple[int, ...]       # inner chunk shape (all dims)
+    dtype: np.dtype
+    encode_key: object           # metadata.encode_chunk_key
+
+    @property
+    def per_shard(self) -> tuple[int, ...]:
+        return tuple(s // c for s, c in zip(self.shard, self.chunk))
+
+    @property
+    def index_bytes(self) -> int:
+        return math.prod(self.per_shard) * 16 + 4  # (offset, nbytes) uint64 pairs + crc32c
+
+
+def _direct_layout(arr) -> _ShardLayout | None:
+    """The direct-read layout of `arr` if it is uncompressed, sharded, little-endian and local."""
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+    from zarr.storage import LocalStore
+
+    codecs = arr.metadata.codecs
+    store = arr.store_path.store
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or not isinstance(store, LocalStore):
+        return None
+    sharding = codecs[0]
+    inner_ok = len(sharding.codecs) == 1 and isinstance(sharding.codecs[0], BytesCodec)
+    index_ok = (len(sharding.index_codecs) == 2 and isinstance(sharding.index_codecs[1], Crc32cCodec)
+                and sharding.index_location.value == "end")
+    dtype = np.dtype(arr.dtype)
+    little = dtype.itemsize == 1 or (sharding.codecs[0].endian is not None
+                                      and sharding.codecs[0].endian.value == "little")
+    if not (inner_ok and index_ok and little):
+        return None
+    return _ShardLayout(Path(store.root) / arr.store_path.path, tuple(arr.shards), tuple(sharding.chunk_shape),
+                        dtype.newbyteorder("<"), arr.metadata.encode_chunk_key)
+
+
+@dataclass
+class ZarrField:
+    """One field of a store, read by inner chunks with an LRU cache (see module docstring).
+
+    Only the path and array name are kept until the first read, and every
+    handle is reopened in a new process, so a reader can be pickled into
+    DataLoader workers and survives a fork.
+    """
+
+    path: str
+    name: str
+    nsample: int
+    cache_bytes: int = 64 * 2**20
+    direct: bool = True
+    stats: ReadStats = field(default_factory=ReadStats)
+
+    def __post_init__(self) -> None:
+        self._pid: int | None = None
+        arr = self._open_array()
+        self.shape = (self.nsample,) + tuple(arr.shape[1:])
+        self.dtype = np.dtype(arr.dtype)
+        self._pid = None  # opened only to learn the shape: reopen lazily where reads happen
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for key in ("_arr", "_cache", "_index", "_layout"):
+            state.pop(key, None)
+        state["_pid"] = None
+        return state
+
+    def _open_array(self):
+        import zarr
+
+        return zarr.open_group(self.path, mode="r", use_consolidated=None)[self.name]
+
+    def _ensure_open(self) -> None:
+        if self._pid == os.getpid():
+            return
+        self._arr = self._open_array()
+        self._layout = _direct_layout(self._arr) if self.direct else None
+        self._cache = _LRU(self.cache_bytes)
+        self._index: dict[tuple, np.ndarray | None] = {}
+        self._pid = os.getpid()
+
+    @property
+    def chunk(self) -> tuple[int, ...]:
+        """Spatial inner chunk shape."""
+        self._ensure_open()
+        return tuple(self._arr.chunks[2:])
+
+    @property
+    def uses_direct_path(self) -> bool:
+        self._ensure_open()
+        return self._layout is not None
+
+    def read_box(self, sample: int, box: tuple[slice, ...], out: np.ndarray) -> None:
+        self._ensure_open()
+        chunk = self.chunk
+        ranges = [geometry.chunk_range(s.start, s.stop, c) for s, c in zip(box, chunk)]
+        for idx in np.ndindex(*[len(r) for r in ranges]):
+            cidx = tuple(r[i] for r, i in zip(ranges, idx))
+            data = self._chunk(sample, cidx)
+            lo = [i * c for i, c in zip(cidx, chunk)]
+            src, dst = [], []
+            for s, l, c in zip(box, lo, chunk):
+                a, b = max(s.start, l), min(s.stop, l + c)
+                src.append(slice(a - l, b - l))
+                dst.append(slice(a - s.start, b - s.start))
+            out[(slice(None),) + tuple(dst)] = data[(slice(None),) + tuple(src)]
+
+    def _chunk(self, sample: int, cidx: tuple[int, ...]) -> np.ndarray:
+        key = (sample,) + cidx
+        data = self._cache.get(key)
+        if data is None:
+            data = self._load_direct(sample, cidx) if self._layout else self._load_zarr(sample, cidx)
+            self.stats.decoded += data.nbytes
+            self._cache.put(key, data)
+        return data
+
+    def _load_zarr(self, sample: int, cidx: tuple[int, ...]) -> np.ndarray:
+        sl = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cidx, self.chunk, self.shape[2:]))
+        return np.asarray(self._arr[(sample, slice(None)) + sl])
+
+    def _shard_index(self, shard: tuple[int, ...]) -> np.ndarray | None:
+        if shard not in self._index:
+            lay = self._layout
+            path = lay.root / lay.encode_key(shard)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(-lay.index_bytes, os.SEEK_END)
+                    raw = f.read(lay.index_bytes - 4)
+                self._index[shard] = np.frombuffer(raw, dtype="<u8").reshape(lay.per_shard + (2,))
+            except FileNotFoundError:
+                self._index[shard] = None
+        return self._index[shard]
+
+    def _load_direct(self, sample: int, cidx: tuple[int, ...]) -> np.ndarray:
+        lay = self._layout
+        full = (sample, 0) + cidx  # chunk coordinates over all dims (channel chunk covers all channels)
+        shard = tuple(i * c // s for i, c, s in zip(full, lay.chunk, lay.shard))
+        within = tuple(i % (s // c) for i, c, s in zip(full, lay.chunk, lay.shard))
+        index = self._shard_index(shard)
+        shape = lay.chunk[1:]
+        if index is None or index[within][0] == _MISSING:
+            data = np.zeros(shape, dtype=np.float32)  # never written: the array's fill value, 0
+        else:
+            offset, nbytes = (int(v) for v in index[within])
+            with open(lay.root / lay.encode_key(shard), "rb") as f:
+                f.seek(offset)
+                raw = f.read(nbytes)
+            data = np.frombuffer(raw, dtype=lay.dtype).reshape(shape)
+        n = self.shape[2:]
+        if any((i + 1) * c > m for i, c, m in zip(cidx, lay.chunk[2:], n)):  # edge chunk: drop padding
+            data = data[(slice(None),) + tuple(slice(0, min(c, m - i * c)) for i, c, m in zip(cidx, lay.chunk[2:], n))]
+        return data
+
+
+@dataclass
+class NpyField:
+    """A field given as a list of .npy files (one per sample), read through memory maps.
+
+    The original toolkit's input format: files are never loaded whole; each
+    read copies plain slices out of a memory map.
+    """
+
+    paths: list[str]
+    stats: ReadStats = field(default_factory=ReadStats)
+
+    def __post_init__(self) -> None:
+        first = np.load(self.paths[0], mmap_mode="r")
+        self.shape = (len(self.paths),) + first.shape
+        self.dtype = first.dtype
+        self._maps: dict[int, np.ndarray] = {}
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_maps"], state["_pid"] = {}, None
+        return state
+
+    def _map(self, sample: int) -> np.ndarray:
+        if self._pid != os.getpid():
+            self._maps, self._pid = {}, os.getpid()
+        if sample not in self._maps:
+            self._maps[sample] = np.load(self.paths[sample], mmap_mode="r")
+        return self._maps[sample]
+
+    def read_box(self, sample: int, box: tuple[slice, ...], out: np.ndarray) -> None:
+        out[...] = self._map(sample)[(slice(None),) + box]
+        self.stats.decoded += out.size * self.dtype.itemsize
