@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -26,8 +27,8 @@ Interval = tuple[int, int]
 
 def as_tuple(value: int | Sequence[int], ndim: int, name: str = "value") -> Shape:
     """Broadcast one int, or check a sequence of `ndim` ints, to a tuple."""
-    if isinstance(value, int):
-        return (value,) * ndim
+    if isinstance(value, numbers.Integral):
+        return (int(value),) * ndim
     out = tuple(int(v) for v in value)
     if len(out) == 1:
         return out * ndim
@@ -42,7 +43,7 @@ def parse_pad(pad: int | Sequence[int], ndim: int, name: str = "pad") -> tuple[I
     The per-side form lists ``2 * ndim`` values as ``lo0, hi0, lo1, hi1, ...``,
     the original toolkit's ``--in-pad`` / ``--tgt-pad`` convention.
     """
-    values = [pad] if isinstance(pad, int) else [int(p) for p in pad]
+    values = [int(pad)] if isinstance(pad, numbers.Integral) else [int(p) for p in pad]
     if any(p < 0 for p in values):
         raise ValueError(f"{name} must not be negative, got {values}")
     if len(values) == 1:

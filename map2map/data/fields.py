@@ -39,7 +39,8 @@ def _norms(names: Sequence[str] | None, nfields: int, what: str, callback_at: st
         return [None] * nfields
     if len(names) != nfields:
         raise UserError(f"{what} lists {len(names)} norms for {nfields} fields; give one per field")
-    return [import_attr(n, ["map2map.data.norms"], callback_at, what="norm") for n in names]
+    return [None if n in ("", "none", "None") else import_attr(n, ["map2map.data.norms"], callback_at, what="norm")
+            for n in names]
 
 
 def _open_store_fields(path: str, names: Sequence[str], cache_bytes: int) -> list[ZarrField]:
