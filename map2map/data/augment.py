@@ -128,6 +128,33 @@ def apply(x: Field, element: CubeElement, vector: bool = False) -> Field:
     return out
 
 
+def inverse_view(y: np.ndarray, element: CubeElement) -> np.ndarray:
+    """A view of the (to be) transformed array `y` laid out like the untransformed field.
+
+    Writing a field ``x`` into this view fills `y` with the spatial part of
+    ``apply(x, element)``, so a reader can write straight into the augmented
+    layout instead of reading first and copying through a transposition.
+    Vector components are then turned with `turn_components`.
+    """
+    flipped = tuple(1 + i for i, f in enumerate(element.flips) if f)
+    view = np.flip(y, flipped) if flipped else y
+    return view.transpose(np.argsort((0,) + tuple(1 + p for p in element.perm)))
+
+
+def component_targets(view: np.ndarray, element: CubeElement, vector: bool) -> list[tuple[np.ndarray, bool]]:
+    """Where each stored channel goes in `view` (from `inverse_view`), and whether it is negated.
+
+    Scalar channels stay in place.  Vector component ``perm[i]`` becomes
+    output component ``i``, negated if ``flips[i]``, as `apply` does.
+    """
+    if not vector:
+        return [(view[c], False) for c in range(view.shape[0])]
+    targets: list[tuple[np.ndarray, bool]] = [None] * view.shape[0]  # type: ignore[list-item]
+    for i, (p, f) in enumerate(zip(element.perm, element.flips)):
+        targets[p] = (view[i], f)
+    return targets
+
+
 def add_noise(rng: np.random.Generator, std: float) -> float:
     """An additive offset drawn from N(0, std), to add to input and target alike."""
     return float(rng.normal(0.0, std))

@@ -168,56 +168,54 @@ class FieldDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, idx])
         if self.aug_shift is not None:
             anchor = tuple(a + int(rng.integers(0, s)) if s > 0 else a for a, s in zip(anchor, self.aug_shift))
+        element = augment.random_element(rng, self.ndim) if self.augment else None
         win = geometry.window(anchor, self.crop, self.in_pad)
-        x = self._read(self.inputs, sample, win, self.in_norms)
-        item: dict[str, Any] = {"input": x, "sample": sample, "anchor": np.array(anchor), "index": idx}
+        item: dict[str, Any] = {"input": self._read(self.inputs, sample, win, self.in_norms, element),
+                                "sample": sample, "anchor": torch.tensor(anchor), "index": idx}
         if self.targets:
             s = self.scale_factor
             twin = geometry.window(tuple(a * s for a in anchor), tuple(c * s for c in self.crop), self.tgt_pad)
-            item["target"] = self._read(self.targets, sample, twin, self.tgt_norms)
-        self._augment(item, rng)
+            item["target"] = self._read(self.targets, sample, twin, self.tgt_norms, element)
+        self._noise(item, rng)
         for key in ("input", "target"):
             if key in item:
-                item[key] = torch.from_numpy(np.ascontiguousarray(item[key]))
-        item["anchor"] = torch.from_numpy(item["anchor"])
+                item[key] = torch.from_numpy(item[key])
         return item
 
-    def _read(self, fields: Sequence[FieldSource], sample: int, win, norms: list) -> np.ndarray:
+    def _read(self, fields: Sequence[FieldSource], sample: int, win, norms: list,
+              element: augment.CubeElement | None) -> np.ndarray:
+        """Read, normalise and (if `element`) transform the fields, straight into one channel-stacked array.
+
+        The reader writes into a view of the output laid out like the stored
+        field, so the symmetry transform costs no separate pass over the data.
+        """
+        shape = geometry.window_shape(win)
+        if element is not None:
+            shape = tuple(shape[p] for p in element.perm)
         chans = [f.shape[1] for f in fields]
-        out = np.empty((sum(chans),) + geometry.window_shape(win), dtype=np.float32)
+        out = np.empty((sum(chans),) + shape, dtype=np.float32)
         start = 0
         for f, c, norm in zip(fields, chans, norms):
             part = out[start:start + c]
-            read_window(f, sample, win, part)
+            if element is None:
+                read_window(f, sample, win, part)
+            else:
+                view = augment.inverse_view(part, element)
+                read_window(f, sample, win, channels=augment.component_targets(view, element, c == self.ndim))
             if norm is not None:
                 apply_norm(norm, part, **self.norm_kwargs)
             start += c
         return out
 
-    def _augment(self, item: dict[str, Any], rng: np.random.Generator) -> None:
-        if self.augment:
-            element = augment.random_element(rng, self.ndim)
-            item["input"] = self._transform(item["input"], self.in_chan, element)
-            if "target" in item:
-                item["target"] = self._transform(item["target"], self.tgt_chan, element)
-        if self.aug_add is not None:
-            shift = augment.add_noise(rng, self.aug_add)
+    def _noise(self, item: dict[str, Any], rng: np.random.Generator) -> None:
+        """The same additive / multiplicative draw for input and target."""
+        for std, draw, op in ((self.aug_add, augment.add_noise, np.add), (self.aug_mul, augment.mul_noise, np.multiply)):
+            if std is None:
+                continue
+            value = np.float32(draw(rng, std))
             for key in ("input", "target"):
                 if key in item:
-                    item[key] += np.float32(shift)
-        if self.aug_mul is not None:
-            factor = augment.mul_noise(rng, self.aug_mul)
-            for key in ("input", "target"):
-                if key in item:
-                    item[key] *= np.float32(factor)
-
-    def _transform(self, x: np.ndarray, chans: list[int], element: augment.CubeElement) -> np.ndarray:
-        """Apply `element` field by field: vector fields (channels == ndim) turn their components."""
-        parts, start = [], 0
-        for c in chans:
-            parts.append(augment.apply(x[start:start + c], element, vector=(c == self.ndim)))
-            start += c
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+                    op(item[key], value, out=item[key])
 
 
 def apply_norm(norm: Callable, x, undo: bool = False, **kwargs: Any) -> None:

@@ -26,7 +26,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -57,26 +57,41 @@ class FieldSource(Protocol):
     dtype: np.dtype
     stats: ReadStats
 
-    def read_box(self, sample: int, box: tuple[slice, ...], out: np.ndarray) -> None:
-        """Copy the box-aligned region `box` (spatial slices inside the box) of `sample` into `out`."""
+    def read_box(self, sample: int, box: tuple[slice, ...], out: list[tuple[np.ndarray, bool]]) -> None:
+        """Copy the box-aligned region `box` of `sample`, channel c into ``out[c][0]`` (negated if ``out[c][1]``)."""
 
 
 def read_window(source: FieldSource, sample: int, win: tuple[geometry.Interval, ...],
-                out: np.ndarray | None = None, periodic: bool = True) -> np.ndarray:
-    """Read the (periodic) window `win` of `sample`: an array (channels, *window shape).
+                out: np.ndarray | None = None, periodic: bool = True,
+                channels: Sequence[tuple[np.ndarray, bool]] | None = None) -> np.ndarray | None:
+    """Read the (periodic) window `win` of `sample` as an array (channels, *window shape).
 
     `out` may be a preallocated float array of that shape (e.g. a channel slice
-    of a larger input), which is filled in place and returned.
+    of a larger input, or a transposed view of one), filled in place and
+    returned.  Alternatively `channels` gives, for every stored channel, the
+    array to fill and whether to negate on the way (how augmentation turns the
+    components of a vector field without another pass over the data).
     """
-    shape = (source.shape[1],) + geometry.window_shape(win)
-    if out is None:
-        out = np.empty(shape, dtype=np.float32)
-    elif out.shape != shape:
-        raise ValueError(f"out has shape {out.shape}, the window needs {shape}")
+    wshape = geometry.window_shape(win)
+    if channels is None:
+        if out is None:
+            out = np.empty((source.shape[1],) + wshape, dtype=np.float32)
+        if out.shape != (source.shape[1],) + wshape:
+            raise ValueError(f"out has shape {out.shape}, the window needs {(source.shape[1],) + wshape}")
+        channels = [(out[c], False) for c in range(source.shape[1])]
+    elif len(channels) != source.shape[1] or any(a.shape != wshape for a, _ in channels):
+        raise ValueError(f"channels must give {source.shape[1]} arrays of shape {wshape}")
     for src, dst in geometry.window_pieces(win, source.shape[2:], periodic):
-        source.read_box(sample, src, out[(slice(None),) + dst])
-    source.stats.returned += out.size * out.itemsize
+        source.read_box(sample, src, [(a[dst], neg) for a, neg in channels])
+    source.stats.returned += sum(a.size * a.itemsize for a, _ in channels)
     return out
+
+
+def _copy(dst: np.ndarray, src: np.ndarray, negate: bool) -> None:
+    if negate:
+        np.negative(src, out=dst)
+    else:
+        dst[...] = src
 
 
 class _LRU:
@@ -203,7 +218,7 @@ class ZarrField:
         self._ensure_open()
         return self._layout is not None
 
-    def read_box(self, sample: int, box: tuple[slice, ...], out: np.ndarray) -> None:
+    def read_box(self, sample: int, box: tuple[slice, ...], out: list[tuple[np.ndarray, bool]]) -> None:
         self._ensure_open()
         chunk = self.chunk
         ranges = [geometry.chunk_range(s.start, s.stop, c) for s, c in zip(box, chunk)]
@@ -216,7 +231,9 @@ class ZarrField:
                 a, b = max(s.start, l), min(s.stop, l + c)
                 src.append(slice(a - l, b - l))
                 dst.append(slice(a - s.start, b - s.start))
-            out[(slice(None),) + tuple(dst)] = data[(slice(None),) + tuple(src)]
+            src, dst = tuple(src), tuple(dst)
+            for c, (target, negate) in enumerate(out):
+                _copy(target[dst], data[(c,) + src], negate)
 
     def _chunk(self, sample: int, cidx: tuple[int, ...]) -> np.ndarray:
         key = (sample,) + cidx
@@ -295,6 +312,8 @@ class NpyField:
             self._maps[sample] = np.load(self.paths[sample], mmap_mode="r")
         return self._maps[sample]
 
-    def read_box(self, sample: int, box: tuple[slice, ...], out: np.ndarray) -> None:
-        out[...] = self._map(sample)[(slice(None),) + box]
-        self.stats.decoded += out.size * self.dtype.itemsize
+    def read_box(self, sample: int, box: tuple[slice, ...], out: list[tuple[np.ndarray, bool]]) -> None:
+        data = self._map(sample)
+        for c, (target, negate) in enumerate(out):
+            _copy(target, data[(c,) + box], negate)
+            self.stats.decoded += target.size * self.dtype.itemsize
