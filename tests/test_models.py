@@ -393,3 +393,16 @@ def test_lag2eul_units_and_gradient():
     dis = (0.7 * dis).requires_grad_()
     val = _rand(1, 1, 5, 5, seed=3, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda d, v: lag2eul(d, v), (dis, val))
+
+
+@pytest.mark.parametrize("cls", ["UNet", "VNet"])
+def test_bypass_models_start_as_identity(cls):
+    """With the global bypass on, the untrained model predicts its (narrowed) input: training starts at the
+    trivial prediction instead of below it."""
+    import map2map.models as models
+
+    model = getattr(models, cls)(3, 3, dim=3, width=4, scale_factor=1).eval()
+    x = torch.randn(1, 3, 48, 48, 48)
+    with torch.no_grad():
+        y = model(x)
+    assert torch.equal(y, models.narrow_like(x, y))

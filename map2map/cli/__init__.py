@@ -115,11 +115,43 @@ def _run_synth(args: argparse.Namespace) -> None:
         print(f"{name}: {len(files)} files, e.g. {files[0]}")
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from map2map.demo import DemoOptions
+
+    d = DemoOptions()
+    p = sub.add_parser("demo", help="run the whole pipeline on example data: synth, convert, train, infer, report",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Synthesize 1LPT/2LPT displacement boxes, convert them, train a small V-Net, "
+                                   "predict the held-out box with Dask, and compare it with the truth and with "
+                                   "the trivial prediction (the input).")
+    p.add_argument("outdir", nargs="?", default=d.outdir, help="directory for everything the demo writes")
+    p.add_argument("--ngrid", type=int, default=d.ngrid, help="grid cells per box side")
+    p.add_argument("--boxsize", type=float, default=d.boxsize, help="box side in Mpc/h")
+    p.add_argument("--train-boxes", type=int, default=d.train_boxes, help="training boxes")
+    p.add_argument("--crop", type=int, default=d.crop, help="training crop and inference tile")
+    p.add_argument("--width", type=int, default=d.width, help="V-Net width (channels of its first level)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the data and the training")
+    p.add_argument("--workers", type=int, default=d.workers, help="Dask workers for inference")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from map2map import demo
+
+    opts = {k: getattr(args, k) for k in ("ngrid", "boxsize", "train_boxes", "crop", "width", "epochs",
+                                          "batch_size", "lr", "seed", "workers")}
+    demo.run(demo.DemoOptions(outdir=args.outdir, **opts))
+
+
 def _subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Every subcommand's parser builder; larger ones live in their own module of this package."""
     from map2map.cli import infer_args, train_args
 
-    return [_add_synth, _add_convert, _add_info, train_args.add_train, infer_args.add_infer, infer_args.add_test]
+    return [_add_demo, _add_synth, _add_convert, _add_info, train_args.add_train, infer_args.add_infer,
+            infer_args.add_test]
 
 
 def build_parser() -> argparse.ArgumentParser:

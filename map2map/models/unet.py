@@ -54,6 +54,8 @@ class UNet(nn.Module):
         self.conv_r0 = self.block(2 * w, w, dim)
         self.conv_out = conv_class(dim)(w, out_chan, 1)
         init_weights(self)
+        if self.bypass:  # the residual branch starts at zero: the untrained model is the identity map
+            nn.init.zeros_(self.conv_out.weight)
 
     @staticmethod
     def block(in_chan: int, out_chan: int, dim: int) -> nn.Module:
