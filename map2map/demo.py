@@ -30,14 +30,14 @@ class DemoOptions:
     """The demo's knobs; the defaults finish in a few minutes on 2 CPU cores."""
 
     outdir: str = "demo"
-    ngrid: int = 32
-    boxsize: float = 128.0
-    train_boxes: int = 6
+    ngrid: int = 64
+    boxsize: float = 256.0
+    train_boxes: int = 4
     crop: int = 32
     width: int = 8
     epochs: int = 6
     batch_size: int = 2
-    lr: float = 2e-3
+    lr: float = 1e-3
     seed: int = 0
     workers: int = 2
 
