@@ -1,7 +1,161 @@
-"""Arguments of `m2m train` (placeholder until training lands)."""
+"""Arguments of `m2m train`: the original toolkit's option names and meanings, plus store inputs.
+
+Run ``m2m train`` directly for one process, or under ``torchrun --nproc-per-node N``
+(or ``srun``) for N processes with DistributedDataParallel.
+"""
+
+from __future__ import annotations
 
 import argparse
+import json
+import os
+from typing import Any
+
+CKPT_LINK = "checkpoint.pt"  # map2map.utils.checkpoint.CKPT_LINK, spelled out so that parsing needs no torch
+
+
+def _str_list(text: str) -> list[str]:
+    items = [s for s in text.split(",") if s]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _int_tuple(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _pad(text: str) -> str | list[int]:
+    return "auto" if text.strip().lower() == "auto" else _int_tuple(text)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg} at column {exc.colno}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"key\": 1}}', got {text!r}")
+    return value
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except for flags, unset options, and help texts that already explain theirs."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if (action.default in (None, False) or "default" in (action.help or "")
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     """Register `m2m train`."""
+    p = sub.add_parser(
+        "train", help="train a model on crops of input and target fields (one process, or DDP under torchrun/srun)",
+        formatter_class=_Formatter,
+        description="Train a field-to-field emulator. Writes state_{epoch}.pt after every epoch, the "
+                    f"{CKPT_LINK} link to the latest, and TensorBoard logs under runs/, all in the working "
+                    "directory, and resumes from checkpoint.pt when it exists. Run under "
+                    "`torchrun --nproc-per-node N` or `srun` for N processes (gloo on CPU, nccl on GPU).")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--train-data", metavar="STORE", help="store (from m2m convert) with the training fields")
+    data.add_argument("--val-data", metavar="STORE", help="store with the validation fields (same names)")
+    data.add_argument("--in", dest="in_fields", type=_str_list, metavar="NAME[,NAME]",
+                      help="input field names in the stores, concatenated along channels")
+    data.add_argument("--tgt", dest="tgt_fields", type=_str_list, metavar="NAME[,NAME]",
+                      help="target field names in the stores, concatenated along channels")
+    data.add_argument("--train-in-patterns", type=_str_list, metavar="GLOB[,GLOB]",
+                      help="instead of a store: comma-separated glob patterns of the training input .npy "
+                           "files, one pattern per field")
+    data.add_argument("--train-tgt-patterns", type=_str_list, metavar="GLOB[,GLOB]",
+                      help="glob patterns of the training target .npy files")
+    data.add_argument("--val-in-patterns", type=_str_list, metavar="GLOB[,GLOB]",
+                      help="glob patterns of the validation input .npy files")
+    data.add_argument("--val-tgt-patterns", type=_str_list, metavar="GLOB[,GLOB]",
+                      help="glob patterns of the validation target .npy files")
+    data.add_argument("--in-norms", type=_str_list, metavar="NORM[,NORM]",
+                      help="normalization of each input field, e.g. cosmology.dis (from map2map.data.norms "
+                           "or module.name in --callback-at)")
+    data.add_argument("--tgt-norms", type=_str_list, metavar="NORM[,NORM]",
+                      help="normalization of each target field")
+    data.add_argument("--crop", type=_int_tuple, metavar="N[,N,N]",
+                      help="crop size on the input grid (default: the whole field)")
+    data.add_argument("--crop-start", type=_int_tuple, metavar="N[,N,N]", help="anchor of the first crop (default: 0)")
+    data.add_argument("--crop-stop", type=_int_tuple, metavar="N[,N,N]",
+                      help="anchors stay below this (default: the field size)")
+    data.add_argument("--crop-step", type=_int_tuple, metavar="N[,N,N]",
+                      help="spacing of crop anchors (default: the crop size)")
+    data.add_argument("--in-pad", "--pad", type=_pad, default=0, metavar="auto|N[,...]",
+                      help="periodic pad of the input beyond the crop: 1, d or 2d integers (all axes, per axis, "
+                           "per side), or 'auto' for the smallest pad whose output covers the target crop")
+    data.add_argument("--tgt-pad", type=_int_tuple, default=0, metavar="N[,...]",
+                      help="periodic pad of the target beyond the crop, same format as --in-pad")
+    data.add_argument("--scale-factor", type=int, default=1,
+                      help="upsampling factor of super-resolution: the target grid is this much finer; crop "
+                           "and pads are on the input grid")
+    data.add_argument("--augment", action="store_true",
+                      help="augment by random flips and axis permutations (vector fields turn with the axes)")
+    data.add_argument("--aug-shift", type=_int_tuple, metavar="N[,N,N]",
+                      help="augment by shifting each crop by [0, N) voxels")
+    data.add_argument("--aug-add", type=float, metavar="STD", help="additive noise augmentation: normal std")
+    data.add_argument("--aug-mul", type=float, metavar="STD",
+                      help="multiplicative augmentation: log-normal std")
+    data.add_argument("--batch-size", "--batches", type=int, default=1, help="mini-batch size per process")
+    data.add_argument("--loader-workers", type=int, default=2,
+                      help="data loading subprocesses per process; 0 loads in the training process")
+    data.add_argument("--div-data", action="store_true",
+                      help="divide the field files among processes (each reads only its own files; redrawn "
+                           "every epoch)")
+    data.add_argument("--div-shuffle-dist", type=float, default=1,
+                      help="with --div-data, mix crops of files at most this many positions apart (0: one file "
+                           "at a time)")
+
+    model = p.add_argument_group("model and optimization")
+    model.add_argument("--model", required=True,
+                       help="model class: a name in map2map.models (e.g. VNet, UNet, G) or module.Name in "
+                            "--callback-at")
+    model.add_argument("--criterion", default="MSELoss", help="loss: a torch.nn name or module.Name in --callback-at")
+    model.add_argument("--optimizer", default="Adam",
+                       help="optimizer: a torch.optim name or module.Name in --callback-at")
+    model.add_argument("--lr", type=float, required=True, help="initial learning rate")
+    model.add_argument("--optimizer-args", type=_json_object, default={}, metavar="JSON",
+                       help="optimizer keyword arguments besides the learning rate, e.g. '{\"betas\": [0.9, 0.999]}'")
+    model.add_argument("--reduce-lr-on-plateau", action="store_true",
+                       help="reduce the learning rate when the epoch loss (validation if given) stops improving")
+    model.add_argument("--scheduler-args", type=_json_object, default={}, metavar="JSON",
+                       help="arguments of torch's ReduceLROnPlateau, e.g. '{\"factor\": 0.5, \"patience\": 5}'")
+    model.add_argument("--init-weight-std", type=float,
+                       help="initialize weights from N(0, std) (norm scales from N(1, std)) instead of the "
+                            "model's own initialization")
+    model.add_argument("--misc-kwargs", type=_json_object, default={}, metavar="JSON",
+                       help="extra keyword arguments passed to the model and to the norms, e.g. '{\"width\": 8}'")
+    model.add_argument("--callback-at", type=os.path.abspath, metavar="DIR",
+                       help="directory of your own models, criteria, optimizers and norms, named module.Name; "
+                            "searched after the default places")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--epochs", type=int, default=128, help="total number of epochs (a resumed run continues "
+                                                             "up to this many)")
+    run.add_argument("--seed", type=int, default=42,
+                     help="seed of the model initialization, data order and augmentation")
+    run.add_argument("--load-state", default=CKPT_LINK, metavar="PATH",
+                     help="state to resume from (model, optimizer, RNG, epoch); training starts fresh when it is "
+                          "missing or empty, or when given ''")
+    run.add_argument("--load-state-non-strict", dest="load_state_strict", action="store_false",
+                     help="load only the model entries whose names and shapes match")
+    run.add_argument("--dist-backend", choices=["gloo", "nccl", "mpi"], default=None,
+                     help="torch.distributed backend (default: nccl on GPU, gloo on CPU)")
+    run.add_argument("--log-interval", type=int, default=100, help="batches between logged training losses")
+    run.add_argument("--detect-anomaly", action="store_true", help="enable autograd anomaly detection (slow)")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from map2map import train
+
+    train.train(args)

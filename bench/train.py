@@ -1,0 +1,97 @@
+"""Benchmark `m2m train` on CPU: training items/s and the fraction of step time spent waiting for data.
+
+The V-Net on crops of 32 plus the pad it needs (found by ``--in-pad auto``),
+batch size 1, reading 1LPT -> 2LPT displacements from a store made by
+``m2m convert`` (shards = the crop, inner chunks for the pad), once per
+number of loader workers.  Each run trains ``--epochs`` epochs in its own
+working directory; the last epoch is reported (the first also pays one-off
+warm-up costs).  Loader workers are started afresh every epoch, as in
+training, so their start-up counts as waiting.  Prints one JSON line.
+
+On a shared machine items/s follows the other load (OpenMP threads wait for
+each other when one is descheduled); the data-wait fraction is the robust
+figure.  Compare items/s only within one run, or pin ``--threads``.
+
+    python bench/train.py                      # 2 samples of 64^3: 16 crops per epoch, workers 0, 1, 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from map2map import convert, synth, train
+from map2map.cli import build_parser
+
+
+def make_store(root: Path, ngrid: int, nsamples: int, crop: int, pad: int) -> Path:
+    synth.synthesize(root / "npy", nsamples=nsamples, ngrid=ngrid, seed=0)
+    out = root / "train.zarr"
+    convert.convert(convert.Options(output=str(out), fields=[f"za={root}/npy/*/dis_za.npy",
+                                                             f"lpt={root}/npy/*/dis_2lpt.npy"],
+                                    crop=[crop], pad=pad, boxsize=2.0 * ngrid, progress=False))
+    return out
+
+
+def run(store: Path, work: Path, crop: int, workers: int, epochs: int, width: int) -> tuple[dict, str]:
+    work.mkdir()
+    argv = ["train", "--train-data", str(store), "--in", "za", "--tgt", "lpt", "--crop", str(crop),
+            "--in-pad", "auto", "--in-norms", "cosmology.dis", "--tgt-norms", "cosmology.dis", "--model", "VNet",
+            "--misc-kwargs", json.dumps({"width": width}), "--lr", "1e-4", "--batch-size", "1",
+            "--loader-workers", str(workers), "--epochs", str(epochs), "--log-interval", "1000000"]
+    cwd = os.getcwd()
+    os.chdir(work)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            history = train.train(build_parser().parse_args(argv))
+    finally:
+        os.chdir(cwd)
+    return history[-1], log.getvalue()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ngrid", type=int, default=64, help="grid size per axis of each sample")
+    p.add_argument("--samples", type=int, default=2, help="samples in the store")
+    p.add_argument("--crop", type=int, default=32)
+    p.add_argument("--width", type=int, default=16, help="V-Net width (channels of its first level)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per run; the last is reported")
+    p.add_argument("--workers", default="0,1,2", help="comma-separated loader worker counts to compare")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = Path(tempfile.mkdtemp(prefix="m2m-bench-train-", dir=args.dir))
+    try:
+        store = make_store(root, args.ngrid, args.samples, args.crop, pad=20)
+        results, pad = {}, None
+        t0 = time.perf_counter()
+        counts = [int(v) for v in args.workers.split(",")]
+        for i, w in enumerate(counts):
+            last, log = run(store, root / f"run{i}", args.crop, w, args.epochs, args.width)
+            pad = next((line.split(":")[1].strip() for line in log.splitlines() if line.startswith("--in-pad auto")),
+                       pad)
+            results[str(w) if counts.count(w) == 1 else f"{w}#{i}"] = {"items_per_s": round(last["items_per_s"], 3), "data_wait": round(last["data_wait"], 4)}
+        print(json.dumps({
+            "bench": "train", "model": "VNet", "width": args.width, "crop": args.crop, "in_pad": pad,
+            "batch_size": 1, "device": "cpu", "torch_threads": torch.get_num_threads(),
+            "items_per_epoch": args.samples * (args.ngrid // args.crop) ** 3, "epoch_reported": args.epochs,
+            "loader_workers": results, "seconds": round(time.perf_counter() - t0, 1),
+        }))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
