@@ -1,11 +1,196 @@
-"""Arguments of `m2m infer` and `m2m test` (placeholder until inference lands)."""
+"""Arguments of `m2m infer` and `m2m test`; the work happens in `map2map.infer`."""
+
+from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    out = [v.strip() for v in text.split(",") if v.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return out
+
+
+def _pad(text: str) -> str | list[int]:
+    return "auto" if text == "auto" else _ints(text)
+
+
+def _json_dict(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"width\": 32}}', got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_model_and_tiling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="model name in map2map.models (e.g. UNet, VNet, G) or "
+                                                   "module.Name in --callback-at")
+    g.add_argument("--load-state", required=True, metavar="CKPT",
+                   help="checkpoint to load: a state_dict, or a dict with a 'model' state_dict (state_{epoch}.pt)")
+    g.add_argument("--misc-kwargs", type=_json_dict, default={}, metavar="JSON",
+                   help="extra keyword arguments passed to the model and to the norms, as in m2m train, "
+                        "e.g. '{\"width\": 32}' (scale_factor and dim are passed already)")
+    g.add_argument("--model-kwargs", type=_json_dict, default={}, metavar="JSON",
+                   help="keyword arguments for the model only, on top of --misc-kwargs")
+    g.add_argument("--scale-factor", type=_positive, default=1,
+                   help="output grid is this many times finer than the input grid (super-resolution)")
+    g.add_argument("--callback-at", default=None, metavar="DIR",
+                   help="directory of user modules for models, norms and criteria named module.Name")
+    g.add_argument("--in-norms", type=_names, default=None, metavar="NORM[,NORM]",
+                   help="norm of each input field (e.g. cosmology.dis), applied before the model")
+    g.add_argument("--tgt-norms", type=_names, default=None, metavar="NORM[,NORM]",
+                   help="norm of each target field; undone on the prediction before it is written")
+    g.add_argument("--norm-kwargs", type=_json_dict, default={}, metavar="JSON",
+                   help="keyword arguments for the norms only, on top of --misc-kwargs, e.g. '{\"z\": 0}'")
+    g.add_argument("--criterion", default="MSELoss",
+                   help="loss reported against the target (torch.nn name or module.Name), on normalized fields")
+    t = p.add_argument_group("tiling and output")
+    t.add_argument("--crop", type=_ints, default=None, metavar="N[,N,N]",
+                   help="tile size in input voxels: a multiple of the model's total stride (and, times the "
+                        "scale factor, of --out-shard); the last tile along an axis may be smaller "
+                        "(default: the input store's shard, i.e. the training crop, rounded down to the "
+                        "stride)%(default).0s")
+    t.add_argument("--in-pad", type=_pad, default="auto", metavar="auto|N[,...]",
+                   help="halo read around each tile, periodic: 'auto' asks the model (smallest pad whose output "
+                        "covers the tile), or N, one per axis, or one per side lo0,hi0,...")
+    t.add_argument("--batch-size", type=_positive, default=1, help="tiles per task and forward pass")
+    t.add_argument("--out-field", default=None,
+                   help="name of the prediction field (default: the --tgt name if one, else 'prediction')%(default).0s")
+    t.add_argument("--out-chan", type=_positive, default=None,
+                   help="output channels of the model (default: the target's, else the input's)%(default).0s")
+    t.add_argument("--out-shard", type=_ints, default=None, metavar="N[,N,N]",
+                   help="output shard in output voxels; must divide crop x scale factor (default: equal to it, "
+                        "so each tile writes exactly one shard)%(default).0s")
+    t.add_argument("--out-chunk", type=_ints, default=None, metavar="N[,N,N]",
+                   help="output inner chunk, dividing the shard (default: the largest divisor of the shard "
+                        "up to 32, which zarr writes about 8x faster than 8^3 chunks)%(default).0s")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a complete OUTPUT (the new one is swapped in when it is complete)")
+    c = p.add_argument_group("where it runs")
+    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the model runs on each worker (auto: cuda if the worker has a GPU)")
+    where = c.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="use the running Dask cluster at this scheduler address (e.g. tcp://host:8786)")
+    where.add_argument("--scheduler-file", default=None, metavar="FILE",
+                       help="use the running Dask cluster described by this scheduler file")
+    c.add_argument("--workers", type=_positive, default=None,
+                   help="worker processes of the local cluster (default: one per GPU with cuda, "
+                        "else min(2, CPU cores))%(default).0s")
+    c.add_argument("--threads-per-worker", type=_positive, default=1, help="tasks run at once per worker")
+    c.add_argument("--torch-threads", type=_positive, default=None,
+                   help="torch threads per worker (default on a local CPU cluster: cores / (workers x threads); "
+                        "an existing cluster keeps its own)%(default).0s")
+    c.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="give up on an unreachable --scheduler after this long")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _options(args: argparse.Namespace, **extra: Any):
+    from map2map import infer
+
+    return infer.Options(
+        out=args.out, model=args.model, load_state=args.load_state, crop=args.crop, in_pad=args.in_pad,
+        scale_factor=args.scale_factor, in_norms=args.in_norms, tgt_norms=args.tgt_norms,
+        out_field=args.out_field, out_chan=args.out_chan, out_shard=args.out_shard, out_chunk=args.out_chunk,
+        model_kwargs={**args.misc_kwargs, **args.model_kwargs},
+        norm_kwargs={**args.misc_kwargs, **args.norm_kwargs}, callback_at=args.callback_at,
+        criterion=args.criterion, batch_size=args.batch_size, device=args.device, scheduler=args.scheduler,
+        scheduler_file=args.scheduler_file, workers=args.workers, threads_per_worker=args.threads_per_worker,
+        torch_threads=args.torch_threads, overwrite=args.overwrite, progress=not args.no_progress,
+        connect_timeout=args.connect_timeout, **extra)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    for note in summary["notes"]:
+        print(f"note: {note}")
+    print(f"tiles: {summary['tiles']} ({summary['computed']} computed, {summary['skipped']} resumed), "
+          f"crop {summary['tile']}, pad {summary['pad']}, model stride {summary['stride']}")
+    if "tiles_s" in summary:
+        print(f"time: setup {summary['setup_s']:.2f} s, tiles {summary['tiles_s']:.2f} s, "
+              f"total {summary['total_s']:.2f} s on {summary['cluster']}")
+        w = summary.get("workers") or {}
+        if w:
+            parts = [f"{k} {sum(v.get(k + '_s', 0.0) for v in w.values()):.2f} s" for k in ("read", "model", "write")]
+            print("worker time (all workers): " + ", ".join(parts) + " (write: narrowing, norms, loss, zarr)")
+    if summary.get("loss") is not None:
+        for i, loss in enumerate(summary["loss"]):
+            print(f"sample {i}: {summary['criterion']} {loss:.6g}")
+    for path in summary.get("written", []):
+        print(f"wrote {path}")
+    if summary.get("output"):
+        print(f"{summary['output']}: field {summary['field']} {summary['out_shape']}, "
+              f"{summary['nsample']} samples, complete")
 
 
 def add_infer(sub: argparse._SubParsersAction) -> None:
     """Register `m2m infer`."""
+    p = sub.add_parser("infer", help="predict whole boxes of a store, tile by tile on a Dask cluster",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Run a trained model over every sample of a store in tiles (crop + periodic "
+                                   "halo) as Dask tasks, writing a prediction store with the same dims and "
+                                   "coordinates; the result equals one pass over the periodically padded box. "
+                                   "Rerunning an interrupted command resumes it.")
+    p.add_argument("--data", required=True, metavar="STORE", help="input store (from m2m convert)")
+    p.add_argument("--in", dest="in_fields", type=_names, required=True, metavar="NAME[,NAME]",
+                   help="input field(s) of the store, concatenated along channels")
+    p.add_argument("--tgt", type=_names, default=None, metavar="NAME[,NAME]",
+                   help="target field(s) of the store: report the per-sample loss against them")
+    p.add_argument("--out", required=True, metavar="OUTPUT", help="prediction store to write")
+    _add_model_and_tiling(p)
+    p.set_defaults(run=_run_infer)
+
+
+def _run_infer(args: argparse.Namespace) -> None:
+    from map2map import infer
+
+    _print_summary(infer.run(_options(args, data=args.data, in_fields=args.in_fields, tgt=args.tgt)))
 
 
 def add_test(sub: argparse._SubParsersAction) -> None:
     """Register `m2m test`."""
+    p = sub.add_parser("test", help="the original toolkit's test: predict .npy inputs, write <target>_out.npy",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Predict every sample given by .npy glob patterns with the same tiled "
+                                   "engine as m2m infer, report the loss against the targets, and write each "
+                                   "prediction next to its target file as <target>_out.npy.")
+    p.add_argument("--test-in-patterns", type=_names, required=True, metavar="GLOB[,GLOB]",
+                   help="input .npy glob pattern(s), one per field (files sorted by path pair up)")
+    p.add_argument("--test-tgt-patterns", type=_names, required=True, metavar="GLOB[,GLOB]",
+                   help="target .npy glob pattern(s), one per field")
+    p.add_argument("--out", default=None, metavar="OUTPUT",
+                   help="also keep the predictions as a store here (default: a temporary store beside the "
+                        "first target, removed at the end)%(default).0s")
+    _add_model_and_tiling(p)
+    p.set_defaults(run=_run_test)
+
+
+def _run_test(args: argparse.Namespace) -> None:
+    from map2map import infer
+
+    _print_summary(infer.run_test(_options(args, in_patterns=args.test_in_patterns,
+                                           tgt_patterns=args.test_tgt_patterns)))

@@ -1,0 +1,228 @@
+"""Benchmark `m2m infer` against the bare model on the same tiles, and its memory per worker.
+
+Prints one JSON line.  In the same run, on one random 3-channel box:
+
+(a) ``whole``: one forward pass over the whole periodically padded box (skipped
+    when its activations would not fit in half the free memory);
+(b) ``tiles``: the same model over the same tiles and batches as (c), in this
+    process, windows sliced from the padded box in memory: no I/O, no Dask;
+(c) ``infer``: ``m2m infer`` end to end in a subprocess with its default local
+    cluster, reading the box from a store and writing the prediction store.
+
+(c) and (b) run alternately ``--repeat`` times and the best time of each
+counts: other load on a shared machine slows them unevenly.  Rates are
+voxels/s of the box.  ``overhead_tiles`` is the extra time of (c)'s
+tile phase (from its first task submitted to its last result: I/O, stitching,
+scheduling) over (b); ``overhead_end_to_end`` adds process start, model
+checks, cluster start and shutdown.  (a) and (b) use as many torch threads as
+(c) uses in all (workers x torch threads); one process with N threads and N
+processes with one thread do not compute equally fast, so (c) can beat (b).
+From inside (c): ``worker_read_model_write_s`` splits the task time, summed
+over workers, into reading + normalizing, the forward pass, and narrowing +
+writing + marking done; ``worker_io_over_model`` is the I/O and stitching
+cost relative to the model in the same processes (robust to other load on
+the machine, which slows both alike); ``worker_busy_fraction`` is the task
+time over the tile phase times the task slots (the rest: scheduling, idle).
+
+Peak RSS per worker is the kernel's high-water mark (VmHWM in
+/proc/PID/status) of each worker process of (c), read until the process
+exits: exact peaks, not samples.  Run at --n 256 and --n 512 to check that it
+does not grow with the box.
+
+    python bench/infer.py                 # 256^3, a 3->32->3 two-convolution model, crop 64
+    python bench/infer.py --n 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+import zarr
+
+from map2map import convert, tiles
+from map2map.models import G, narrow_like
+
+
+def make_input(root: Path, n: int, channels: int) -> Path:
+    path = root / "npy" / "x.npy"
+    path.parent.mkdir()
+    rng = np.random.default_rng(0)
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(channels, n, n, n))
+    for c in range(channels):
+        for x0 in range(0, n, 64):
+            arr[c, x0:x0 + 64] = rng.standard_normal((min(64, n - x0), n, n), dtype=np.float32)
+    arr.flush()
+    del arr
+    return path
+
+
+def vm_hwm(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_infer(cmd: list[str], interval: float = 0.1) -> tuple[float, str, dict[int, int], int]:
+    """Run `m2m infer`; returns wall time, stdout, peak RSS of each worker process, peak RSS of the client."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    main = psutil.Process(proc.pid)
+    workers: dict[int, int] = {}
+    client = 0
+    while proc.poll() is None:
+        client = max(client, vm_hwm(proc.pid) or 0)
+        try:
+            kids = main.children(recursive=True)
+        except psutil.Error:
+            kids = []
+        for k in kids:
+            try:
+                if "spawn_main" not in " ".join(k.cmdline()):
+                    continue  # the multiprocessing resource tracker
+            except psutil.Error:
+                continue
+            peak = vm_hwm(k.pid)
+            if peak is not None:
+                workers[k.pid] = max(workers.get(k.pid, 0), peak)
+        time.sleep(interval)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"m2m infer failed ({proc.returncode}): {err[-2000:]}")
+    return wall, out, workers, client
+
+
+def tiles_in_memory(model, x: np.ndarray, plan: tiles.TilePlan, batch: int) -> float:
+    """(b): the model over every tile, windows cut from the padded box in memory; returns seconds."""
+    (lo, hi), = set(plan.pad)
+    extra = max(t * c - n for t, c, n in zip(plan.tile, plan.counts, plan.box))  # full windows past the edge
+    padded = np.pad(x, [(0, 0)] + [(lo, hi + extra)] * 3, mode="wrap")
+    out = np.empty_like(x)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for ids in tiles.batches(range(plan.ntiles), batch):
+            xb = np.stack([padded[(slice(None),) + tuple(slice(a + lo, b + lo) for a, b in plan.window(t))]
+                           for t in ids])
+            y = model(torch.from_numpy(xb)).numpy()
+            for b, t in enumerate(ids):
+                ext = plan.extent(t)
+                out[(slice(None),) + tuple(slice(a, b) for a, b in ext)] = \
+                    y[b][(slice(None),) + tuple(slice(0, b - a) for a, b in ext)]
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=256, help="grid size per axis")
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--width", type=int, default=32, help="channels between the two convolutions")
+    p.add_argument("--crop", type=int, default=64, help="tile size (and the input store's shard)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--store-chunk", type=int, default=None,
+                   help="inner chunk of the input store (default: m2m convert's choice for the crop)")
+    p.add_argument("--workers", type=int, default=None, help="m2m infer --workers (default: its own default)")
+    p.add_argument("--whole", choices=["auto", "yes", "no"], default="auto", help="run (a)")
+    p.add_argument("--repeat", type=int, default=2, help="runs of (c) and (b), alternating; the best of each counts")
+    p.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
+    args = p.parse_args()
+    n, c = args.n, args.channels
+    root = Path(tempfile.mkdtemp(prefix="m2m-bench-infer-", dir=args.dir))
+    try:
+        src = make_input(root, n, c)
+        data = root / "in.zarr"
+        convert.convert(convert.Options(output=str(data), fields=[f"disp={src}"], crop=[args.crop],
+                                        chunk=[args.store_chunk] if args.store_chunk else None,
+                                        progress=False, workers=2))
+        in_chunk = list(zarr.open_group(str(data), mode="r")["disp"].chunks[2:])
+        torch.manual_seed(0)
+        model = G(c, c, scale_factor=1, width=args.width).eval()  # a 3-voxel and a 1-voxel convolution
+        ckpt = root / "state.pt"
+        torch.save({"model": model.state_dict()}, ckpt)
+
+        x = np.load(src)
+        pad = 1
+        plan = tiles.TilePlan((n,) * 3, (args.crop,) * 3, ((pad, pad),) * 3)
+        os.sync()  # the inputs just written must not be flushed while (c) runs
+        runs_c, runs_b = [], []
+        for r in range(args.repeat):  # alternate (c) and (b): other load on the machine hits both alike
+            out = root / f"out{r}.zarr"
+            cmd = [sys.executable, "-m", "map2map.cli", "infer", "--data", str(data), "--in", "disp",
+                   "--model", "G", "--model-kwargs", json.dumps({"width": args.width}), "--load-state", str(ckpt),
+                   "--out", str(out), "--crop", str(args.crop), "--batch-size", str(args.batch_size),
+                   "--device", "cpu", "--no-progress"] + (["--workers", str(args.workers)] if args.workers else [])
+            wall_c, stdout, workers, client_rss = run_infer(cmd)
+            shutil.rmtree(out)
+            wt = re.search(r"worker time \(all workers\): read ([\d.]+) s, model ([\d.]+) s, write ([\d.]+) s",
+                           stdout)
+            m = re.search(r"time: setup ([\d.]+) s, tiles ([\d.]+) s, total ([\d.]+) s on (.*)", stdout)
+            runs_c.append({"tiles": float(m.group(2)), "wall": wall_c, "cluster": m.group(4),
+                           "split": [float(v) for v in wt.groups()], "workers": workers, "client": client_rss})
+            cluster = m.group(4)
+            nworkers = int(re.search(r"(\d+) worker", cluster).group(1))
+            threads = int(re.search(r"x (\d+) thread", cluster).group(1))
+            # (b): all of (c)'s threads in this one process
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // (nworkers * threads)) * nworkers * threads)
+            with torch.inference_mode():  # warm up: the first pass of a shape picks its algorithms
+                model(torch.zeros((args.batch_size, c) + plan.window_shape))
+            runs_b.append(tiles_in_memory(model, x, plan, args.batch_size))
+        best = min(runs_c, key=lambda r: r["tiles"])
+        tiles_c, wall_c = best["tiles"], min(r["wall"] for r in runs_c)
+        t_b = min(runs_b)
+        read, model_s, write = best["split"]
+
+        whole_bytes = 4 * (args.width + 2 * c) * (n + 2 * pad) ** 3
+        t_a = None
+        if args.whole == "yes" or (args.whole == "auto" and whole_bytes < psutil.virtual_memory().available / 2):
+            xp = torch.from_numpy(np.pad(x, [(0, 0)] + [(pad, pad)] * 3, mode="wrap"))[None]
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                y = narrow_like(model(xp), (n,) * 3)
+                t_a = time.perf_counter() - t0
+            del xp, y
+        vox = n ** 3
+        rss = sorted(v for r in runs_c for v in r["workers"].values())
+        print(json.dumps({
+            "bench": "infer", "n": n, "channels": c, "model": f"G(scale 1, width {args.width}): conv3+act+conv1",
+            "crop": args.crop, "pad": pad, "input_inner_chunk": in_chunk, "ntiles": plan.ntiles,
+            "batch_size": args.batch_size,
+            "cluster": cluster, "torch_threads_ab": torch.get_num_threads(),
+            "whole_Mvox_s": round(vox / t_a / 1e6, 3) if t_a else None,
+            "tiles_no_io_Mvox_s": round(vox / t_b / 1e6, 3),
+            "infer_tiles_Mvox_s": round(vox / tiles_c / 1e6, 3),
+            "infer_end_to_end_Mvox_s": round(vox / wall_c / 1e6, 3),
+            "whole_s": round(t_a, 2) if t_a else None, "tiles_no_io_s": round(t_b, 2),
+            "infer_tiles_s": round(tiles_c, 2), "infer_end_to_end_s": round(wall_c, 2),
+            "overhead_tiles": round(tiles_c / t_b - 1, 3),  # best (c) over best (b)
+            "worker_read_model_write_s": [read, model_s, write],
+            "worker_io_over_model": round((read + write) / model_s, 3),
+            "worker_busy_fraction": round((read + model_s + write) / (tiles_c * nworkers * threads), 3),
+            "overhead_end_to_end": round(wall_c / t_b - 1, 3),
+            "worker_peak_rss_MiB": [round(r / 2**20, 1) for r in rss],
+            "client_peak_rss_MiB": round(max(r["client"] for r in runs_c) / 2**20, 1),
+            "repeat": args.repeat, "runs_infer_tiles_s": [round(r["tiles"], 2) for r in runs_c],
+            "runs_tiles_no_io_s": [round(t, 2) for t in runs_b], "load_avg_1min_at_end": os.getloadavg()[0],
+            "box_MiB": round(4 * c * vox / 2**20, 1),
+        }))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""`m2m infer` after a crash: a SIGKILLed client or worker; reruns compute only what is missing,
+and the result is identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from map2map import infer, store
+
+from conftest import ROOT, run_m2m
+from test_infer import cluster, make_store, run_infer  # noqa: F401  (cluster: a fixture of this module too)
+
+SLOW_MODEL = '''
+import time
+import torch
+from torch import nn
+
+
+class Slow(nn.Module):
+    """One 3-voxel convolution that takes its time, so a run can be interrupted half way."""
+
+    def __init__(self, in_chan, out_chan, delay=0.08, **kwargs):
+        super().__init__()
+        self.conv = nn.Conv3d(in_chan, out_chan, 3)
+        self.delay = delay
+
+    def forward(self, x):
+        if x.device.type != "meta":
+            time.sleep(self.delay)
+        return self.conv(x)
+'''
+
+NTILES = 64  # 16^3 box in crops of 4
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    cb = root / "callbacks"
+    cb.mkdir()
+    (cb / "slow.py").write_text(SLOW_MODEL)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 2, 16, 16, 16)).astype(np.float32)
+    data = make_store(root, "in", {"disp": x}, crop=8)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(2, 2, 3)
+    ckpt = root / "slow.pt"
+    torch.save({"model": {"conv.weight": conv.weight.detach(), "conv.bias": conv.bias.detach()}}, ckpt)
+    with torch.no_grad():
+        ref = conv(torch.from_numpy(np.pad(x[0], [(0, 0)] + [(1, 1)] * 3, mode="wrap"))[None])[0].numpy()
+    return root, data, str(ckpt), str(cb), ref
+
+
+def command(data: str, ckpt: str, cb: str, out: Path, *extra: str) -> list[str]:
+    return ["infer", "--data", data, "--in", "disp", "--model", "slow.Slow", "--callback-at", cb,
+            "--load-state", ckpt, "--out", str(out), "--crop", "4", "--batch-size", "2", "--workers", "2",
+            "--device", "cpu", "--no-progress", *extra]
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "map2map.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def wait_for_markers(out: Path, at_least: int, proc: subprocess.Popen, timeout: float = 90) -> int:
+    done = out / infer.DONE_DIR
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        n = len([p for p in done.glob("*") if ".tmp-" not in p.name]) if done.is_dir() else 0
+        if n >= at_least:
+            return n
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {at_least} tiles done after {timeout} s")
+
+
+def worker_processes(proc: subprocess.Popen) -> list[psutil.Process]:
+    kids = psutil.Process(proc.pid).children(recursive=True)
+    return [k for k in kids if "spawn_main" in " ".join(k.cmdline())]
+
+
+def parse_counts(stdout: str) -> tuple[int, int]:
+    line = next(line for line in stdout.splitlines() if line.startswith("tiles:"))
+    computed = int(line.split("(")[1].split(" computed")[0])
+    resumed = int(line.split(", ")[1].split(" resumed")[0])
+    return computed, resumed
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slow, cluster):
+    root, data, ckpt, cb, ref = slow
+    out = root / "whole.zarr"
+    s = run_infer(cluster, **options(data, ckpt, cb, out))
+    assert (s["computed"], s["skipped"]) == (NTILES, 0)
+    pred = store.open_store(out).field("prediction")[0]
+    assert float(np.abs(pred - ref).max()) <= 1e-5
+    return pred
+
+
+def options(data: str, ckpt: str, cb: str, out: Path, **kw) -> dict:
+    """The engine's options for the same run as `command`."""
+    return dict(dict(data=data, in_fields=["disp"], model="slow.Slow", callback_at=cb, load_state=ckpt,
+                     out=str(out), crop=[4], batch_size=2, device="cpu"), **kw)
+
+
+def test_client_sigkill_then_rerun_resumes_and_matches(slow, uninterrupted, cluster):
+    root, data, ckpt, cb, _ = slow
+    out = root / "killed-client.zarr"
+    proc = start(command(data, ckpt, cb, out))
+    workers = []
+    try:
+        wait_for_markers(out, 12, proc)
+        workers = worker_processes(proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    psutil.wait_procs(workers, timeout=30)  # orphaned workers notice and exit on their own
+    with pytest.raises(store.IncompleteStoreError):
+        store.open_store(out)
+    ndone = len(infer.read_done(str(out / infer.DONE_DIR)))
+    assert 12 <= ndone < NTILES
+    # the rerun may as well use another cluster: here an existing one, by address
+    s = run_infer(cluster, **options(data, ckpt, cb, out))
+    computed, resumed = s["computed"], s["skipped"]
+    assert resumed >= ndone and computed + resumed == NTILES and computed < NTILES
+    assert any("resuming the interrupted run" in n for n in s["notes"])
+    pred = store.open_store(out).field("prediction")[0]
+    np.testing.assert_array_equal(pred, uninterrupted)
+    assert not (out / infer.DONE_DIR).exists()
+
+
+def test_worker_sigkill_is_survived_and_matches(slow, uninterrupted):
+    root, data, ckpt, cb, _ = slow
+    out = root / "killed-worker.zarr"
+    proc = start(command(data, ckpt, cb, out))
+    try:
+        wait_for_markers(out, 8, proc)
+        victim = worker_processes(proc)[0]
+        victim.send_signal(signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    print(f"\nworker SIGKILL: run exited with {proc.returncode}: {stderr.strip()[-300:]}")
+    if proc.returncode != 0:  # the run may give up on the lost tasks: the rerun finishes them
+        r = run_m2m(*command(data, ckpt, cb, out))
+        assert r.returncode == 0, r.stderr
+    else:
+        assert parse_counts(stdout)[0] == NTILES
+    pred = store.open_store(out).field("prediction")[0]
+    np.testing.assert_array_equal(pred, uninterrupted)
+
+
+def test_rerun_with_other_settings_starts_over_and_overwrite_replaces(slow, uninterrupted, cluster):
+    root, data, ckpt, cb, ref = slow
+    out = root / "changed.zarr"
+    fast = {"model_kwargs": {"delay": 0}}
+    s = run_infer(cluster, **options(data, ckpt, cb, out, batch_size=8, **fast))
+    store.mark_incomplete(out)  # as if the run had died before its completion mark
+    os.makedirs(out / infer.DONE_DIR)
+    infer.mark_done(str(out / infer.DONE_DIR), 0, 0, None, 64)
+    # another crop: the tiles written so far do not belong to this run
+    s = run_infer(cluster, **options(data, ckpt, cb, out, crop=[8], **fast))
+    assert any("starting over" in n for n in s["notes"]) and (s["computed"], s["skipped"]) == (8, 0)
+    np.testing.assert_allclose(store.open_store(out).field("prediction")[0], ref, atol=1e-5, rtol=0)
+    # complete now: refused without --overwrite, replaced with it
+    with pytest.raises(infer.UserError, match="exists and is complete"):
+        run_infer(cluster, **options(data, ckpt, cb, out, **fast))
+    s = run_infer(cluster, **options(data, ckpt, cb, out, overwrite=True, batch_size=16, **fast))
+    st = store.open_store(out)
+    assert st.meta["infer"]["crop"] == [4, 4, 4] and s["computed"] == NTILES
+    np.testing.assert_allclose(st.field("prediction")[0], ref, atol=1e-5, rtol=0)
+    assert not Path(str(out) + infer.PARTIAL).exists()
