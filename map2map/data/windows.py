@@ -33,6 +33,7 @@ import numpy as np
 from map2map import geometry
 
 _MISSING = np.uint64(2**64 - 1)
+_OPEN_FILES = 64
 
 
 @dataclass
@@ -188,10 +189,15 @@ class ZarrField:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("_arr", "_cache", "_index", "_layout"):
+        for key in ("_arr", "_cache", "_index", "_layout", "_files"):
             state.pop(key, None)
         state["_pid"] = None
         return state
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in self._files.values():
+                os.close(fd)
 
     def _open_array(self):
         import zarr
@@ -205,6 +211,7 @@ class ZarrField:
         self._layout = _direct_layout(self._arr) if self.direct else None
         self._cache = _LRU(self.cache_bytes)
         self._index: dict[tuple, np.ndarray | None] = {}
+        self._files: OrderedDict[tuple, int] = OrderedDict()  # open shard files (a fork keeps the parent's)
         self._pid = os.getpid()
 
     @property
@@ -248,17 +255,31 @@ class ZarrField:
         sl = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cidx, self.chunk, self.shape[2:]))
         return np.asarray(self._arr[(sample, slice(None)) + sl])
 
+    def _shard_fd(self, shard: tuple[int, ...]) -> int | None:
+        """A descriptor of the shard's file, kept open in a small LRU; None if the shard was never written."""
+        fd = self._files.get(shard)
+        if fd is not None:
+            self._files.move_to_end(shard)
+            return fd
+        try:
+            fd = os.open(self._layout.root / self._layout.encode_key(shard), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        self._files[shard] = fd
+        if len(self._files) > _OPEN_FILES:
+            os.close(self._files.popitem(last=False)[1])
+        return fd
+
     def _shard_index(self, shard: tuple[int, ...]) -> np.ndarray | None:
         if shard not in self._index:
             lay = self._layout
-            path = lay.root / lay.encode_key(shard)
-            try:
-                with open(path, "rb") as f:
-                    f.seek(-lay.index_bytes, os.SEEK_END)
-                    raw = f.read(lay.index_bytes - 4)
-                self._index[shard] = np.frombuffer(raw, dtype="<u8").reshape(lay.per_shard + (2,))
-            except FileNotFoundError:
+            fd = self._shard_fd(shard)
+            if fd is None:
                 self._index[shard] = None
+            else:
+                end = os.fstat(fd).st_size
+                raw = os.pread(fd, lay.index_bytes - 4, end - lay.index_bytes)
+                self._index[shard] = np.frombuffer(raw, dtype="<u8").reshape(lay.per_shard + (2,))
         return self._index[shard]
 
     def _load_direct(self, sample: int, cidx: tuple[int, ...]) -> np.ndarray:
@@ -272,10 +293,7 @@ class ZarrField:
             data = np.zeros(shape, dtype=np.float32)  # never written: the array's fill value, 0
         else:
             offset, nbytes = (int(v) for v in index[within])
-            with open(lay.root / lay.encode_key(shard), "rb") as f:
-                f.seek(offset)
-                raw = f.read(nbytes)
-            data = np.frombuffer(raw, dtype=lay.dtype).reshape(shape)
+            data = np.frombuffer(os.pread(self._shard_fd(shard), nbytes, offset), dtype=lay.dtype).reshape(shape)
         n = self.shape[2:]
         if any((i + 1) * c > m for i, c, m in zip(cidx, lay.chunk[2:], n)):  # edge chunk: drop padding
             data = data[(slice(None),) + tuple(slice(0, min(c, m - i * c)) for i, c, m in zip(cidx, lay.chunk[2:], n))]
