@@ -37,8 +37,6 @@ class OriginalWay:
     """The original toolkit's reading: whole-file np.load on first touch, periodic index arrays."""
 
     def __init__(self, in_files, tgt_files, crop, pad, seed=0):
-        import torch  # noqa: F401
-
         self.in_files, self.tgt_files = in_files, tgt_files
         self.crop, self.pad, self.seed, self.epoch = crop, pad, seed, 0
         self.size = np.load(in_files[0], mmap_mode="r").shape[1:]

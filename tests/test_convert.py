@@ -17,7 +17,6 @@ import zarr
 from conftest import save_fields
 from map2map import store
 from map2map.cli import main
-from map2map.errors import UserError
 
 
 def convert(*args: str) -> int:

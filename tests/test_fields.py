@@ -51,7 +51,7 @@ def test_items_equal_wrapped_oracle(sr_store):
     assert len(ds) == 2 * 4 ** 3 and ds.crop_counts == (4, 4, 4)
     for idx in (0, 5, 63, 64, 127):
         item = ds[idx]
-        sample, crop, anchor = idx // 64, idx % 64, ds.grid.anchor(idx % 64)
+        sample, anchor = idx // 64, ds.grid.anchor(idx % 64)
         assert item["sample"] == sample and tuple(item["anchor"].tolist()) == anchor
         win = geometry.window(anchor, (8, 8, 8), ((3, 5), (0, 2), (7, 1)))
         want = np.concatenate([wrap_window(arrays["lr"][sample], win), wrap_window(arrays["dens"][sample], win)])

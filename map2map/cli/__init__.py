@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
+from map2map.cli.types import ints as _ints
 from map2map.errors import UserError
 
 
@@ -19,13 +20,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, as every user error
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:

@@ -3,46 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _names(text: str) -> list[str]:
-    out = [v.strip() for v in text.split(",") if v.strip()]
-    if not out:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
-    return out
-
-
-def _pad(text: str) -> str | list[int]:
-    return "auto" if text == "auto" else _ints(text)
-
-
-def _json_dict(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({exc.msg})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"width\": 32}}', got {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+from map2map.cli.types import ints as _ints
+from map2map.cli.types import json_object as _json_dict
+from map2map.cli.types import names as _names
+from map2map.cli.types import pad as _pad
+from map2map.cli.types import positive as _positive
 
 
 def _add_model_and_tiling(p: argparse.ArgumentParser) -> None:

@@ -7,39 +7,14 @@ Run ``m2m train`` directly for one process, or under ``torchrun --nproc-per-node
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from typing import Any
+
+from map2map.cli.types import ints as _int_tuple
+from map2map.cli.types import json_object as _json_object
+from map2map.cli.types import names as _str_list
+from map2map.cli.types import pad as _pad
 
 CKPT_LINK = "checkpoint.pt"  # map2map.utils.checkpoint.CKPT_LINK, spelled out so that parsing needs no torch
-
-
-def _str_list(text: str) -> list[str]:
-    items = [s for s in text.split(",") if s]
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-    return items
-
-
-def _int_tuple(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _pad(text: str) -> str | list[int]:
-    return "auto" if text.strip().lower() == "auto" else _int_tuple(text)
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg} at column {exc.colno}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"key\": 1}}', got {text!r}")
-    return value
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):

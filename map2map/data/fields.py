@@ -20,7 +20,6 @@ drifted further every epoch).
 from __future__ import annotations
 
 import glob
-import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
