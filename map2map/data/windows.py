@@ -21,6 +21,7 @@ DataLoader workers started with fork or spawn.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections import OrderedDict
@@ -88,20 +89,46 @@ def read_window(source: FieldSource, sample: int, win: tuple[geometry.Interval, 
     return out
 
 
+_BLOCK = 32
+
+
 def _copy(dst: np.ndarray, src: np.ndarray, negate: bool) -> None:
-    if negate:
-        np.negative(src, out=dst)
-    else:
-        dst[...] = src
+    """``dst[...] = src`` (or ``-src``), in blocks of at most 32 voxels per axis.
+
+    When `dst` is a transposed view (augmentation), a whole 64^3 chunk copies
+    at about 1.2 GB/s; 32^3 blocks stay in cache and copy about twice as fast
+    (bench-measured here), and untransposed copies gain too.
+    """
+    blocks = [range(0, n, _BLOCK) for n in dst.shape]
+    for starts in itertools.product(*blocks):
+        sl = tuple(slice(i, i + _BLOCK) for i in starts)
+        if negate:
+            np.negative(src[sl], out=dst[sl])
+        else:
+            dst[sl] = src[sl]
+
+
+def _root(a: np.ndarray) -> np.ndarray:
+    """The array that owns `a`'s memory."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
 
 
 class _LRU:
-    """Decoded chunks keyed by (sample, chunk index), evicted least recently used past `max_bytes`."""
+    """Decoded chunks keyed by (sample, chunk index), evicted least recently used past `max_bytes`.
 
-    def __init__(self, max_bytes: int) -> None:
+    Evicted chunk buffers are kept (a few) for reuse: filling an existing
+    buffer is cheaper than faulting in and zeroing fresh pages for every
+    chunk read.
+    """
+
+    def __init__(self, max_bytes: int, spare: int = 4) -> None:
         self.max_bytes = max_bytes
         self.nbytes = 0
         self.items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.spares: list[np.ndarray] = []
+        self.max_spares = spare
 
     def get(self, key: tuple) -> np.ndarray | None:
         value = self.items.get(key)
@@ -117,9 +144,19 @@ class _LRU:
         while self.nbytes > self.max_bytes:
             _, old = self.items.popitem(last=False)
             self.nbytes -= old.nbytes
+            if len(self.spares) < self.max_spares:
+                self.spares.append(_root(old))
+
+    def buffer(self, nbytes: int) -> np.ndarray:
+        """A byte buffer of `nbytes`: a spare one if any fits exactly, else a new one."""
+        for i, buf in enumerate(self.spares):
+            if buf.nbytes == nbytes:
+                return self.spares.pop(i)
+        return np.empty(nbytes, dtype=np.uint8)
 
     def clear(self) -> None:
         self.items.clear()
+        self.spares.clear()
         self.nbytes = 0
 
 
@@ -293,7 +330,10 @@ class ZarrField:
             data = np.zeros(shape, dtype=np.float32)  # never written: the array's fill value, 0
         else:
             offset, nbytes = (int(v) for v in index[within])
-            data = np.frombuffer(os.pread(self._shard_fd(shard), nbytes, offset), dtype=lay.dtype).reshape(shape)
+            buf = self._cache.buffer(nbytes)
+            if os.preadv(self._shard_fd(shard), [buf], offset) != nbytes:
+                raise OSError(f"short read of chunk {cidx} of sample {sample} in {self.path}/{self.name}")
+            data = buf.view(lay.dtype).reshape(shape)
         n = self.shape[2:]
         if any((i + 1) * c > m for i, c, m in zip(cidx, lay.chunk[2:], n)):  # edge chunk: drop padding
             data = data[(slice(None),) + tuple(slice(0, min(c, m - i * c)) for i, c, m in zip(cidx, lay.chunk[2:], n))]
