@@ -1,11 +1,23 @@
-"""Measuring helpers shared by the benchmarks: peak RSS of a whole process tree."""
+"""Helpers shared by the benchmarks: random input files and the peak RSS of a whole process tree."""
 
 from __future__ import annotations
 
 import subprocess
 import time
 
+import numpy as np
 import psutil
+
+
+def write_random_npy(path, channels: int, n: int, seed: int = 0) -> None:
+    """A (channels, n, n, n) float32 .npy of normal noise, written slab by slab (never whole in memory)."""
+    rng = np.random.default_rng(seed)
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(channels, n, n, n))
+    for c in range(channels):
+        for x0 in range(0, n, 64):
+            arr[c, x0:x0 + 64] = rng.standard_normal((min(64, n - x0), n, n), dtype=np.float32)
+    arr.flush()
+    del arr
 
 
 def tree_rss(proc: psutil.Process) -> int:

@@ -21,23 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from _measure import run_tracking_rss
+from _measure import run_tracking_rss, write_random_npy
 
 
 def make_inputs(root: Path, n: int, channels: int) -> list[Path]:
-    rng = np.random.default_rng(0)
-    paths = []
-    for name in ("input", "target"):
-        path = root / f"{name}.npy"
-        arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(channels, n, n, n))
-        for c in range(channels):
-            for x0 in range(0, n, 64):
-                arr[c, x0:x0 + 64] = rng.standard_normal((min(64, n - x0), n, n), dtype=np.float32)
-        arr.flush()
-        del arr
-        paths.append(path)
+    paths = [root / "input.npy", root / "target.npy"]
+    for seed, path in enumerate(paths):
+        write_random_npy(path, channels, n, seed)
     return paths
 
 

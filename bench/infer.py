@@ -54,17 +54,14 @@ import zarr
 from map2map import convert, tiles
 from map2map.models import G, narrow_like
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import write_random_npy  # noqa: E402
+
 
 def make_input(root: Path, n: int, channels: int) -> Path:
     path = root / "npy" / "x.npy"
     path.parent.mkdir()
-    rng = np.random.default_rng(0)
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(channels, n, n, n))
-    for c in range(channels):
-        for x0 in range(0, n, 64):
-            arr[c, x0:x0 + 64] = rng.standard_normal((min(64, n - x0), n, n), dtype=np.float32)
-    arr.flush()
-    del arr
+    write_random_npy(path, channels, n)
     return path
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import run_tracking_rss  # noqa: E402
+from _measure import run_tracking_rss, write_random_npy  # noqa: E402
 
 
 class OriginalWay:
@@ -70,17 +70,11 @@ class OriginalWay:
 
 
 def make_data(root: Path, n: int, nsample: int) -> tuple[list[str], list[str], str]:
-    rng = np.random.default_rng(0)
     files = {"in": [], "tgt": []}
-    for kind in files:
+    for k, kind in enumerate(files):
         for i in range(nsample):
             path = root / f"{kind}_{i}.npy"
-            arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(3, n, n, n))
-            for c in range(3):
-                for x0 in range(0, n, 64):
-                    arr[c, x0:x0 + 64] = rng.standard_normal((min(64, n - x0), n, n), dtype=np.float32)
-            arr.flush()
-            del arr
+            write_random_npy(path, 3, n, seed=10 * k + i)
             files[kind].append(str(path))
     store = str(root / "store.zarr")
     subprocess.run([sys.executable, "-m", "map2map.cli", "convert", store, "--no-progress", "--crop", "128",

@@ -32,7 +32,6 @@ import contextlib
 import copy
 import glob
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -198,31 +197,12 @@ def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return obj, meta
 
 
-def _accepts(cls, name: str) -> bool:
-    try:
-        params = inspect.signature(cls).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    return any(p.name == name or p.kind == p.VAR_KEYWORD for p in params)
-
-
 def build_model(spec: ModelSpec):
-    """Construct the model `spec` names: ``Model(in_chan, out_chan, scale_factor=..., dim=..., **kwargs)``."""
-    from map2map.utils.imports import import_attr
+    """Construct the model `spec` names, as `m2m train` does (see `map2map.models.build_model`)."""
+    from map2map.models import build_model as build
 
-    cls = import_attr(spec.name, ["map2map.models"], spec.callback_at, what="model")
-    kwargs = dict(spec.kwargs)
-    if kwargs.get("scale_factor", spec.scale_factor) != spec.scale_factor:
-        raise UserError(f"model keyword scale_factor={kwargs['scale_factor']} contradicts --scale-factor "
-                        f"{spec.scale_factor}; give it once, as --scale-factor")
-    kwargs["scale_factor"] = spec.scale_factor
-    if _accepts(cls, "dim"):
-        kwargs.setdefault("dim", spec.ndim)
-    try:
-        return cls(spec.in_chan, spec.out_chan, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"cannot build model {spec.name}({spec.in_chan}, {spec.out_chan}, "
-                        f"{', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {exc}") from None
+    return build(spec.name, spec.in_chan, spec.out_chan, scale_factor=spec.scale_factor, ndim=spec.ndim,
+                 kwargs=spec.kwargs, callback_at=spec.callback_at)
 
 
 def _fit_report(model, state: dict[str, Any]) -> str | None:

@@ -45,7 +45,8 @@ from map2map import store
 from map2map.data.fields import FieldDataset
 from map2map.data.sampler import DistFieldSampler
 from map2map.errors import UserError
-from map2map.models import StrideError, check_stride, narrow_cast, required_pad, total_stride
+from map2map.models import (StrideError, build_model, check_stride, narrow_cast, required_pad,
+                            total_stride)
 from map2map.utils import checkpoint as ckpt
 from map2map.utils.distenv import DistEnv, dist_env
 from map2map.utils.imports import import_attr
@@ -146,30 +147,6 @@ def make_loader(ds: FieldDataset, args: Namespace, env: DistEnv, device: torch.d
 
 
 # ---------------------------------------------------------------- 3. model and geometry
-
-
-def build_model(args: Namespace, in_chan: int, out_chan: int, ndim: int) -> nn.Module:
-    """``Model(in_chan, out_chan, scale_factor=..., **misc_kwargs)``, plus ``dim`` if it accepts one
-    (by name or ``**kwargs``), as `m2m infer` builds it."""
-    cls = import_attr(args.model, ["map2map.models"], args.callback_at, what="model")
-    kwargs = dict(args.misc_kwargs)
-    if kwargs.get("scale_factor", args.scale_factor) != args.scale_factor:
-        raise UserError(f"--misc-kwargs scale_factor={kwargs['scale_factor']} contradicts --scale-factor "
-                        f"{args.scale_factor}; give it once, as --scale-factor")
-    kwargs["scale_factor"] = args.scale_factor
-    try:
-        params = inspect.signature(cls).parameters.values()
-    except (TypeError, ValueError):
-        params = []
-    if "dim" not in kwargs and any(p.name == "dim" or p.kind == p.VAR_KEYWORD for p in params):
-        kwargs["dim"] = ndim
-    try:
-        model = cls(in_chan, out_chan, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"cannot build --model {args.model}({in_chan}, {out_chan}, **{kwargs}): {exc}") from None
-    if not isinstance(model, nn.Module):
-        raise UserError(f"--model {args.model} built a {type(model).__name__}, not a torch.nn.Module")
-    return model
 
 
 def init_weight_std(model: nn.Module, std: float) -> None:
@@ -592,7 +569,8 @@ def _train(args: Namespace, env: DistEnv, device: torch.device, opened: dict[str
 
     # model: identical on every rank (same seed; DDP also broadcasts rank 0's)
     torch.manual_seed(args.seed)
-    model = build_model(args, in_chan, out_chan, train_ds.ndim)
+    model = build_model(args.model, in_chan, out_chan, scale_factor=args.scale_factor, ndim=train_ds.ndim,
+                        kwargs=args.misc_kwargs, callback_at=args.callback_at)
     model.to(device)
     in_pad: Any = args.in_pad
     if auto:

@@ -204,6 +204,7 @@ def test_dataloader_workers(sr_store, method):
 BAD = {
     "crop larger than field": (dict(crop=17), "larger than the field"),
     "zero step": (dict(crop=8, crop_step=0), "crop_step must be positive"),
+    "crop of wrong length": (dict(crop=[8, 8]), "crop needs 1 or 3 values"),
     "negative pad": (dict(crop=8, in_pad=-1), "must not be negative"),
     "wrong scale": (dict(crop=8, tgt_fields=["hr"], scale_factor=3), "is not scale_factor=3 times"),
     "mixed input sizes": (dict(in_fields=["lr", "hr"]), "different spatial sizes"),

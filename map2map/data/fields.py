@@ -88,9 +88,10 @@ class FieldDataset(Dataset):
             if tsize != tuple(n * scale_factor for n in self.size):
                 raise UserError(f"target grid {list(tsize)} is not scale_factor={scale_factor} times the "
                                 f"input grid {list(self.size)}")
-        self.crop = geometry.as_tuple(crop if crop is not None else self.size, self.ndim, "crop")
         opt = lambda v, name: None if v is None else geometry.as_tuple(v, self.ndim, name)  # noqa: E731
         try:
+            self.crop = geometry.as_tuple(crop if crop is not None else self.size, self.ndim, "crop")
+            self.aug_shift = opt(aug_shift, "aug_shift")
             self.grid = geometry.crop_grid(self.size, self.crop, opt(crop_start, "crop_start"),
                                            opt(crop_stop, "crop_stop"), opt(crop_step, "crop_step"))
             self.in_pad = geometry.parse_pad(in_pad, self.ndim, "in_pad")
@@ -98,7 +99,6 @@ class FieldDataset(Dataset):
         except ValueError as exc:
             raise UserError(str(exc)) from None
         self.augment = augment
-        self.aug_shift = opt(aug_shift, "aug_shift")
         self.aug_add, self.aug_mul = aug_add, aug_mul
         self.in_norms = _norms(in_norms, len(self.inputs), "in_norms", callback_at)
         self.tgt_norms = _norms(tgt_norms, len(self.targets), "tgt_norms", callback_at)

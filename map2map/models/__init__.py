@@ -6,6 +6,7 @@ ignore.  No convolution pads: outputs are smaller than inputs, and
 `required_pad` says by how much to pad the input.
 """
 
+from .build import build_model
 from .bypass import resolve_bypass
 from .conv import ConvBlock, ResBlock
 from .init import init_weights
@@ -19,7 +20,7 @@ from .unet import UNet
 from .vnet import VNet
 
 __all__ = [
-    "ConvBlock", "G", "ResBlock", "Resampler", "StrideError", "UNet", "VNet",
+    "ConvBlock", "G", "build_model", "ResBlock", "Resampler", "StrideError", "UNet", "VNet",
     "check_stride", "init_weights", "lag2eul", "narrow_by", "narrow_cast", "narrow_like", "power",
     "required_pad", "resample", "resample_edge", "resolve_bypass", "total_stride",
 ]
