@@ -35,6 +35,17 @@ def run_m2m(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
                           cwd=cwd, env=env, timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny models: one torch thread is fast, deterministic and leaves the shared cores alone; restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def m2m():
     return run_m2m

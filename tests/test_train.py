@@ -49,13 +49,7 @@ class NanAfter(nn.MSELoss):
 '''
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fast, leaves the shared cores alone, and is deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _store(root: Path, name: str, nsamples: int, seed: int) -> Path:
