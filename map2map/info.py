@@ -26,7 +26,10 @@ def describe(path: str) -> str:
              f"format     map2map {meta.get('format_version')}, Zarr format 3",
              f"samples    {st.nsample}",
              f"box size   {meta.get('boxsize') if meta.get('boxsize') is not None else 'unknown'}"
-             f"{' (periodic)' if meta.get('periodic') else ''}"]
+             f"{' (periodic)' if meta.get('periodic') else ''}",
+             f"written by {meta.get('created_by', 'unknown')}"
+             + (f" (model {meta['model']}, checkpoint {meta.get('checkpoint')}, input {meta.get('input_store')})"
+                if meta.get("model") else "")]
     lines.append("fields")
     total_raw = total_stored = 0
     for name in st.field_names:
@@ -38,8 +41,8 @@ def describe(path: str) -> str:
         shards = arr.shards[2:] if arr.shards else None
         settings = meta["fields"].get(name, {})
         lines.append(f"  {name}: shape {shape} dims {tuple(arr.metadata.dimension_names)} dtype {arr.dtype}")
-        lines.append(f"    shard {shards} inner chunk {arr.chunks[2:]} compressor {settings.get('compressor')}"
-                     f" source dtype {settings.get('source_dtype')}")
+        source = f" source dtype {settings['source_dtype']}" if settings.get("source_dtype") else ""
+        lines.append(f"    shard {shards} inner chunk {arr.chunks[2:]} compressor {settings.get('compressor')}{source}")
         lines.append(f"    stored {_human(stored)} of {_human(raw)} raw"
                      f" (ratio {raw / stored:.2f})" if stored else f"    stored 0 B of {_human(raw)} raw")
     if total_stored:

@@ -113,7 +113,7 @@ def test_info(tmp_path, capsys):
     capsys.readouterr()
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "complete   yes" in text and "samples    2" in text
+    assert "complete   yes" in text and "samples    2" in text and "written by m2m convert" in text
     assert "disp: shape (2, 3, 16, 16, 16)" in text and "shard (8, 8, 8)" in text
     ratio = float(text.split("compression ratio")[1].split()[0])
     assert 0.95 < ratio <= 1.0  # uncompressed: only the shard indices add bytes
