@@ -1,0 +1,111 @@
+"""Reused item buffers and the no-copy collate: memory is recycled only once nothing can see it."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+from map2map.data.batching import BufferPool, collate
+from map2map.data.fields import FieldDataset
+from map2map.data.windows import ZarrField, read_window
+from test_fields import make_store, wrap_window
+
+
+def address(a: np.ndarray | torch.Tensor) -> int:
+    return a.data_ptr() if isinstance(a, torch.Tensor) else a.__array_interface__["data"][0]
+
+
+def test_pool_reuses_only_released_buffers():
+    pool = BufferPool(per_size=2)
+    a = pool.empty((4, 5))
+    addr = address(a)
+    b = pool.empty((4, 5))
+    assert address(b) != addr  # a is still held
+    del a
+    c = pool.empty((5, 4))  # same byte size, other shape: a's memory again
+    assert address(c) == addr and c.shape == (5, 4) and c.flags.c_contiguous
+
+
+@pytest.mark.parametrize("holder", ["numpy view", "tensor", "tensor view", "batch"])
+def test_pool_keeps_buffers_something_still_sees(holder):
+    pool = BufferPool(per_size=1)
+    a = pool.empty((2, 8))
+    a[...] = 7
+    held = {"numpy view": lambda: a[1:, ::2],
+            "tensor": lambda: torch.from_numpy(a),
+            "tensor view": lambda: torch.from_numpy(a)[1],
+            "batch": lambda: collate([{"x": torch.from_numpy(a)}])["x"]}[holder]()
+    del a
+    gc.collect()
+    b = pool.empty((2, 8))
+    b[...] = 0
+    assert np.all(np.asarray(held) == 7)
+    del held, b
+    assert address(pool.empty((2, 8))) == address(pool.buffers[16 * 4][0])
+
+
+def test_pool_stops_pooling_past_its_size():
+    pool = BufferPool(per_size=2)
+    held = [pool.empty((100,)) for _ in range(4)]
+    assert len(pool.buffers[400]) == 2 and len({address(h) for h in held}) == 4
+
+
+def test_collate_batch_of_one_is_default_collate_without_copy():
+    item = {"input": torch.arange(24.0).reshape(2, 3, 4), "sample": 1, "anchor": torch.tensor([0, 4, 8]),
+            "index": 9}
+    got, want = collate([item]), default_collate([item])
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
+    assert got["input"].data_ptr() == item["input"].data_ptr()
+    two = collate([item, item])
+    assert torch.equal(two["input"], default_collate([item, item])["input"])
+
+
+def test_held_items_keep_their_values(tmp_path):
+    """Items kept by the caller are never overwritten by later reads; released ones lend their memory."""
+    path, _ = make_store(tmp_path, {"f": (3, 16, 16, 16)}, crop=[8], pad=2)
+    kw = dict(store=path, in_fields=["f"], tgt_fields=["f"], crop=8, in_pad=2, augment=True, seed=3)
+    ds, fresh = FieldDataset(**kw), FieldDataset(**kw)
+    held = [ds[i] for i in range(len(ds))]
+    for i, item in enumerate(held):
+        want = fresh[i]
+        assert torch.equal(item["input"], want["input"]) and torch.equal(item["target"], want["target"])
+    first = address(held[0]["input"])
+    del held, item
+    assert address(ds[0]["input"]) == first
+
+
+def test_loader_batches_of_one_equal_items(tmp_path):
+    path, _ = make_store(tmp_path, {"f": (1, 16, 16)}, crop=[8], pad=2)
+    ds = FieldDataset(store=path, in_fields=["f"], crop=8, in_pad=2, augment=True)
+    batches = list(DataLoader(ds, batch_size=1, collate_fn=collate))
+    assert len(batches) == len(ds)
+    for i, batch in enumerate(batches):
+        assert batch["input"].shape == (1, 1, 12, 12) and torch.equal(batch["input"][0], ds[i]["input"])
+        assert batch["index"].tolist() == [i]
+
+
+def test_truncated_shard_is_an_error_not_a_crash(tmp_path):
+    """A shard cut short (disk full, copy interrupted) is a one-line OSError, never SIGBUS from the mapping."""
+    path, arrays = make_store(tmp_path, {"f": (1, 16, 16)}, crop=[8], n=1)
+    src = ZarrField(path, "f", 1)
+    assert src.uses_direct_path
+    src._ensure_open()
+    lay = src._layout
+    shard = lay.root / lay.encode_key((0, 0, 0, 0))
+    data = shard.read_bytes()
+    # keep the shard index (at the end) readable but cut chunk bytes out of the middle
+    shard.write_bytes(data[: len(data) // 4] + data[-lay.index_bytes:])
+    src = ZarrField(path, "f", 1)
+    with pytest.raises(OSError, match="past the end of its shard file"):
+        read_window(src, 0, ((0, 8), (0, 8)))
+    os.remove(shard)  # a missing shard reads as the fill value, as in zarr
+    fresh = ZarrField(path, "f", 1)
+    assert np.array_equal(read_window(fresh, 0, ((0, 8), (0, 8))), np.zeros((1, 8, 8), np.float32))
+    assert not np.array_equal(wrap_window(arrays["f"][0], ((0, 8), (0, 8))), 0)
