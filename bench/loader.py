@@ -88,6 +88,7 @@ def run_side(args: argparse.Namespace) -> None:
     import torch
     from torch.utils.data import DataLoader
 
+    from map2map.data.batching import collate
     from map2map.data.fields import FieldDataset
     from map2map.data.sampler import DistFieldSampler
 
@@ -105,6 +106,7 @@ def run_side(args: argparse.Namespace) -> None:
         ds.epoch = epoch
         order = sampler.indices()[: args.items].tolist()
         loader = DataLoader(ds, batch_size=1, sampler=order, num_workers=args.workers,
+                            collate_fn=collate if args.side == "ours" else None,  # m2m train's collate
                             prefetch_factor=1 if args.workers else None)
         t0 = time.perf_counter()
         for _ in loader:

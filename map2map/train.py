@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from map2map import store
+from map2map.data.batching import collate
 from map2map.data.fields import FieldDataset
 from map2map.data.sampler import DistFieldSampler
 from map2map.errors import UserError
@@ -142,7 +143,7 @@ def make_loader(ds: FieldDataset, args: Namespace, env: DistEnv, device: torch.d
                                div_shuffle_dist=args.div_shuffle_dist, seed=args.seed,
                                rank=env.rank, world_size=env.world_size)
     loader = DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.loader_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+                        collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=False)
     return loader, sampler
 
 
