@@ -46,7 +46,7 @@ def test_pool_keeps_buffers_something_still_sees(holder):
     b[...] = 0
     assert np.all(np.asarray(held) == 7)
     del held, b
-    assert address(pool.empty((2, 8))) == address(pool.buffers[16 * 4][0])
+    assert address(pool.empty((2, 8))) == address(pool.buffers[16 * 4][0].data)
 
 
 def test_pool_stops_pooling_past_its_size():
@@ -89,6 +89,38 @@ def test_loader_batches_of_one_equal_items(tmp_path):
     for i, batch in enumerate(batches):
         assert batch["input"].shape == (1, 1, 12, 12) and torch.equal(batch["input"][0], ds[i]["input"])
         assert batch["index"].tolist() == [i]
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_workers_lend_items_to_the_main_process(tmp_path, method, batch_size):
+    """Batches from workers arrive on mappings of the workers' buffers, right even when all are held."""
+    path, _ = make_store(tmp_path, {"f": (3, 64, 64, 64)}, crop=[32], pad=16, n=1)
+    ds = FieldDataset(store=path, in_fields=["f"], tgt_fields=["f"], crop=32, in_pad=16,
+                      augment=True, seed=2)
+    assert ds[0]["input"].nbytes >= 2**20 > ds[0]["target"].nbytes  # one lent, one copied as usual
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=2, collate_fn=collate,
+                        multiprocessing_context=method, pin_memory=True)
+    batches = list(loader)  # every batch held at once: no worker buffer may be refilled under them
+    assert sum(len(b["index"]) for b in batches) == len(ds)
+    lent = 0
+    for b in batches:
+        lent += not b["input"].is_shared()  # lent tensors are mappings of a worker's memfd, not torch shm
+        for i, idx in enumerate(b["index"].tolist()):
+            want = ds[idx]
+            assert torch.equal(b["input"][i], want["input"]) and torch.equal(b["target"][i], want["target"])
+            assert tuple(b["anchor"][i].tolist()) == tuple(want["anchor"].tolist())
+    assert lent > 0
+
+
+def test_workers_reuse_buffers_given_back(tmp_path):
+    """With batches released as they are consumed, the items stay right while buffers are refilled."""
+    path, _ = make_store(tmp_path, {"f": (3, 64, 64, 64)}, crop=[32], n=1)
+    ds = FieldDataset(store=path, in_fields=["f"], crop=32, in_pad=16, augment=True, seed=4)
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        for b in DataLoader(ds, batch_size=1, num_workers=1, collate_fn=collate, prefetch_factor=4):
+            assert torch.equal(b["input"][0], ds[int(b["index"])]["input"])
 
 
 def test_truncated_shard_is_an_error_not_a_crash(tmp_path):

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from map2map import geometry, store
 from map2map.data import augment
-from map2map.data.batching import BufferPool
+from map2map.data.batching import item_pool
 from map2map.data.windows import FieldSource, NpyField, ReadStats, ZarrField, read_window
 from map2map.errors import UserError
 from map2map.utils.imports import import_attr
@@ -108,7 +108,6 @@ class FieldDataset(Dataset):
         self.epoch = 0
         self.in_chan = [f.shape[1] for f in self.inputs]
         self.tgt_chan = [f.shape[1] for f in self.targets]
-        self._buffers = BufferPool()
 
     @staticmethod
     def _sources(store_path, in_fields, tgt_fields, in_patterns, tgt_patterns,
@@ -195,7 +194,7 @@ class FieldDataset(Dataset):
         if element is not None:
             shape = tuple(shape[p] for p in element.perm)
         chans = [f.shape[1] for f in fields]
-        out = self._buffers.empty((sum(chans),) + shape, np.float32)
+        out = item_pool().empty((sum(chans),) + shape, np.float32)
         start = 0
         for f, c, norm in zip(fields, chans, norms):
             part = out[start:start + c]
