@@ -190,9 +190,9 @@ def main() -> None:
             xp = torch.from_numpy(np.pad(x, [(0, 0)] + [(pad, pad)] * 3, mode="wrap"))[None]
             with torch.inference_mode():
                 t0 = time.perf_counter()
-                y = narrow_like(model(xp), (n,) * 3)
+                narrow_like(model(xp), (n,) * 3)
                 t_a = time.perf_counter() - t0
-            del xp, y
+            del xp
         vox = n ** 3
         rss = sorted(v for r in runs_c for v in r["workers"].values())
         print(json.dumps({

@@ -49,3 +49,23 @@ def torch_one_thread():
 @pytest.fixture
 def m2m():
     return run_m2m
+
+
+def local_cluster():
+    """A LocalCluster of two worker processes, as `m2m infer` starts by default."""
+    import logging
+
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                        silence_logs=logging.ERROR)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local cluster for the module's tests, reached by address as `--scheduler` does."""
+    c = local_cluster()
+    try:
+        yield c.scheduler_address
+    finally:
+        c.close()

@@ -31,15 +31,23 @@ def test_pool_reuses_only_released_buffers():
     assert address(c) == addr and c.shape == (5, 4) and c.flags.c_contiguous
 
 
+def hold(a: np.ndarray, how: str):
+    """Something made from `a` that keeps seeing its memory."""
+    if how == "numpy view":
+        return a[1:, ::2]
+    if how == "tensor":
+        return torch.from_numpy(a)
+    if how == "tensor view":
+        return torch.from_numpy(a)[1]
+    return collate([{"x": torch.from_numpy(a)}])["x"]
+
+
 @pytest.mark.parametrize("holder", ["numpy view", "tensor", "tensor view", "batch"])
 def test_pool_keeps_buffers_something_still_sees(holder):
     pool = BufferPool(per_size=1)
     a = pool.empty((2, 8))
     a[...] = 7
-    held = {"numpy view": lambda: a[1:, ::2],
-            "tensor": lambda: torch.from_numpy(a),
-            "tensor view": lambda: torch.from_numpy(a)[1],
-            "batch": lambda: collate([{"x": torch.from_numpy(a)}])["x"]}[holder]()
+    held = hold(a, holder)
     del a
     gc.collect()
     b = pool.empty((2, 8))

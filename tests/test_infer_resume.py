@@ -18,7 +18,7 @@ import torch
 from map2map import infer, store
 
 from conftest import ROOT, run_m2m
-from test_infer import cluster, make_store, run_infer  # noqa: F401  (cluster: a fixture of this module too)
+from test_infer import make_store, run_infer
 
 SLOW_MODEL = '''
 import time
