@@ -1,0 +1,179 @@
+"""`m2m infer`: check everything, plan, create or resume the output, run the tiles, mark the store complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+from map2map import store, tiles
+from map2map.errors import UserError
+from map2map.infer.cluster import cuda_count, dask_client, preload_all, submit_all, torch_threads
+from map2map.infer.inputs import npy_inputs, store_inputs, target_box
+from map2map.infer.markers import read_done
+from map2map.infer.model import file_stamp, load_model
+from map2map.infer.output import check_output, create_output, sample_losses, settings_hash
+from map2map.infer.planning import make_plan
+from map2map.infer.specs import DONE_DIR, Job, ModelSpec, Options
+from map2map.infer.worker import worker_stats
+
+
+def _compare_training(meta: dict[str, Any], opts: Options) -> list[str]:
+    """Notes where the options differ from the settings the checkpoint was trained with."""
+    notes = []
+    given = {"model": opts.model, "scale_factor": opts.scale_factor,
+             "in_norms": list(opts.in_norms or []), "tgt_norms": list(opts.tgt_norms or [])}
+    for key, value in given.items():
+        if key in meta:
+            trained = meta[key] if meta[key] is not None else ([] if key.endswith("norms") else None)
+            if trained != value:
+                notes.append(f"the checkpoint was trained with {key} {trained!r}, this run uses {value!r}")
+    return notes
+
+
+def _check_out_name(name: str) -> None:
+    if not name.replace("_", "").replace("-", "").isalnum() or name.startswith(("source_", "sample", "channel_")):
+        raise UserError(f"--out-field {name!r}: use letters, digits, '_' or '-' (not 'sample', 'channel_*' "
+                        "or 'source_*')")
+
+
+def _resolve_local_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device!r}: expected auto, cpu or cuda")
+    if device == "auto":
+        return "cuda" if cuda_count() else "cpu"
+    return device
+
+
+def run(opts: Options) -> dict[str, Any]:
+    """Run `m2m infer` (or the engine under `m2m test`); returns a summary for printing.
+
+    Raises `UserError` for every bad input, before any worker starts when it can.
+    """
+    t_start = time.perf_counter()
+    notes: list[str] = []
+    if opts.batch_size < 1:
+        raise UserError(f"--batch-size {opts.batch_size} must be positive")
+    if not isinstance(opts.scale_factor, int) or opts.scale_factor < 1:
+        raise UserError(f"--scale-factor {opts.scale_factor} must be a positive integer")
+    if not opts.out:
+        raise UserError("--out: give the path of the prediction store to write")
+    out = os.path.abspath(opts.out)
+    if not opts.data and not opts.in_patterns:
+        raise UserError("--data: give the input store")
+    inp = store_inputs(opts) if opts.data else npy_inputs(opts)
+    if opts.data and os.path.abspath(opts.data) == out:
+        raise UserError("--out must differ from --data")
+    target_box(inp, opts)
+    ndim = len(inp.box)
+    out_chan = opts.out_chan or (sum(inp.tgt_chans) if inp.targets else sum(inp.in_chans))
+    if opts.out_chan and inp.targets and opts.out_chan != sum(inp.tgt_chans):
+        raise UserError(f"--out-chan {opts.out_chan} differs from the {sum(inp.tgt_chans)} channels of the target")
+    device = _resolve_local_device(opts.device)
+    if device == "cuda" and not (opts.scheduler or opts.scheduler_file) and not cuda_count():
+        raise UserError("--device cuda: no CUDA device is available here")
+    checkpoint = os.path.abspath(opts.load_state)
+    if not os.path.isfile(checkpoint):
+        raise UserError(f"checkpoint {checkpoint} does not exist")
+    spec = ModelSpec(opts.model, checkpoint, file_stamp(checkpoint), sum(inp.in_chans), out_chan,
+                     opts.scale_factor, ndim, json.dumps(opts.model_kwargs, sort_keys=True),
+                     os.path.abspath(opts.callback_at) if opts.callback_at else None)
+    trained: dict[str, Any] = {}
+    model = load_model(spec, trained)
+    pl = make_plan(model, opts, inp)
+    del model
+    notes.extend(_compare_training(trained, opts))
+
+    from map2map.data.fields import _norms
+
+    _norms(opts.in_norms, len(inp.inputs), "--in-norms", spec.callback_at)
+    _norms(opts.tgt_norms, len(inp.targets) or 1, "--tgt-norms", spec.callback_at)
+    criterion = None
+    if inp.targets:
+        from map2map.utils.imports import import_attr
+
+        criterion = opts.criterion
+        import_attr(criterion, ["torch.nn"], spec.callback_at, what="criterion")
+
+    out_field = opts.out_field or (opts.tgt[0] if opts.tgt and len(opts.tgt) == 1 else "prediction")
+    _check_out_name(out_field)
+    layout = store.FieldLayout(out_field, out_chan, pl.plan.out_box, pl.out_shard, pl.out_chunk)
+    plan_settings = {
+        "model": opts.model, "model_kwargs": opts.model_kwargs, "checkpoint": checkpoint,
+        "checkpoint_stamp": list(spec.stamp), "in_fields": list(opts.in_fields or []),
+        "tgt_fields": list(opts.tgt or []), "in_patterns": list(opts.in_patterns or []),
+        "tgt_patterns": list(opts.tgt_patterns or []), "input": inp.label, "input_identity": inp.identity,
+        "crop": list(pl.plan.tile), "in_pad": [list(p) for p in pl.plan.pad], "scale_factor": opts.scale_factor,
+        "in_norms": list(opts.in_norms or []), "tgt_norms": list(opts.tgt_norms or []),
+        "norm_kwargs": opts.norm_kwargs, "callback_at": spec.callback_at, "criterion": criterion,
+        "out_field": out_field, "out_chan": out_chan, "out_shard": list(pl.out_shard),
+        "out_chunk": list(pl.out_chunk), "stride": pl.stride,
+        # they change the shape of each forward pass or where it runs, hence the last bits of the result
+        "batch_size": opts.batch_size, "device": opts.device,
+    }
+    digest = settings_hash(plan_settings)
+    settings = {
+        out_field: {"model": opts.model, "checkpoint": checkpoint, "input": inp.label},
+        "created_by": "m2m infer", "model": opts.model, "checkpoint": checkpoint, "input_store": inp.label,
+        "infer": plan_settings,
+    }
+    target, token = check_output(out, digest, opts.overwrite, notes)
+
+    if token:  # resuming (its marker directory is gone only if it died while finishing: redo all)
+        os.makedirs(os.path.join(target, DONE_DIR), exist_ok=True)
+    done = read_done(os.path.join(target, DONE_DIR)) if token else {}
+    ntiles = pl.plan.ntiles
+    # batches are fixed groups of tiles, the same in every run: a tile's values can depend on the
+    # shape of the forward pass it was part of, so a batch with any tile missing is redone whole
+    todo = [(sample, ids) for sample in range(inp.nsample) for ids in tiles.batches(range(ntiles), opts.batch_size)
+            if not all((sample, t) in done for t in ids)]
+    total = ntiles * inp.nsample
+    ndone_before = total - sum(len(ids) for _, ids in todo)
+
+    summary: dict[str, Any] = {"output": out, "field": out_field, "nsample": inp.nsample, "tiles": total,
+                               "skipped": ndone_before, "computed": 0, "notes": notes,
+                               "tile": list(pl.plan.tile), "pad": [list(p) for p in pl.plan.pad],
+                               "out_shape": list(pl.plan.out_box), "stride": pl.stride}
+    t_setup = time.perf_counter()
+    worker_info: dict[str, Any] = {}
+    if todo:
+        with dask_client(opts, device) as (client, info):
+            if token is None:  # only once the cluster is there: a failed start leaves nothing behind
+                token = create_output(target, layout, inp, settings, digest)
+            job = Job(token, target, out_field, tuple(inp.inputs), tuple(inp.targets), tuple(inp.in_chans),
+                      tuple(inp.tgt_chans), tuple(opts.in_norms) if opts.in_norms else None,
+                      tuple(opts.tgt_norms) if opts.tgt_norms else None,
+                      json.dumps(opts.norm_kwargs, sort_keys=True), spec, pl.plan, pl.offsets, pl.out_shape,
+                      criterion, opts.device if (opts.scheduler or opts.scheduler_file) else device,
+                      torch_threads(opts, device, info.get("workers")))
+            summary["cluster"] = info["cluster"]
+            preload_all(client, job)
+            t_tiles = time.perf_counter()
+            results = submit_all(client, job, todo, total, ndone_before, opts.progress)
+            summary["tiles_s"] = time.perf_counter() - t_tiles
+            summary["computed"] = len(results)
+            try:
+                worker_info = client.run(worker_stats, token)
+            except Exception:  # statistics only
+                worker_info = {}
+    summary["workers"] = worker_info
+    done = read_done(os.path.join(target, DONE_DIR))
+    missing = total - len([k for k in done if k[0] < inp.nsample and k[1] < ntiles])
+    if missing:
+        raise RuntimeError(f"{missing} tiles have no completion record after the run; rerun to finish them")
+    losses = sample_losses(done, inp.nsample) if criterion else None
+    shutil.rmtree(os.path.join(target, DONE_DIR))
+    extra = {"loss": {"criterion": criterion, "per_sample": losses}} if criterion else {}
+    store.mark_complete(target, inp.nsample, **extra)
+    if target != out:
+        trash = out + ".m2m-old"
+        os.replace(out, trash)
+        os.replace(target, out)
+        shutil.rmtree(trash)
+    summary["loss"] = losses
+    summary["criterion"] = criterion
+    summary["setup_s"] = t_setup - t_start
+    summary["total_s"] = time.perf_counter() - t_start
+    return summary

@@ -1,0 +1,109 @@
+"""The client side: what the input (a store, or .npy glob patterns) holds, checked before any work."""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from map2map import store
+from map2map.errors import UserError
+from map2map.infer.model import file_stamp
+from map2map.infer.specs import Options, SourceSpec
+
+
+@dataclass
+class Inputs:
+    inputs: list[SourceSpec]
+    targets: list[SourceSpec]
+    in_chans: list[int]
+    tgt_chans: list[int]
+    box: tuple[int, ...]
+    nsample: int
+    boxsize: float | None
+    in_shard: tuple[int, ...] | None
+    sources: list[str]
+    label: str
+    identity: Any
+
+
+def store_inputs(opts: Options) -> Inputs:
+    path = os.path.abspath(opts.data)
+    st = store.open_store(path)
+    if not opts.in_fields:
+        raise UserError(f"--in: name the input field(s) of {path}; it has {', '.join(st.field_names)}")
+    names = list(opts.in_fields) + list(opts.tgt or [])
+    if len(set(names)) != len(names):
+        raise UserError(f"field names repeat in --in / --tgt: {names}")
+    arrays = [st.field(n) for n in names]
+    specs = [SourceSpec("zarr", path, n, st.nsample) for n in names]
+    nin = len(opts.in_fields)
+    first = arrays[0]
+    shard = tuple(first.shards[2:]) if first.shards else tuple(first.chunks[2:])
+    stamp = file_stamp(os.path.join(path, "zarr.json"))
+    return Inputs(specs[:nin], specs[nin:], [a.shape[1] for a in arrays[:nin]],
+                  [a.shape[1] for a in arrays[nin:]], _same_box(arrays[:nin], names[:nin], "input"), st.nsample,
+                  st.boxsize, shard, st.sources(opts.in_fields[0]), path,
+                  {"store": path, "stamp": stamp, "fields": names})
+
+
+def _same_box(arrays, names, what: str) -> tuple[int, ...]:
+    boxes = {tuple(a.shape[2:]) for a in arrays}
+    if len(boxes) > 1:
+        raise UserError(f"{what} fields differ in grid: " + ", ".join(f"{n} {list(a.shape[2:])}"
+                                                                     for n, a in zip(names, arrays)))
+    return boxes.pop()
+
+
+def glob_fields(patterns: Sequence[str], what: str) -> list[list[str]]:
+    out = []
+    for p in patterns:
+        paths = sorted(glob.glob(os.path.expanduser(p)))
+        if not paths:
+            raise UserError(f"{what} pattern {p!r} matches no files")
+        out.append([os.path.abspath(q) for q in paths])
+    counts = [len(p) for p in out]
+    if len(set(counts)) > 1:
+        raise UserError(f"{what} patterns match different numbers of files: {counts}")
+    return out
+
+
+def npy_inputs(opts: Options) -> Inputs:
+    from map2map import npyfile
+
+    ins = glob_fields(opts.in_patterns, "--test-in-patterns")
+    tgts = glob_fields(opts.tgt_patterns, "--test-tgt-patterns") if opts.tgt_patterns else []
+    if tgts and len(tgts[0]) != len(ins[0]):
+        raise UserError(f"input patterns match {len(ins[0])} files but target patterns {len(tgts[0])}")
+    shapes = []
+    for paths in ins + tgts:
+        heads = [npyfile.inspect(p) for p in paths]
+        for h in heads:
+            if len(h.shape) not in (3, 4) or h.shape != heads[0].shape:
+                raise UserError(f"{h.path} has shape {h.shape}; expected channel-first (C, X, Y[, Z]) like "
+                                f"{heads[0].path} {heads[0].shape}")
+        shapes.append(heads[0].shape)
+    boxes = {s[1:] for s in shapes[:len(ins)]}
+    if len(boxes) > 1:
+        raise UserError(f"input files differ in grid: {sorted(boxes)}")
+    specs = [SourceSpec("npy", paths=tuple(p)) for p in ins + tgts]
+    stamp = [(p, file_stamp(p)) for paths in ins + tgts for p in paths]
+    return Inputs(specs[:len(ins)], specs[len(ins):], [s[0] for s in shapes[:len(ins)]],
+                  [s[0] for s in shapes[len(ins):]], boxes.pop(), len(ins[0]), None, None, ins[0],
+                  ",".join(opts.in_patterns), {"patterns": [list(opts.in_patterns), list(opts.tgt_patterns or [])],
+                                               "stamp": stamp})
+
+
+def target_box(inp: Inputs, opts: Options) -> tuple[int, ...]:
+    if not inp.targets:
+        return tuple(n * opts.scale_factor for n in inp.box)
+    boxes = set()
+    for spec in inp.targets:
+        src = spec.open()
+        boxes.add(tuple(src.shape[2:]))
+    want = tuple(n * opts.scale_factor for n in inp.box)
+    if boxes != {want}:
+        raise UserError(f"target grid {sorted(boxes)} is not --scale-factor {opts.scale_factor} times the input "
+                        f"grid {list(inp.box)}")
+    return want
