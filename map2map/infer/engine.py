@@ -11,11 +11,11 @@ from typing import Any
 from map2map import store, tiles
 from map2map.errors import UserError
 from map2map.infer.cluster import cuda_count, dask_client, preload_all, submit_all, torch_threads
-from map2map.infer.inputs import npy_inputs, store_inputs, target_box
+from map2map.infer.inputs import Inputs, npy_inputs, store_inputs, target_box
 from map2map.infer.markers import read_done
 from map2map.infer.model import file_stamp, load_model
 from map2map.infer.output import check_output, create_output, sample_losses, settings_hash
-from map2map.infer.planning import make_plan
+from map2map.infer.planning import Plan, make_plan
 from map2map.infer.specs import DONE_DIR, Job, ModelSpec, Options
 from map2map.infer.worker import worker_stats
 
@@ -47,6 +47,96 @@ def _resolve_local_device(device: str) -> str:
     return device
 
 
+def _check_options(opts: Options) -> str:
+    """The absolute output path, after the checks that need no file."""
+    if opts.batch_size < 1:
+        raise UserError(f"--batch-size {opts.batch_size} must be positive")
+    if not isinstance(opts.scale_factor, int) or opts.scale_factor < 1:
+        raise UserError(f"--scale-factor {opts.scale_factor} must be a positive integer")
+    if not opts.out:
+        raise UserError("--out: give the path of the prediction store to write")
+    if not opts.data and not opts.in_patterns:
+        raise UserError("--data: give the input store")
+    out = os.path.abspath(opts.out)
+    if opts.data and os.path.abspath(opts.data) == out:
+        raise UserError("--out must differ from --data")
+    return out
+
+
+def _model_spec(opts: Options, inp: Inputs) -> ModelSpec:
+    """The model to build on every worker: name, channels, checkpoint (with its stamp) and arguments."""
+    out_chan = opts.out_chan or (sum(inp.tgt_chans) if inp.targets else sum(inp.in_chans))
+    if opts.out_chan and inp.targets and opts.out_chan != sum(inp.tgt_chans):
+        raise UserError(f"--out-chan {opts.out_chan} differs from the {sum(inp.tgt_chans)} channels of the target")
+    checkpoint = os.path.abspath(opts.load_state)
+    if not os.path.isfile(checkpoint):
+        raise UserError(f"checkpoint {checkpoint} does not exist")
+    return ModelSpec(opts.model, checkpoint, file_stamp(checkpoint), sum(inp.in_chans), out_chan,
+                     opts.scale_factor, len(inp.box), json.dumps(opts.model_kwargs, sort_keys=True),
+                     os.path.abspath(opts.callback_at) if opts.callback_at else None)
+
+
+def _check_norms_and_criterion(opts: Options, inp: Inputs, spec: ModelSpec) -> str | None:
+    """Import the norms (and the criterion, when there is a target) now; returns the criterion name."""
+    from map2map.data.fields import _norms
+
+    _norms(opts.in_norms, len(inp.inputs), "--in-norms", spec.callback_at)
+    _norms(opts.tgt_norms, len(inp.targets) or 1, "--tgt-norms", spec.callback_at)
+    if not inp.targets:
+        return None
+    from map2map.utils.imports import import_attr
+
+    import_attr(opts.criterion, ["torch.nn"], spec.callback_at, what="criterion")
+    return opts.criterion
+
+
+def _plan_settings(opts: Options, inp: Inputs, spec: ModelSpec, pl: Plan, out_field: str,
+                   criterion: str | None) -> dict[str, Any]:
+    """Everything the predicted values depend on: a resumed run must match it exactly."""
+    return {
+        "model": opts.model, "model_kwargs": opts.model_kwargs, "checkpoint": spec.checkpoint,
+        "checkpoint_stamp": list(spec.stamp), "in_fields": list(opts.in_fields or []),
+        "tgt_fields": list(opts.tgt or []), "in_patterns": list(opts.in_patterns or []),
+        "tgt_patterns": list(opts.tgt_patterns or []), "input": inp.label, "input_identity": inp.identity,
+        "crop": list(pl.plan.tile), "in_pad": [list(p) for p in pl.plan.pad], "scale_factor": opts.scale_factor,
+        "in_norms": list(opts.in_norms or []), "tgt_norms": list(opts.tgt_norms or []),
+        "norm_kwargs": opts.norm_kwargs, "callback_at": spec.callback_at, "criterion": criterion,
+        "out_field": out_field, "out_chan": spec.out_chan, "out_shard": list(pl.out_shard),
+        "out_chunk": list(pl.out_chunk), "stride": pl.stride,
+        # they change the shape of each forward pass or where it runs, hence the last bits of the result
+        "batch_size": opts.batch_size, "device": opts.device,
+    }
+
+
+def _pending(done: dict, nsample: int, ntiles: int, batch_size: int) -> list[tuple[int, list[int]]]:
+    """The (sample, tile batch) pairs still to compute.
+
+    Batches are fixed groups of tiles, the same in every run: a tile's values
+    can depend on the shape of the forward pass it was part of, so a batch
+    with any tile missing is redone whole.
+    """
+    return [(sample, ids) for sample in range(nsample) for ids in tiles.batches(range(ntiles), batch_size)
+            if not all((sample, t) in done for t in ids)]
+
+
+def _finish(target: str, out: str, nsample: int, ntiles: int, criterion: str | None) -> list[float | None] | None:
+    """Check every tile is recorded, mark the store complete (with the losses) and swap it in if needed."""
+    done = read_done(os.path.join(target, DONE_DIR))
+    missing = nsample * ntiles - len([k for k in done if k[0] < nsample and k[1] < ntiles])
+    if missing:
+        raise RuntimeError(f"{missing} tiles have no completion record after the run; rerun to finish them")
+    losses = sample_losses(done, nsample) if criterion else None
+    shutil.rmtree(os.path.join(target, DONE_DIR))
+    extra = {"loss": {"criterion": criterion, "per_sample": losses}} if criterion else {}
+    store.mark_complete(target, nsample, **extra)
+    if target != out:
+        trash = out + ".m2m-old"
+        os.replace(out, trash)
+        os.replace(target, out)
+        shutil.rmtree(trash)
+    return losses
+
+
 def run(opts: Options) -> dict[str, Any]:
     """Run `m2m infer` (or the engine under `m2m test`); returns a summary for printing.
 
@@ -54,69 +144,27 @@ def run(opts: Options) -> dict[str, Any]:
     """
     t_start = time.perf_counter()
     notes: list[str] = []
-    if opts.batch_size < 1:
-        raise UserError(f"--batch-size {opts.batch_size} must be positive")
-    if not isinstance(opts.scale_factor, int) or opts.scale_factor < 1:
-        raise UserError(f"--scale-factor {opts.scale_factor} must be a positive integer")
-    if not opts.out:
-        raise UserError("--out: give the path of the prediction store to write")
-    out = os.path.abspath(opts.out)
-    if not opts.data and not opts.in_patterns:
-        raise UserError("--data: give the input store")
+    out = _check_options(opts)
     inp = store_inputs(opts) if opts.data else npy_inputs(opts)
-    if opts.data and os.path.abspath(opts.data) == out:
-        raise UserError("--out must differ from --data")
     target_box(inp, opts)
-    ndim = len(inp.box)
-    out_chan = opts.out_chan or (sum(inp.tgt_chans) if inp.targets else sum(inp.in_chans))
-    if opts.out_chan and inp.targets and opts.out_chan != sum(inp.tgt_chans):
-        raise UserError(f"--out-chan {opts.out_chan} differs from the {sum(inp.tgt_chans)} channels of the target")
     device = _resolve_local_device(opts.device)
-    if device == "cuda" and not (opts.scheduler or opts.scheduler_file) and not cuda_count():
+    remote = bool(opts.scheduler or opts.scheduler_file)
+    if device == "cuda" and not remote and not cuda_count():
         raise UserError("--device cuda: no CUDA device is available here")
-    checkpoint = os.path.abspath(opts.load_state)
-    if not os.path.isfile(checkpoint):
-        raise UserError(f"checkpoint {checkpoint} does not exist")
-    spec = ModelSpec(opts.model, checkpoint, file_stamp(checkpoint), sum(inp.in_chans), out_chan,
-                     opts.scale_factor, ndim, json.dumps(opts.model_kwargs, sort_keys=True),
-                     os.path.abspath(opts.callback_at) if opts.callback_at else None)
+    spec = _model_spec(opts, inp)
     trained: dict[str, Any] = {}
-    model = load_model(spec, trained)
-    pl = make_plan(model, opts, inp)
-    del model
+    pl = make_plan(load_model(spec, trained), opts, inp)
     notes.extend(_compare_training(trained, opts))
-
-    from map2map.data.fields import _norms
-
-    _norms(opts.in_norms, len(inp.inputs), "--in-norms", spec.callback_at)
-    _norms(opts.tgt_norms, len(inp.targets) or 1, "--tgt-norms", spec.callback_at)
-    criterion = None
-    if inp.targets:
-        from map2map.utils.imports import import_attr
-
-        criterion = opts.criterion
-        import_attr(criterion, ["torch.nn"], spec.callback_at, what="criterion")
+    criterion = _check_norms_and_criterion(opts, inp, spec)
 
     out_field = opts.out_field or (opts.tgt[0] if opts.tgt and len(opts.tgt) == 1 else "prediction")
     _check_out_name(out_field)
-    layout = store.FieldLayout(out_field, out_chan, pl.plan.out_box, pl.out_shard, pl.out_chunk)
-    plan_settings = {
-        "model": opts.model, "model_kwargs": opts.model_kwargs, "checkpoint": checkpoint,
-        "checkpoint_stamp": list(spec.stamp), "in_fields": list(opts.in_fields or []),
-        "tgt_fields": list(opts.tgt or []), "in_patterns": list(opts.in_patterns or []),
-        "tgt_patterns": list(opts.tgt_patterns or []), "input": inp.label, "input_identity": inp.identity,
-        "crop": list(pl.plan.tile), "in_pad": [list(p) for p in pl.plan.pad], "scale_factor": opts.scale_factor,
-        "in_norms": list(opts.in_norms or []), "tgt_norms": list(opts.tgt_norms or []),
-        "norm_kwargs": opts.norm_kwargs, "callback_at": spec.callback_at, "criterion": criterion,
-        "out_field": out_field, "out_chan": out_chan, "out_shard": list(pl.out_shard),
-        "out_chunk": list(pl.out_chunk), "stride": pl.stride,
-        # they change the shape of each forward pass or where it runs, hence the last bits of the result
-        "batch_size": opts.batch_size, "device": opts.device,
-    }
+    layout = store.FieldLayout(out_field, spec.out_chan, pl.plan.out_box, pl.out_shard, pl.out_chunk)
+    plan_settings = _plan_settings(opts, inp, spec, pl, out_field, criterion)
     digest = settings_hash(plan_settings)
     settings = {
-        out_field: {"model": opts.model, "checkpoint": checkpoint, "input": inp.label},
-        "created_by": "m2m infer", "model": opts.model, "checkpoint": checkpoint, "input_store": inp.label,
+        out_field: {"model": opts.model, "checkpoint": spec.checkpoint, "input": inp.label},
+        "created_by": "m2m infer", "model": opts.model, "checkpoint": spec.checkpoint, "input_store": inp.label,
         "infer": plan_settings,
     }
     target, token = check_output(out, digest, opts.overwrite, notes)
@@ -125,19 +173,15 @@ def run(opts: Options) -> dict[str, Any]:
         os.makedirs(os.path.join(target, DONE_DIR), exist_ok=True)
     done = read_done(os.path.join(target, DONE_DIR)) if token else {}
     ntiles = pl.plan.ntiles
-    # batches are fixed groups of tiles, the same in every run: a tile's values can depend on the
-    # shape of the forward pass it was part of, so a batch with any tile missing is redone whole
-    todo = [(sample, ids) for sample in range(inp.nsample) for ids in tiles.batches(range(ntiles), opts.batch_size)
-            if not all((sample, t) in done for t in ids)]
+    todo = _pending(done, inp.nsample, ntiles, opts.batch_size)
     total = ntiles * inp.nsample
     ndone_before = total - sum(len(ids) for _, ids in todo)
 
     summary: dict[str, Any] = {"output": out, "field": out_field, "nsample": inp.nsample, "tiles": total,
                                "skipped": ndone_before, "computed": 0, "notes": notes,
                                "tile": list(pl.plan.tile), "pad": [list(p) for p in pl.plan.pad],
-                               "out_shape": list(pl.plan.out_box), "stride": pl.stride}
+                               "out_shape": list(pl.plan.out_box), "stride": pl.stride, "workers": {}}
     t_setup = time.perf_counter()
-    worker_info: dict[str, Any] = {}
     if todo:
         with dask_client(opts, device) as (client, info):
             if token is None:  # only once the cluster is there: a failed start leaves nothing behind
@@ -146,7 +190,7 @@ def run(opts: Options) -> dict[str, Any]:
                       tuple(inp.tgt_chans), tuple(opts.in_norms) if opts.in_norms else None,
                       tuple(opts.tgt_norms) if opts.tgt_norms else None,
                       json.dumps(opts.norm_kwargs, sort_keys=True), spec, pl.plan, pl.offsets, pl.out_shape,
-                      criterion, opts.device if (opts.scheduler or opts.scheduler_file) else device,
+                      criterion, opts.device if remote else device,
                       torch_threads(opts, device, info.get("workers")))
             summary["cluster"] = info["cluster"]
             preload_all(client, job)
@@ -155,24 +199,10 @@ def run(opts: Options) -> dict[str, Any]:
             summary["tiles_s"] = time.perf_counter() - t_tiles
             summary["computed"] = len(results)
             try:
-                worker_info = client.run(worker_stats, token)
+                summary["workers"] = client.run(worker_stats, token)
             except Exception:  # statistics only
-                worker_info = {}
-    summary["workers"] = worker_info
-    done = read_done(os.path.join(target, DONE_DIR))
-    missing = total - len([k for k in done if k[0] < inp.nsample and k[1] < ntiles])
-    if missing:
-        raise RuntimeError(f"{missing} tiles have no completion record after the run; rerun to finish them")
-    losses = sample_losses(done, inp.nsample) if criterion else None
-    shutil.rmtree(os.path.join(target, DONE_DIR))
-    extra = {"loss": {"criterion": criterion, "per_sample": losses}} if criterion else {}
-    store.mark_complete(target, inp.nsample, **extra)
-    if target != out:
-        trash = out + ".m2m-old"
-        os.replace(out, trash)
-        os.replace(target, out)
-        shutil.rmtree(trash)
-    summary["loss"] = losses
+                pass
+    summary["loss"] = _finish(target, out, inp.nsample, ntiles, criterion)
     summary["criterion"] = criterion
     summary["setup_s"] = t_setup - t_start
     summary["total_s"] = time.perf_counter() - t_start
