@@ -546,11 +546,7 @@ def train(args: Namespace) -> list[dict[str, Any]]:
             dist.destroy_process_group()
 
 
-def _train(args: Namespace, env: DistEnv, device: torch.device, opened: dict[str, Any]) -> list[dict[str, Any]]:
-    def say(msg: str) -> None:
-        if env.is_main:
-            print(msg, flush=True)
-
+def _check_args(args: Namespace) -> None:
     args.misc_kwargs = _json_dict(args.misc_kwargs, "--misc-kwargs")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -558,10 +554,13 @@ def _train(args: Namespace, env: DistEnv, device: torch.device, opened: dict[str
         raise UserError(f"--loader-workers must be 0 or more, got {args.loader_workers}")
     if args.log_interval < 1:
         raise UserError(f"--log-interval must be at least 1, got {args.log_interval}")
-    if env.is_main:
-        for name in ckpt.remove_stale("."):
-            say(f"removed {name}, left by an interrupted checkpoint write")
 
+
+def _data_and_model(args: Namespace, env: DistEnv, device: torch.device, say) -> tuple[Any, ...]:
+    """Training (and validation) data and the model on `device`, with ``--in-pad auto`` resolved.
+
+    Returns (train_ds, val_ds or None, model, total stride, output shape).
+    """
     # data, with a zero pad first when the pad is to be found from the model
     auto = args.in_pad == "auto"
     data_seed = args.seed + env.rank  # augmentation draws differ per rank
@@ -585,6 +584,57 @@ def _train(args: Namespace, env: DistEnv, device: torch.device, opened: dict[str
         raise UserError(f"validation data (channels {val_ds.in_chan} -> {val_ds.tgt_chan}, crop "
                         f"{list(val_ds.crop)}) differ from training data (channels {train_ds.in_chan} -> "
                         f"{train_ds.tgt_chan}, crop {list(train_ds.crop)})")
+    return train_ds, val_ds, model, stride, out_shape
+
+
+def _describe(args: Namespace, env: DistEnv, device: torch.device, model: nn.Module, train_ds: FieldDataset,
+              val_ds: FieldDataset | None, stride: int, out_shape: Sequence[int]) -> list[str]:
+    """What is about to be trained, on what (two lines for the log)."""
+    in_chan, out_chan = sum(train_ds.in_chan), sum(train_ds.tgt_chan)
+    nparam = sum(p.numel() for p in model.parameters())
+    return [f"model {args.model}: {nparam} parameters, total stride {stride}; input "
+            f"{[in_chan, *(c + lo + hi for c, (lo, hi) in zip(train_ds.crop, train_ds.in_pad))]} -> output "
+            f"{[out_chan, *out_shape]}, target crop {[out_chan, *(c * args.scale_factor for c in train_ds.crop)]}",
+            f"{len(train_ds)} training items ({train_ds.nsample} samples x {train_ds.ncrop} crops)"
+            + (f", {len(val_ds)} validation items" if val_ds is not None else "")
+            + f"; {env.world_size} process(es) on {device.type}, batch size {args.batch_size} per process, "
+            f"{args.loader_workers} loader workers"]
+
+
+def _checkpoint_meta(args: Namespace, ds: FieldDataset, stride: int) -> dict[str, Any]:
+    """What inference needs to know about the trained model, saved with every checkpoint."""
+    return {"model": args.model, "in_chan": ds.in_chan, "tgt_chan": ds.tgt_chan,
+            "in_fields": args.in_fields, "tgt_fields": args.tgt_fields, "ndim": ds.ndim,
+            "crop": list(ds.crop), "in_pad": [list(p) for p in ds.in_pad],
+            "tgt_pad": [list(p) for p in ds.tgt_pad], "scale_factor": args.scale_factor,
+            "total_stride": stride, "in_norms": args.in_norms, "tgt_norms": args.tgt_norms,
+            "misc_kwargs": args.misc_kwargs, "callback_at": args.callback_at}
+
+
+def _log_epoch(writer: Any, record: dict[str, Any], stats: EpochStats, val_last: dict[str, torch.Tensor],
+               in_pad, boxsize: float | None) -> None:
+    """Epoch scalars, image slices and power spectra to TensorBoard (rank 0)."""
+    step = record["epoch"]
+    writer.add_scalar("loss/epoch/train", record["train_loss"], global_step=step)
+    if record["val_loss"] is not None:
+        writer.add_scalar("loss/epoch/val", record["val_loss"], global_step=step)
+    writer.add_scalar("lr", record["lr"], global_step=step)
+    log_images(writer, "train", stats.last, in_pad, step)
+    log_images(writer, "val", val_last, in_pad, step)
+    log_spectra(writer, "val" if val_last else "train", val_last or stats.last, step, boxsize)
+    writer.flush()
+
+
+def _train(args: Namespace, env: DistEnv, device: torch.device, opened: dict[str, Any]) -> list[dict[str, Any]]:
+    def say(msg: str) -> None:
+        if env.is_main:
+            print(msg, flush=True)
+
+    _check_args(args)
+    if env.is_main:
+        for name in ckpt.remove_stale("."):
+            say(f"removed {name}, left by an interrupted checkpoint write")
+    train_ds, val_ds, model, stride, out_shape = _data_and_model(args, env, device, say)
 
     criterion, optimizer, scheduler, notes = build_optim(args, model)
     criterion.to(device)
@@ -603,15 +653,8 @@ def _train(args: Namespace, env: DistEnv, device: torch.device, opened: dict[str
     val_loader = val_sampler = None
     if val_ds is not None:
         val_loader, val_sampler = make_loader(val_ds, args, env, device, training=False)
-
-    nparam = sum(p.numel() for p in raw_model.parameters())
-    say(f"model {args.model}: {nparam} parameters, total stride {stride}; input "
-        f"{[in_chan, *(c + lo + hi for c, (lo, hi) in zip(train_ds.crop, train_ds.in_pad))]} -> output "
-        f"{[out_chan, *out_shape]}, target crop {[out_chan, *(c * args.scale_factor for c in train_ds.crop)]}")
-    say(f"{len(train_ds)} training items ({train_ds.nsample} samples x {train_ds.ncrop} crops)"
-        + (f", {len(val_ds)} validation items" if val_ds is not None else "")
-        + f"; {env.world_size} process(es) on {device.type}, batch size {args.batch_size} per process, "
-        f"{args.loader_workers} loader workers")
+    for line in _describe(args, env, device, raw_model, train_ds, val_ds, stride, out_shape):
+        say(line)
 
     writer = None
     if env.is_main:
@@ -619,12 +662,7 @@ def _train(args: Namespace, env: DistEnv, device: torch.device, opened: dict[str
 
         writer = opened["writer"] = SummaryWriter()
     boxsize = _crop_boxsize(args, train_ds, out_shape) if env.is_main else None
-    meta = {"model": args.model, "in_chan": train_ds.in_chan, "tgt_chan": train_ds.tgt_chan,
-            "in_fields": args.in_fields, "tgt_fields": args.tgt_fields, "ndim": train_ds.ndim,
-            "crop": list(train_ds.crop), "in_pad": [list(p) for p in train_ds.in_pad],
-            "tgt_pad": [list(p) for p in train_ds.tgt_pad], "scale_factor": args.scale_factor,
-            "total_stride": stride, "in_norms": args.in_norms, "tgt_norms": args.tgt_norms,
-            "misc_kwargs": args.misc_kwargs, "callback_at": args.callback_at}
+    meta = _checkpoint_meta(args, train_ds, stride)
 
     if start_epoch >= args.epochs:
         say(f"already trained for {start_epoch} epochs (--epochs {args.epochs}); nothing to do")
@@ -655,15 +693,7 @@ def _train(args: Namespace, env: DistEnv, device: torch.device, opened: dict[str
                   "data_wait": stats.wait / max(stats.seconds, 1e-9), "batch_losses": stats.batch_losses}
         history.append(record)
         if env.is_main:
-            step = epoch + 1
-            writer.add_scalar("loss/epoch/train", stats.loss, global_step=step)
-            if val_loss is not None:
-                writer.add_scalar("loss/epoch/val", val_loss, global_step=step)
-            writer.add_scalar("lr", lr, global_step=step)
-            log_images(writer, "train", stats.last, train_ds.in_pad, step)
-            log_images(writer, "val", val_last, train_ds.in_pad, step)
-            log_spectra(writer, "val" if val_last else "train", val_last or stats.last, step, boxsize)
-            writer.flush()
+            _log_epoch(writer, record, stats, val_last, train_ds.in_pad, boxsize)
             state = {"epoch": epoch + 1, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict() if scheduler is not None else None,
                      "rng": rngs, "min_loss": min_loss, "args": _plain(args), "meta": meta}
