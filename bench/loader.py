@@ -12,7 +12,8 @@ time it touches it and keeps it, then cuts periodic crops with index arrays
 Prints one JSON line.  The page cache is not dropped between runs (no
 privilege to), so "first epoch" means first touch by the process.
 
-    python bench/loader.py --n 512 --items 48     # the issue's size: 2 samples of (3, 512^3) in and out
+    python bench/loader.py --n 512 --items 16     # 2 samples of (3, 512^3) in and out (README figures)
+    python bench/loader.py --n 256 --items 16     # the same at 256^3: our peak RSS does not change
 """
 
 from __future__ import annotations

@@ -190,6 +190,26 @@ def test_four_epochs_equal_two_plus_two(data, tmp_path, monkeypatch, workers):
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
 
 
+@pytest.mark.parametrize("batch_size", ["1", "2"])
+def test_loader_workers_lend_large_items_unchanged(tmp_path, monkeypatch, batch_size):
+    """Items of 1 MiB and more travel from workers through lent shared memory: the same losses as without workers."""
+    (tmp_path / "cb").mkdir()
+    (tmp_path / "cb" / "nets.py").write_text(CALLBACKS)
+    synth.synthesize(tmp_path / "npy", nsamples=2, ngrid=48, seed=3)
+    convert.convert(convert.Options(output=str(tmp_path / "big.zarr"), progress=False,
+                                    fields=[f"za={tmp_path}/npy/*/dis_za.npy", f"lpt={tmp_path}/npy/*/dis_2lpt.npy"]))
+    argv = ["train", "--train-data", str(tmp_path / "big.zarr"), "--in", "za", "--tgt", "lpt", "--crop", "48",
+            "--in-pad", "2", "--model", "nets.Tiny", "--callback-at", str(tmp_path / "cb"), "--augment",
+            "--batch-size", batch_size, "--epochs", "2", "--lr", "1e-3", "--misc-kwargs", '{"mid": 2}']
+    assert 3 * 52 ** 3 * 4 >= 2**20  # an input item is large enough to be lent
+    runs = {}
+    for workers in ("0", "2"):
+        chdir(monkeypatch, tmp_path / f"w{workers}")
+        runs[workers] = run(argv + ["--loader-workers", workers])
+    for a, b in zip(runs["0"], runs["2"]):
+        assert a["batch_losses"] == b["batch_losses"] and a["train_loss"] == b["train_loss"]
+
+
 def test_resume_past_the_last_epoch_does_nothing(data, tmp_path, monkeypatch, capsys):
     chdir(monkeypatch, tmp_path)
     run(base(data, epochs=1))
