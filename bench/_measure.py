@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -42,3 +44,19 @@ def run_tracking_rss(cmd: list[str], interval: float = 0.05) -> int:
     if proc.returncode:
         raise subprocess.CalledProcessError(proc.returncode, cmd)
     return peak
+
+
+def drop_page_cache(root: str | Path) -> None:
+    """Ask the kernel to drop the cached pages of every file under `root` (no privilege needed).
+
+    posix_fadvise(DONTNEED) evicts clean pages, so the next read of these
+    files comes from disk: a cold start, as on a node that has not read
+    the data yet.
+    """
+    for path in [Path(root)] if Path(root).is_file() else Path(root).rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)

@@ -9,11 +9,15 @@ The original way: a worker loads a whole .npy file with np.load the first
 time it touches it and keeps it, then cuts periodic crops with index arrays
 (``np.arange(lo, hi) % n`` per axis).
 
-Prints one JSON line.  The page cache is not dropped between runs (no
-privilege to), so "first epoch" means first touch by the process.
+Prints one JSON line.  By default the page cache is left as it is, so
+"first epoch" means first touch by the process (the files may still be
+cached from being written, or from the other side's run); with ``--cold``
+every run starts with the data files dropped from the page cache, so the
+first epoch reads from disk on both sides.
 
     python bench/loader.py --n 512 --items 16     # 2 samples of (3, 512^3) in and out (README figures)
     python bench/loader.py --n 256 --items 16     # the same at 256^3: our peak RSS does not change
+    python bench/loader.py --n 512 --items 16 --cold   # every run starts from disk
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import run_tracking_rss, write_random_npy  # noqa: E402
+from _measure import drop_page_cache, run_tracking_rss, write_random_npy  # noqa: E402
 
 
 class OriginalWay:
@@ -118,6 +122,9 @@ def run_side(args: argparse.Namespace) -> None:
 
 
 def measure(side: str, workers: int, files, args) -> dict:
+    if args.cold:
+        for path in files[0] + files[1] + [files[2]]:
+            drop_page_cache(path)
     out = Path(tempfile.mktemp(suffix=".json"))
     cmd = [sys.executable, __file__, "--side", side, "--workers", str(workers), "--items", str(args.items),
            "--in-files", ",".join(files[0]), "--tgt-files", ",".join(files[1]), "--store", files[2],
@@ -136,6 +143,7 @@ def main() -> None:
     p.add_argument("--items", type=int, default=24, help="items per epoch (a prefix of the shuffled order)")
     p.add_argument("--cache-mib", type=int, default=64, help="FieldDataset chunk cache per worker")
     p.add_argument("--dir", default=None)
+    p.add_argument("--cold", action="store_true", help="drop the data files from the page cache before each run")
     p.add_argument("--side", choices=["original", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--in-files", help=argparse.SUPPRESS)
@@ -156,7 +164,7 @@ def main() -> None:
     try:
         files = make_data(root, args.n, args.nsample)
         result = {"bench": "loader", "n": args.n, "nsample": args.nsample, "crop": 128, "pad": 48,
-                  "items_per_epoch": args.items, "cache_MiB": args.cache_mib}
+                  "items_per_epoch": args.items, "cache_MiB": args.cache_mib, "cold": args.cold}
         for workers in (0, 2):
             orig = measure("original", workers, files, args)
             ours = measure("ours", workers, files, args)
