@@ -20,8 +20,9 @@ def address(a: np.ndarray | torch.Tensor) -> int:
     return a.data_ptr() if isinstance(a, torch.Tensor) else a.__array_interface__["data"][0]
 
 
-def test_pool_reuses_only_released_buffers():
-    pool = BufferPool(per_size=2)
+@pytest.mark.parametrize("shared", [False, True])
+def test_pool_reuses_only_released_buffers(shared):
+    pool = BufferPool(per_size=2, shared=shared)
     a = pool.empty((4, 5))
     addr = address(a)
     b = pool.empty((4, 5))
@@ -43,8 +44,9 @@ def hold(a: np.ndarray, how: str):
 
 
 @pytest.mark.parametrize("holder", ["numpy view", "tensor", "tensor view", "batch"])
-def test_pool_keeps_buffers_something_still_sees(holder):
-    pool = BufferPool(per_size=1)
+@pytest.mark.parametrize("shared", [False, True])
+def test_pool_keeps_buffers_something_still_sees(holder, shared):
+    pool = BufferPool(per_size=1, shared=shared)
     a = pool.empty((2, 8))
     a[...] = 7
     held = hold(a, holder)
@@ -61,6 +63,29 @@ def test_pool_stops_pooling_past_its_size():
     pool = BufferPool(per_size=2)
     held = [pool.empty((100,)) for _ in range(4)]
     assert len(pool.buffers[400]) == 2 and len({address(h) for h in held}) == 4
+
+
+def test_lent_buffer_waits_until_given_back():
+    """The lending protocol in one process: pickled, the buffer is lent; the receiver's tensor freed, it is back."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    from map2map.data.batching import _Lent
+
+    pool = BufferPool(per_size=2, shared=True)
+    a = pool.empty((3, 4))
+    a[...] = np.arange(12).reshape(3, 4)
+    buf = pool.shared_buffer_of(torch.from_numpy(a))
+    data = ForkingPickler.dumps(_Lent(buf, torch.from_numpy(a)[1:]))
+    addr = address(a)
+    del a
+    assert buf.lent() and address(pool.empty((3, 4))) != addr  # lent: not refilled
+    received = pickle.loads(data)  # what the main process gets: a tensor on a mapping of the same pages
+    assert torch.equal(received, torch.arange(4.0, 12).reshape(2, 4))
+    assert buf.lent()
+    del received
+    gc.collect()
+    assert not buf.lent() and address(pool.empty((3, 4))) == addr
 
 
 def test_collate_batch_of_one_is_default_collate_without_copy():
