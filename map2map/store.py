@@ -30,6 +30,7 @@ import numpy as np
 import zarr
 
 from map2map.errors import UserError
+from map2map.utils import durable
 
 FORMAT_VERSION = 1
 ATTR = "map2map"
@@ -153,12 +154,19 @@ def create(path: str | Path, layouts: list[FieldLayout], *, nsample: int, boxsiz
 
 
 def mark_complete(path: str | Path, nsample: int, **extra: Any) -> None:
-    """Write the completion mark and the consolidated metadata: the last write of every writer."""
+    """Write the completion mark and the consolidated metadata: the last write of every writer.
+
+    Everything in the store is fsynced first, and the mark after, so that
+    not even a power loss can leave a store marked complete whose data did
+    not reach the disk.
+    """
+    durable.fsync_tree(path)
     group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
     meta = dict(group.attrs[ATTR])
     meta.update(extra, complete=True, nsample=int(nsample))
     group.attrs[ATTR] = meta
     zarr.consolidate_metadata(str(path))
+    durable.fsync_files([Path(path) / "zarr.json", path])
 
 
 def mark_incomplete(path: str | Path) -> None:
@@ -168,6 +176,7 @@ def mark_incomplete(path: str | Path) -> None:
     meta["complete"] = False
     group.attrs[ATTR] = meta
     zarr.consolidate_metadata(str(path))
+    durable.fsync_files([Path(path) / "zarr.json"])  # on disk before any sample is rewritten
 
 
 def read_meta(path: str | Path) -> dict[str, Any] | None:

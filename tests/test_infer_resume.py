@@ -184,3 +184,20 @@ def test_rerun_with_other_settings_starts_over_and_overwrite_replaces(slow, unin
     assert st.meta["infer"]["crop"] == [4, 4, 4] and s["computed"] == NTILES
     np.testing.assert_allclose(st.field("prediction")[0], ref, atol=1e-5, rtol=0)
     assert not Path(str(out) + infer.PARTIAL).exists()
+
+
+def test_markers_follow_durable_shards(tmp_path):
+    """The files a tile batch fsyncs before its markers are exactly the output shards it wrote."""
+    from types import SimpleNamespace
+
+    from map2map.infer.worker import _shard_files
+
+    out = tmp_path / "o.zarr"
+    group = store.create(str(out), [store.FieldLayout("p", 2, (16, 16, 16), (8, 8, 8), (4, 4, 4))], nsample=2,
+                         boxsize=None, settings={})
+    regions = [((8, 16), (0, 8), (0, 16)), ((0, 8), (8, 16), (8, 16))]
+    for lo_hi in regions:
+        group["p"][(1, slice(None)) + tuple(slice(lo, hi) for lo, hi in lo_hi)] = 1.0
+    files = _shard_files(group["p"], SimpleNamespace(out_path=str(out), out_field="p"), 1, regions)
+    written = [str(p) for p in (out / "p").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert len(files) == 3 and sorted(files) == sorted(written)

@@ -152,3 +152,12 @@ def test_cli_spells_the_checkpoint_link_like_the_checkpoint_module():
     from map2map.cli import train_args
 
     assert train_args.CKPT_LINK == ckpt.CKPT_LINK
+
+
+def test_fsync_tree_visits_every_file(tmp_path):
+    from map2map.utils.durable import fsync_tree
+
+    for rel in ("a", "d/b", "d/e/c"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    assert fsync_tree(tmp_path) == 3

@@ -9,11 +9,16 @@ from typing import Any
 
 
 def mark_done(done_dir: str, sample: int, tile: int, loss: float | None, count: int) -> None:
-    """Record a finished tile: a tiny JSON file, written to a temporary name and renamed."""
+    """Record a finished tile: a tiny JSON file, written to a temporary name, fsynced and renamed.
+
+    Call it only once the tile's data is durable (see `map2map.utils.durable`).
+    """
     name = os.path.join(done_dir, f"{sample}-{tile}")
     tmp = f"{name}.tmp-{os.getpid()}-{threading.get_ident()}"
     with open(tmp, "w") as f:
         json.dump({"loss": loss, "n": count}, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, name)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -13,6 +15,7 @@ import numpy as np
 from map2map.infer.markers import mark_done
 from map2map.infer.model import load_model
 from map2map.infer.specs import Job, SourceSpec
+from map2map.utils import durable
 
 _LOCK = threading.Lock()
 _CACHE: OrderedDict[tuple, Any] = OrderedDict()
@@ -130,6 +133,18 @@ def _criterion(job: Job):
                    lambda: import_attr(job.criterion, ["torch.nn"], job.model.callback_at, what="criterion")())
 
 
+def _shard_files(arr, job: Job, sample: int, regions) -> list[str]:
+    """The files of the output shards that make up `regions` (whole shards) of `sample`."""
+    shard = arr.shards[2:] if arr.shards else arr.chunks[2:]
+    paths = []
+    for region in regions:
+        ranges = [range(lo // s, -(-hi // s)) for (lo, hi), s in zip(region, shard)]
+        for coords in itertools.product(*ranges):
+            key = arr.metadata.encode_chunk_key((sample, 0) + coords)
+            paths.append(os.path.join(job.out_path, job.out_field, key))
+    return paths
+
+
 def preload(job: Job) -> str:
     """Load the model in this worker ahead of its first tile (a task, so it runs where tiles do)."""
     _enter(job.token)
@@ -177,7 +192,8 @@ def run_tiles(job: Job, sample: int, tile_ids: Sequence[int]) -> list[tuple[int,
                    **json.loads(job.norm_kwargs_json))
         arr[(sample, slice(None)) + tuple(slice(lo, hi) for lo, hi in region)] = pred
         results.append((t, loss, int(pred.size)))
-    for t, loss, n in results:  # only after every shard of the batch is written
+    durable.fsync_files(_shard_files(arr, job, sample, [plan.out_region(t) for t in tile_ids]))
+    for t, loss, n in results:  # only once every shard of the batch is on disk
         mark_done(job.done_dir, sample, t, loss, n)
     t3 = time.perf_counter()
     with _LOCK:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from map2map.errors import UserError
+from map2map.utils.durable import fsync_path
 
 CKPT_LINK = "checkpoint.pt"
 _TMP_PREFIX = ".m2m-tmp."
@@ -41,19 +42,6 @@ _TMP_PREFIX = ".m2m-tmp."
 def state_name(epoch: int) -> str:
     """File name of the state after `epoch` complete epochs."""
     return f"state_{epoch}.pt"
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -71,7 +59,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     return path
 
 
@@ -83,7 +71,7 @@ def link_latest(target: str | os.PathLike, link: str | os.PathLike = CKPT_LINK) 
         tmp.unlink()
     os.symlink(os.fspath(Path(target).name), tmp)
     os.replace(tmp, link)
-    _fsync_dir(link.parent)
+    fsync_path(link.parent)
 
 
 def save_state(state: Mapping[str, Any], directory: str | os.PathLike = ".") -> Path:
