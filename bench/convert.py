@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 from _measure import run_tracking_rss, write_random_npy
+from map2map.utils.durable import fsync_tree
 
 
 def make_inputs(root: Path, n: int, channels: int) -> list[Path]:
@@ -29,14 +29,6 @@ def make_inputs(root: Path, n: int, channels: int) -> list[Path]:
     for seed, path in enumerate(paths):
         write_random_npy(path, channels, n, seed)
     return paths
-
-
-def fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
 
 
 def timed_copy(paths: list[Path], dest: Path) -> float:
