@@ -168,7 +168,7 @@ def test_truncated_shard_is_an_error_not_a_crash(tmp_path):
     # keep the shard index (at the end) readable but cut chunk bytes out of the middle
     shard.write_bytes(data[: len(data) // 4] + data[-lay.index_bytes:])
     src = ZarrField(path, "f", 1)
-    with pytest.raises(OSError, match="past the end of its shard file"):
+    with pytest.raises(OSError, match="is cut short"):
         read_window(src, 0, ((0, 8), (0, 8)))
     os.remove(shard)  # a missing shard reads as the fill value, as in zarr
     fresh = ZarrField(path, "f", 1)

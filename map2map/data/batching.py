@@ -53,6 +53,7 @@ class _SharedBuffer(_Buffer):
         mm = mmap.mmap(self.fd, _HEADER + nbytes)
         self.counts = np.frombuffer(mm, dtype=np.int64, count=2)
         self.data = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=_HEADER)
+        self.address = self.data.__array_interface__["data"][0]
 
     def __del__(self) -> None:
         if hasattr(self, "fd"):
@@ -62,8 +63,7 @@ class _SharedBuffer(_Buffer):
         return bool(self.counts[0] != self.counts[1])
 
     def holds(self, t: torch.Tensor) -> bool:
-        start = self.data.__array_interface__["data"][0]
-        return start <= t.data_ptr() and t.data_ptr() + t.nbytes <= start + self.data.nbytes
+        return self.address <= t.data_ptr() and t.data_ptr() + t.nbytes <= self.address + self.data.nbytes
 
 
 def _free_refcount() -> int:
@@ -139,7 +139,7 @@ class _Lent:
 
     def __reduce__(self):
         self.buf.counts[0] += 1  # lent: the worker must not refill it until it is given back
-        offset = self.t.data_ptr() - self.buf.data.__array_interface__["data"][0]
+        offset = self.t.data_ptr() - self.buf.address
         dtype = _numpy_dtype(self.t.dtype).str
         return _map_lent, (DupFd(self.buf.fd), self.buf.data.nbytes, offset, tuple(self.t.shape), dtype)
 

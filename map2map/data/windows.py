@@ -295,7 +295,9 @@ class ZarrField:
             else:
                 end = os.fstat(fd).st_size
                 raw = os.pread(fd, lay.index_bytes - 4, end - lay.index_bytes)
-                self._index[shard] = np.frombuffer(raw, dtype="<u8").reshape(lay.per_shard + (2,))
+                index = np.frombuffer(raw, dtype="<u8").reshape(lay.per_shard + (2,))
+                _check_index(index, end, shard, f"{self.path}/{self.name}")
+                self._index[shard] = index
         return self._index[shard]
 
     def _load_direct(self, sample: int, cidx: tuple[int, ...]) -> np.ndarray:
@@ -316,11 +318,21 @@ class ZarrField:
         return data
 
 
+def _check_index(index: np.ndarray, size: int, shard: tuple[int, ...], where: str) -> None:
+    """Refuse a shard whose index points past the end of its file (cut short: mapping it would SIGBUS)."""
+    written = index[..., 0] != _MISSING
+    ends = index[..., 0][written] + index[..., 1][written]
+    if ends.size and int(ends.max()) > size:
+        raise OSError(f"shard {shard} of {where} is cut short: its chunks need {int(ends.max())} bytes, "
+                      f"the file has {size}")
+
+
 def _map_chunk(fd: int, offset: int, nbytes: int, dtype: np.dtype) -> np.ndarray:
-    """The `nbytes` at `offset` of the file `fd` as a read-only array, memory-mapped (unmapped when freed)."""
+    """The `nbytes` at `offset` of the file `fd` as a read-only array, memory-mapped (unmapped when freed).
+
+    The shard index was checked against the file size (`_check_index`), so the range lies in the file.
+    """
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    if offset + nbytes > os.fstat(fd).st_size:
-        raise OSError(f"chunk bytes [{offset}, {offset + nbytes}) lie past the end of its shard file")
     mm = mmap.mmap(fd, offset + nbytes - start, offset=start, access=mmap.ACCESS_READ)
     return np.frombuffer(mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - start)
 
