@@ -1,0 +1,55 @@
+"""Arguments of `m2m convert`; the work happens in `map2map.convert`."""
+
+from __future__ import annotations
+
+import argparse
+
+from map2map.cli.types import ints as _ints
+
+
+def add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert .npy fields into a crop-aligned Zarr store",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Stream .npy fields (channel-first, one file per sample) into a Zarr store "
+                                   "whose shards line up with training crops.")
+    p.add_argument("output", help="path of the store to write")
+    p.add_argument("--field", action="append", required=True, metavar="NAME=PATTERN",
+                   help="a field and the glob pattern of its .npy files (sorted by path; the i-th files of "
+                        "all fields form sample i); repeat for more fields")
+    p.add_argument("--crop", type=_ints, default=None,
+                   help="training crop size N or N,N,N in voxels of the first field's grid "
+                        "(default: min(128, grid)); shards equal the crop")
+    p.add_argument("--pad", type=int, default=None,
+                   help="halo pad the crops will be read with; sets the inner chunk (default: 3/8 of the crop)")
+    p.add_argument("--boxsize", type=float, default=None,
+                   help="box side length (e.g. Mpc/h); coordinates are cell centres in this unit")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing store (swapped in at the end)")
+    mode.add_argument("--append", action="store_true", help="add the files as new samples to a complete store")
+    p.add_argument("--chunk", type=_ints, default=None,
+                   help="inner chunk N or N,N,N (must divide the shard; default: the largest divisor of the "
+                        "crop that keeps read amplification of a crop+pad window at or below 1.5)")
+    p.add_argument("--shard-mult", type=int, default=1, help="shards are this many crops wide per axis")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="stored dtype")
+    p.add_argument("--compressor", choices=["none", "zstd", "blosc"], default="none",
+                   help="lossless codec (saves little on these fields and slows reads; see README)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf values instead of refusing them")
+    p.add_argument("--workers", type=int, default=2, help="processes converting shards in parallel")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> None:
+    from map2map import convert
+
+    summary = convert.convert(convert.Options(
+        output=args.output, fields=args.field, crop=args.crop, pad=args.pad, boxsize=args.boxsize,
+        overwrite=args.overwrite, append=args.append, chunk=args.chunk, shard_mult=args.shard_mult,
+        dtype=args.dtype, compressor=args.compressor, allow_nonfinite=args.allow_nonfinite,
+        workers=args.workers, progress=not args.no_progress))
+    for note in summary["notes"]:
+        print(f"note: {note}")
+    for lay in summary["layouts"]:
+        print(f"{lay.name}: {lay.channels} x {lay.spatial}, shard {lay.shard}, inner chunk {lay.chunk}, {lay.dtype}")
+    verb = f"appended {summary['appended']} samples, now" if "appended" in summary else "wrote"
+    print(f"{summary['output']}: {verb} {summary['nsample']} samples, complete")

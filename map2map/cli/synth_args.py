@@ -1,0 +1,32 @@
+"""Arguments of `m2m synth`; the work happens in `map2map.synth`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+
+def add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="generate example fields: Zel'dovich (1LPT) and 2LPT displacements",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Write Gaussian-random-field initial conditions evolved to 1LPT (input) and "
+                                   "2LPT (target) displacements as channel-first .npy files, one directory "
+                                   "per sample, deterministically from the seed.")
+    p.add_argument("outdir", help="directory to write the samples into")
+    p.add_argument("--num-samples", type=int, default=1, help="number of boxes")
+    p.add_argument("--ngrid", type=int, default=32, help="grid cells per side")
+    p.add_argument("--boxsize", type=float, default=128.0, help="box side in Mpc/h")
+    p.add_argument("--seed", type=int, default=0, help="random seed; sample i uses (seed, i)")
+    p.add_argument("--redshift", type=float, default=0.0, help="redshift of the fields")
+    p.add_argument("--density", action="store_true", help="also write CIC-painted overdensities")
+    p.add_argument("--prefix", default="", help="prefix of the sample directory names")
+    p.set_defaults(run=_run_synth)
+
+
+def _run_synth(args: argparse.Namespace) -> None:
+    from map2map import synth
+
+    paths = synth.synthesize(args.outdir, nsamples=args.num_samples, ngrid=args.ngrid, boxsize=args.boxsize,
+                             seed=args.seed, redshift=args.redshift, density=args.density, prefix=args.prefix)
+    for name, files in paths.items():
+        print(f"{name}: {len(files)} files, e.g. {files[0]}")
