@@ -1,7 +1,8 @@
 """Benchmark `m2m convert` against a plain copy of the same bytes on the same disk.
 
 Prints one JSON line: bytes, copy and convert rates (GB/s), their ratio, and
-the peak RSS of the convert process.  Both sides write to the same directory
+the peak RSS of the convert process, which runs the stage
+(`map2map.convert.run`) in a process of its own so its memory is measured alone.  Both sides write to the same directory
 and end with an fsync of what they wrote; the copy runs first so both read
 from the same page-cache state (the inputs were just written, so both read
 warm pages; the disk write is what differs).
@@ -12,6 +13,7 @@ warm pages; the disk write is what differs).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -21,7 +23,12 @@ import time
 from pathlib import Path
 
 from _measure import run_tracking_rss, write_random_npy
+from map2map.convert import ConvertConfig
 from map2map.utils.durable import fsync_tree
+
+# The child process: build the config from its JSON form and run the stage.
+_CHILD = ("import json, sys; from map2map import convert; "
+          "convert.run(convert.ConvertConfig(**json.loads(sys.argv[1])))")
 
 
 def make_inputs(root: Path, n: int, channels: int) -> list[Path]:
@@ -39,12 +46,12 @@ def timed_copy(paths: list[Path], dest: Path) -> float:
     return time.perf_counter() - t0
 
 
-def timed_convert(paths: list[Path], out: Path, extra: list[str]) -> tuple[float, int]:
-    cmd = [sys.executable, "-m", "map2map.cli", "convert", str(out), "--no-progress",
-           f"--field=input={paths[0]}", f"--field=target={paths[1]}", *extra]
+def timed_convert(config: ConvertConfig) -> tuple[float, int]:
+    """Run the conversion in a child process; returns (seconds including an fsync of the store, peak RSS)."""
+    cmd = [sys.executable, "-c", _CHILD, json.dumps(dataclasses.asdict(config))]
     t0 = time.perf_counter()
     peak = run_tracking_rss(cmd)
-    fsync_tree(out)
+    fsync_tree(config.output)
     return time.perf_counter() - t0, peak
 
 
@@ -53,7 +60,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=256, help="grid size per axis")
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
-    p.add_argument("--convert-args", default="--crop 128 --pad 48", help="extra m2m convert options")
+    p.add_argument("--crop", type=int, default=128, help="m2m convert --crop")
+    p.add_argument("--pad", type=int, default=48, help="m2m convert --pad")
+    p.add_argument("--compressor", default="none", help="m2m convert --compressor")
+    p.add_argument("--workers", type=int, default=2, help="m2m convert --workers")
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="m2m-bench-", dir=args.dir))
     try:
@@ -61,10 +71,13 @@ def main() -> None:
         nbytes = sum(p.stat().st_size for p in paths)
         t_copy = timed_copy(paths, root / "copy")
         shutil.rmtree(root / "copy")
-        t_conv, rss = timed_convert(paths, root / "store.zarr", args.convert_args.split())
+        config = ConvertConfig(output=str(root / "store.zarr"), field=(f"input={paths[0]}", f"target={paths[1]}"),
+                               crop=(args.crop,), pad=args.pad, compressor=args.compressor, workers=args.workers,
+                               progress=False)
+        t_conv, rss = timed_convert(config)
         print(json.dumps({
             "bench": "convert", "n": args.n, "channels": args.channels, "bytes": nbytes,
-            "convert_args": args.convert_args,
+            "crop": args.crop, "pad": args.pad, "compressor": args.compressor, "workers": args.workers,
             "copy_GBps": round(nbytes / t_copy / 1e9, 3), "convert_GBps": round(nbytes / t_conv / 1e9, 3),
             "ratio_convert_over_copy": round(t_copy / t_conv, 3),
             "convert_peak_tree_rss_MiB": round(rss / 2**20, 1),

@@ -1,7 +1,11 @@
-"""Power spectra, cross-correlation and transfer functions of gridded fields.
+"""Power spectra, cross-correlation and transfer functions of gridded fields: P(k) written once.
 
-Pure numerics on numpy arrays; torch tensors and xarray DataArrays (eager or
-Dask-backed) are converted at the edge.
+`mode_shells` and `binned_spectra` are the one implementation of binned
+spectra, in torch so that a spectrum can also sit in a loss (they are
+differentiable; `map2map.models.power` is the original toolkit's batch
+interface to them).  The statistics below take numpy arrays, torch tensors
+and xarray DataArrays (eager or Dask-backed), converted to float64 at the
+edge.
 
 Conventions (all functions):
 
@@ -37,14 +41,19 @@ Dask-backed inputs are computed one sample at a time.
 
 from __future__ import annotations
 
-import functools
+import math
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
+import torch
 
 from map2map.errors import UserError
 
 __all__ = [
+    "Shells",
+    "mode_shells",
+    "binned_spectra",
     "Spectrum",
     "power_spectrum",
     "cross_power",
@@ -75,7 +84,7 @@ def _is_dataarray(x: Any) -> bool:
 
 def _to_numpy(x: Any) -> np.ndarray:
     """A float64 numpy copy/view of a numpy array or torch tensor (detached, on the CPU)."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
+    if isinstance(x, torch.Tensor):
         t = x.detach().cpu()
         if t.is_complex():
             raise UserError(f"expected a real field, got a complex tensor of dtype {t.dtype}")
@@ -84,6 +93,15 @@ def _to_numpy(x: Any) -> np.ndarray:
     if np.iscomplexobj(arr):
         raise UserError(f"expected a real field, got dtype {arr.dtype}")
     return arr.astype(np.float64, copy=False)
+
+
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    """A torch view of `arr` for reading only (a read-only array, e.g. from Dask, is not copied)."""
+    if arr.strides and min(arr.strides) < 0:
+        arr = np.ascontiguousarray(arr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(arr)
 
 
 def _channels(arr: np.ndarray, ndim: int | None) -> np.ndarray:
@@ -112,65 +130,99 @@ def _check_boxsize(boxsize: Any) -> float:
 
 # -------------------------------------------------------------------- binning
 
-@functools.lru_cache(maxsize=8)
-def _shells(shape: tuple[int, ...], boxsize: float, nbins: int | None):
-    """Bin index, half-space weight and |k| of every rfftn mode, and the bin count.
+class Shells(NamedTuple):
+    """The |k| bins of the rfftn modes of a grid (arrays shaped like the rfftn output, or broadcastable).
 
-    Returns ``(index, weight, kmag, nbins)`` with arrays of the rfftn output
-    shape; index 0 marks modes outside bins 1..nbins (it is discarded).
+    `index`: bin of each mode, 1..nbins, 0 for modes outside the bins (the
+    k = 0 mode and modes beyond `nbins`); `weight`: how many modes of the full
+    Fourier space each stored mode stands for (2, or 1 on the self-conjugate
+    planes); `nmag`: |k| in units of the fundamental mode k_f.
     """
-    kf = fundamental_mode(boxsize)
-    freqs = [np.fft.fftfreq(n, 1 / n) for n in shape[:-1]] + [np.fft.rfftfreq(shape[-1], 1 / shape[-1])]
-    grids = np.meshgrid(*[f.astype(np.int64) for f in freqs], indexing="ij", sparse=True)
-    n2 = sum(g * g for g in grids)
-    nmag = np.sqrt(n2)
+
+    index: torch.Tensor
+    weight: torch.Tensor
+    nmag: torch.Tensor
+    nbins: int
+
+
+def mode_shells(shape: Sequence[int], nbins: int | None = None, *, dtype: torch.dtype = torch.float64,
+                device: torch.device | str | None = None) -> Shells:
+    """The `Shells` of the rfftn modes of a grid of `shape` (see the module docstring for the binning).
+
+    Bin i holds the modes with ``i - 1/2 <= |k| / k_f < i + 1/2``; `nbins`
+    defaults to the corner of the Fourier cube.  Frequencies are integers,
+    so the bin of a mode does not depend on `dtype` (that of `nmag`).
+    """
+    shape = tuple(int(n) for n in shape)
+    ndim = len(shape)
+    n2 = torch.zeros((), dtype=torch.int64, device=device)
+    for axis, n in enumerate(shape):
+        freq = torch.arange(n // 2 + 1 if axis == ndim - 1 else n, device=device)
+        freq = torch.where(freq > n // 2, freq - n, freq)
+        n2 = n2 + (freq ** 2).reshape((-1,) + (1,) * (ndim - 1 - axis))
+    nmag64 = n2.to(torch.float64).sqrt()
     if nbins is None:
-        nbins = int(np.rint(np.sqrt(sum((n // 2) ** 2 for n in shape))))
-    index = np.floor(nmag + 0.5).astype(np.int64)
-    index[(index > nbins)] = 0
-    weight = np.full(shape[-1] // 2 + 1, 2.0)
+        nbins = round(math.sqrt(sum((n // 2) ** 2 for n in shape)))
+    index = torch.floor(nmag64 + 0.5).to(torch.int64)
+    index = torch.where(index > nbins, torch.zeros_like(index), index)
+    last = shape[-1]
+    weight = torch.full((last // 2 + 1,), 2.0, dtype=dtype, device=device)
     weight[0] = 1.0
-    if shape[-1] % 2 == 0:
+    if last % 2 == 0:
         weight[-1] = 1.0
-    weight = np.broadcast_to(weight, index.shape)
-    return index, weight, nmag * kf, nbins
+    return Shells(index, weight, nmag64.to(dtype), int(nbins))
 
 
-def _bin(values: np.ndarray, index: np.ndarray, weight: np.ndarray, nbins: int) -> np.ndarray:
-    """Weighted sums of `values` (rfftn-shaped) per bin 1..nbins."""
-    sums = np.bincount(index.ravel(), weights=(weight * values).ravel(), minlength=nbins + 1)
-    return sums[1:nbins + 1]
+def _bin(values: torch.Tensor, shells: Shells) -> torch.Tensor:
+    """Mode-weighted sums of `values` (rfftn-shaped) per bin 1..nbins (differentiable in `values`)."""
+    index = shells.index.expand(values.shape).reshape(-1)
+    sums = torch.zeros(shells.nbins + 1, dtype=values.dtype, device=values.device)
+    return sums.index_add(0, index, (shells.weight * values).reshape(-1))[1:]
+
+
+def binned_spectra(a: torch.Tensor, b: torch.Tensor | None = None, *,
+                   nbins: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Binned auto (and cross) spectra of the components of `a` (and `b`), in box units.
+
+    `a` and `b` are real tensors shaped ``(M, *spatial)``: M components on
+    one periodic grid, whose spectra are summed.  Returns ``(k, nmodes,
+    spectra)`` per bin 1..nbins: k is the mean |k| of the bin's modes in
+    units of the fundamental mode k_f; nmodes counts modes of the full
+    Fourier space; spectra is ``[P_aa]``, or ``[P_aa, P_bb, P_ab]`` with `b`,
+    each in units of the box volume V (multiply by V for P, e.g. in
+    (Mpc/h)^ndim; ``P_ab = V Re(a_k b_k^*) / N_cells^2``).  Empty bins have
+    nmodes 0 and NaN k and spectra.  One component is transformed at a time;
+    sums run in the input's precision and are differentiable in a and b.
+    """
+    spatial = tuple(a.shape[1:])
+    shells = mode_shells(spatial, nbins, dtype=a.dtype, device=a.device)
+    cells = math.prod(spatial)
+    sums: list[torch.Tensor | float] = [0.0] * (1 if b is None else 3)
+    for c in range(a.shape[0]):
+        ak = torch.fft.rfftn(a[c])
+        sums[0] = sums[0] + _bin(ak.real ** 2 + ak.imag ** 2, shells)
+        if b is not None:
+            bk = torch.fft.rfftn(b[c])
+            sums[1] = sums[1] + _bin(bk.real ** 2 + bk.imag ** 2, shells)
+            sums[2] = sums[2] + _bin(ak.real * bk.real + ak.imag * bk.imag, shells)
+    nmodes = _bin(torch.ones_like(shells.nmag), shells)
+    k = _bin(shells.nmag, shells) / nmodes
+    return k, nmodes, [s / nmodes / cells ** 2 for s in sums]
 
 
 def _spectra(a: np.ndarray, b: np.ndarray | None, boxsize: float, nbins: int | None,
              ndim: int | None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Bin k, nmodes and the binned spectra [P_aa] or [P_aa, P_bb, P_ab] of two fields.
-
-    Each component is transformed once; memory is one component's transform.
-    """
+    """Bin k [h/Mpc], nmodes and the binned spectra [P_aa] or [P_aa, P_bb, P_ab] [(Mpc/h)^ndim] of two fields."""
     a = _channels(_to_numpy(a), ndim)
     if b is not None:
         b = _channels(_to_numpy(b), a.ndim - 1)
         if b.shape != a.shape:
             raise UserError(f"fields of shapes {a.shape} and {b.shape}: expected the same shape")
-    spatial = a.shape[1:]
-    axes = tuple(range(-len(spatial), 0))
-    index, weight, kmag, nbins = _shells(spatial, boxsize, nbins)
-    ncells = float(np.prod(spatial))
-    norm = boxsize ** len(spatial) / ncells ** 2
-    sums = [np.zeros(nbins) for _ in range(1 if b is None else 3)]
-    for c in range(a.shape[0]):
-        ak = np.fft.rfftn(a[c], axes=axes)
-        sums[0] += _bin(ak.real ** 2 + ak.imag ** 2, index, weight, nbins)
-        if b is not None:
-            bk = np.fft.rfftn(b[c], axes=axes)
-            sums[1] += _bin(bk.real ** 2 + bk.imag ** 2, index, weight, nbins)
-            sums[2] += _bin(ak.real * bk.real + ak.imag * bk.imag, index, weight, nbins)
-    nmodes = _bin(np.ones(index.shape), index, weight, nbins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        k = _bin(np.broadcast_to(kmag, index.shape), index, weight, nbins) / nmodes
-        spectra = [s * norm / nmodes for s in sums]
-    return k, nmodes.astype(np.int64), spectra
+    volume = boxsize ** (a.ndim - 1)
+    with torch.no_grad():
+        k, nmodes, spectra = binned_spectra(_tensor(a), None if b is None else _tensor(b), nbins=nbins)
+    return (k.numpy() * fundamental_mode(boxsize), nmodes.numpy().astype(np.int64),
+            [s.numpy() * volume for s in spectra])
 
 
 # ---------------------------------------------------------------- statistics

@@ -1,30 +1,34 @@
 """`m2m convert`: stream .npy fields into a crop-aligned Zarr store.
 
-Files of each ``--field NAME=PATTERN`` are sorted by path, and sample i pairs
-the i-th file of every field (the original toolkit's pairing of glob
-matches).  Every header is checked before the output is touched.  Data then
+`run` takes a `ConvertConfig` (the command line's options) and returns a
+`ConvertSummary`.  Files of each ``--field NAME=PATTERN`` are sorted by path,
+and sample i pairs the i-th file of every field (`map2map.npyfile.glob_paired`).
+Every name and header is checked before the output is touched.  Data then
 flows in *units*: shard-aligned blocks of one sample, read plane by plane
 through memory maps, converted to the stored dtype, checked for NaN/Inf and
-written as whole shards, two units at a time.  No unit holds more than a few
-shards, so memory does not grow with the field.
+written as whole shards.  A *task* is what one worker process does with one
+opening of the array: a unit, or a run of small units of one file up to
+about UNIT_BYTES together.  No unit holds more than a few shards, so memory
+does not grow with the field.
 
 Safety: a new store is marked complete only after its last byte is written;
 ``--overwrite`` builds the new store beside the old one and swaps them at
-the end; ``--append`` grows the arrays but moves the completion mark (the
-number of complete samples, with the consolidated metadata readers use)
-only when every new sample is written, so an interrupted append leaves the
-earlier samples readable.
+the end (`map2map.store.staged_path`, `map2map.store.swap_in`); ``--append``
+grows the arrays but moves the completion mark (the number of complete
+samples, with the consolidated metadata readers use) only when every new
+sample is written, so an interrupted append leaves the earlier samples
+readable.
 """
 
 from __future__ import annotations
 
-import glob
+import dataclasses
 import math
-import os
-import sys
 import multiprocessing
+import sys
+import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -34,9 +38,71 @@ from tqdm import tqdm
 
 from map2map import geometry, npyfile, store
 from map2map.errors import UserError
+from map2map.stage import Summary
 
 MAX_CHANNELS = 16
 UNIT_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """Everything `m2m convert` takes; field names are the command line's option names.
+
+    `field` holds the ``NAME=PATTERN`` strings of ``--field``.  `crop`, `pad`
+    and `chunk` are in voxels of the first field's grid (None: the defaults
+    `plan_layouts` describes).
+    """
+
+    output: str
+    field: tuple[str, ...]
+    crop: tuple[int, ...] | None = None
+    pad: int | None = None
+    boxsize: float | None = None
+    overwrite: bool = False
+    append: bool = False
+    chunk: tuple[int, ...] | None = None
+    shard_mult: int = 1
+    dtype: str = "float32"
+    compressor: str = "none"
+    allow_nonfinite: bool = False
+    workers: int = 2
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.field, str):  # one spec given bare
+            object.__setattr__(self, "field", (self.field,))
+        for name in ("field", "crop", "chunk"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, int)):
+                object.__setattr__(self, name, tuple(value))
+
+
+@dataclass
+class ConvertSummary(Summary):
+    """What a conversion wrote: the store, its sample count, the field layouts and how long it took.
+
+    `nsample` counts every sample of the store (after an append, old and
+    new); `appended` is the number added by ``--append`` (None otherwise).
+    `layouts` has one dict per field (`map2map.store.FieldLayout` as plain
+    data); `bytes_written` counts field data in the stored dtype.
+    """
+
+    output: str
+    nsample: int
+    appended: int | None
+    layouts: list[dict[str, Any]]
+    notes: list[str]
+    bytes_written: int
+    seconds: float
+
+    def lines(self) -> list[str]:
+        out = [f"note: {note}" for note in self.notes]
+        for lay in self.layouts:
+            out.append(f"{lay['name']}: {lay['channels']} x {tuple(lay['spatial'])}, shard {tuple(lay['shard'])}, "
+                       f"inner chunk {tuple(lay['chunk'])}, {lay['dtype']}")
+        verb = "wrote" if self.appended is None else f"appended {self.appended} samples, now"
+        out.append(f"{self.output}: {verb} {self.nsample} samples, complete")
+        return out
 
 
 @dataclass
@@ -56,34 +122,12 @@ class FieldInput:
         return self.headers[0].shape[1:]
 
 
-@dataclass
-class Options:
-    """Everything `m2m convert` takes, as plain values (the CLI fills it)."""
-
-    output: str
-    fields: list[str]
-    crop: Sequence[int] | None = None
-    pad: int | None = None
-    boxsize: float | None = None
-    overwrite: bool = False
-    append: bool = False
-    chunk: Sequence[int] | None = None
-    shard_mult: int = 1
-    dtype: str = "float32"
-    compressor: str = "none"
-    allow_nonfinite: bool = False
-    workers: int = 2
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def parse_field(spec: str) -> tuple[str, str]:
-    """Split ``NAME=PATTERN``; the name must be a plain identifier-like word."""
+    """Split ``NAME=PATTERN``; the name must be one a store can hold (`map2map.store.check_field_name`)."""
     name, sep, pattern = spec.partition("=")
-    if not sep or not name or not pattern:
+    if not sep or not pattern:
         raise UserError(f"--field {spec!r}: expected NAME=PATTERN, e.g. disp='sims/*/dis.npy'")
-    if not name.replace("_", "").replace("-", "").isalnum() or name.startswith(("source_", "sample")):
-        raise UserError(f"--field name {name!r}: use letters, digits, '_' or '-' (not 'sample' or 'source_*')")
+    store.check_field_name(name, "--field")
     return name, pattern
 
 
@@ -104,15 +148,18 @@ def _check_shape(header: npyfile.NpyHeader) -> None:
 
 
 def gather(specs: Sequence[str]) -> list[FieldInput]:
-    """Expand every pattern, check every header, and check that the fields pair up."""
-    fields: list[FieldInput] = []
+    """Check every name, expand and pair the patterns, check every header and that the grids agree."""
+    named: list[tuple[str, str]] = []
     for spec in specs:
         name, pattern = parse_field(spec)
-        if any(f.name == name for f in fields):
-            raise UserError(f"--field {name!r} is given twice")
-        paths = sorted(glob.glob(os.path.expanduser(pattern)))
-        if not paths:
-            raise UserError(f"--field {name}: pattern {pattern!r} matches no files")
+        if any(n == name for n, _ in named):
+            raise UserError(f"--field {name!r} is given twice; every field needs its own name")
+        named.append((name, pattern))
+    if not named:
+        raise UserError("--field: give at least one NAME=PATTERN")
+    paired = npyfile.glob_paired([p for _, p in named], "--field")
+    fields: list[FieldInput] = []
+    for (name, pattern), paths in zip(named, paired):
         headers = [npyfile.inspect(p) for p in paths]
         for h in headers:
             _check_shape(h)
@@ -120,17 +167,25 @@ def gather(specs: Sequence[str]) -> list[FieldInput]:
                 raise UserError(f"--field {name}: {h.path} has shape {h.shape} but "
                                 f"{headers[0].path} has {headers[0].shape}")
         fields.append(FieldInput(name, pattern, headers))
-    counts = {f.name: len(f.headers) for f in fields}
-    if len(set(counts.values())) > 1:
-        raise UserError("fields have different numbers of files: "
-                        + ", ".join(f"{n}: {c}" for n, c in counts.items()))
     ndims = {len(f.spatial) for f in fields}
     if len(ndims) > 1:
         raise UserError("fields mix 2D and 3D grids: " + ", ".join(f"{f.name}: {f.spatial}" for f in fields))
     return fields
 
 
-def plan_layouts(fields: list[FieldInput], opts: Options) -> list[store.FieldLayout]:
+def _shape_option(value: int | Sequence[int], ndim: int, option: str) -> tuple[int, ...]:
+    try:
+        return geometry.as_tuple(value, ndim, option)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def default_pad(crop: Sequence[int]) -> int:
+    """The halo pad assumed when ``--pad`` is not given: 3/8 of the smallest crop side, at least 1."""
+    return max(1, 3 * min(crop) // 8)
+
+
+def plan_layouts(fields: list[FieldInput], config: ConvertConfig) -> list[store.FieldLayout]:
     """Chunking for every field: shards = crop (times `shard_mult`), inner chunks chosen for the halo.
 
     Crop, pad and chunk are in voxels of the first field's grid; a field on a
@@ -139,17 +194,21 @@ def plan_layouts(fields: list[FieldInput], opts: Options) -> list[store.FieldLay
     """
     ref = fields[0].spatial
     ndim = len(ref)
-    crop = geometry.as_tuple(opts.crop if opts.crop else [min(128, n) for n in ref], ndim, "--crop")
+    crop = _shape_option(config.crop if config.crop else [min(128, n) for n in ref], ndim, "--crop")
     if any(c <= 0 for c in crop):
         raise UserError(f"--crop {list(crop)} must be positive")
-    pad = opts.pad if opts.pad is not None else max(1, 3 * min(crop) // 8)
+    if config.shard_mult < 1:
+        raise UserError(f"--shard-mult {config.shard_mult} must be at least 1")
+    pad = config.pad if config.pad is not None else default_pad(crop)
     if pad < 0:
         raise UserError(f"--pad {pad} must not be negative")
-    if opts.chunk:
-        chunk = geometry.as_tuple(opts.chunk, ndim, "--chunk")
+    if config.chunk:
+        chunk = _shape_option(config.chunk, ndim, "--chunk")
+        if any(c <= 0 for c in chunk):
+            raise UserError(f"--chunk {list(chunk)} must be positive")
     else:
         chunk = tuple(geometry.choose_inner_chunk(c, pad, ndim=ndim) for c in crop)
-    shard = tuple(c * opts.shard_mult for c in crop)
+    shard = tuple(c * config.shard_mult for c in crop)
     if any(s % c for s, c in zip(shard, chunk)):
         raise UserError(f"--chunk {list(chunk)} must divide the shard {list(shard)} (crop x shard multiple)")
     layouts = []
@@ -165,7 +224,7 @@ def plan_layouts(fields: list[FieldInput], opts: Options) -> list[store.FieldLay
         if any(s % c for s, c in zip(f_shard, f_chunk)):
             f_chunk = f_shard
         layouts.append(store.FieldLayout(f.name, f.channels, f.spatial, f_shard, f_chunk,
-                                         opts.dtype, opts.compressor))
+                                         config.dtype, config.compressor))
     return layouts
 
 
@@ -185,41 +244,64 @@ def units(layout: store.FieldLayout, itemsize: int) -> list[tuple[slice, ...]]:
     return out
 
 
-_OPEN: dict[tuple[str, str], zarr.Array] = {}
+def _region_bytes(header: npyfile.NpyHeader, region: tuple[slice, ...], itemsize: int) -> int:
+    return header.shape[0] * math.prod(s.stop - s.start for s in region) * itemsize
 
 
-def _array(path: str, name: str) -> zarr.Array:
-    """The array `name` of the store at `path`, opened once per process."""
-    key = (path, name)
-    if key not in _OPEN:
-        _OPEN[key] = zarr.open_group(path, mode="r+", use_consolidated=False)[name]
-    return _OPEN[key]
+@dataclass(frozen=True)
+class _Task:
+    """Units of one source file that one worker writes in a row: the array is opened once for them."""
+
+    field: str
+    header: npyfile.NpyHeader
+    sample: int
+    regions: tuple[tuple[slice, ...], ...]
+    nbytes: int
 
 
-def _write_unit(path: str, name: str, header: npyfile.NpyHeader, sample: int, region: tuple[slice, ...],
-                dtype: str, check_finite: bool) -> tuple[int, int]:
-    """Convert one unit; returns (bytes written, number of non-finite values found)."""
-    buf = np.empty((header.shape[0],) + tuple(s.stop - s.start for s in region), dtype=dtype)
-    npyfile.read_block(header, (slice(None),) + region, buf)
-    bad = int(buf.size - np.count_nonzero(np.isfinite(buf))) if check_finite else 0
-    _array(path, name)[(sample, slice(None)) + region] = buf
-    return buf.nbytes, bad
-
-
-def _jobs(fields: list[FieldInput], layouts: list[store.FieldLayout], first_sample: int,
-          itemsize: int) -> Iterator[tuple[str, npyfile.NpyHeader, int, tuple[slice, ...]]]:
+def _tasks(fields: list[FieldInput], layouts: list[store.FieldLayout], first_sample: int,
+           itemsize: int) -> Iterator[_Task]:
+    """Every unit of every file, in file order, small ones grouped into tasks of at most about UNIT_BYTES."""
     for i in range(len(fields[0].headers)):
         for f, lay in zip(fields, layouts):
+            header = f.headers[i]
+            group: list[tuple[slice, ...]] = []
+            nbytes = 0
             for region in units(lay, itemsize):
-                yield f.name, f.headers[i], first_sample + i, region
+                size = _region_bytes(header, region, itemsize)
+                if group and nbytes + size > UNIT_BYTES:
+                    yield _Task(f.name, header, first_sample + i, tuple(group), nbytes)
+                    group, nbytes = [], 0
+                group.append(region)
+                nbytes += size
+            if group:
+                yield _Task(f.name, header, first_sample + i, tuple(group), nbytes)
+
+
+def _write_task(path: str, task: _Task, dtype: str, check_finite: bool) -> tuple[int, int]:
+    """Convert the units of one task; returns (bytes written, number of non-finite values found).
+
+    Opens the store's array for this task only: an array object caches the
+    shape it was opened with, so none outlives the write it was opened for.
+    """
+    arr = zarr.open_group(path, mode="r+", use_consolidated=False)[task.field]
+    nbytes = bad = 0
+    for region in task.regions:
+        buf = np.empty((task.header.shape[0],) + tuple(s.stop - s.start for s in region), dtype=dtype)
+        npyfile.read_block(task.header, (slice(None),) + region, buf)
+        if check_finite:
+            bad += int(buf.size - np.count_nonzero(np.isfinite(buf)))
+        arr[(task.sample, slice(None)) + region] = buf
+        nbytes += buf.nbytes
+    return nbytes, bad
 
 
 def _pool(workers: int) -> Executor:
     """Worker processes for the copy (zarr-python serialises threads on its event loop).
 
     Spawned, not forked: a forked child would inherit zarr's event loop state
-    from the parent, which has already opened the store.  One unit of work or
-    one worker runs in this process instead.
+    from the parent, which has already opened the store.  One task or one
+    worker runs in this process instead.
     """
     if workers <= 1:
         return _InlineExecutor()
@@ -234,24 +316,25 @@ class _InlineExecutor(Executor):
 
 
 def write_samples(path: str, fields: list[FieldInput], layouts: list[store.FieldLayout], first_sample: int,
-                  opts: Options) -> None:
-    """Write every file of every field as samples ``first_sample, first_sample + 1, ...``.
+                  config: ConvertConfig) -> int:
+    """Write every file of every field as samples ``first_sample, first_sample + 1, ...``; returns the bytes.
 
     Stops early once a file is known to hold NaN/Inf (unless allowed), after
     counting that file's values, and raises a UserError naming it.
     """
-    _OPEN.clear()  # array objects cache their shape: never reuse them across writes
-    itemsize = np.dtype(opts.dtype).itemsize
-    jobs = list(_jobs(fields, layouts, first_sample, itemsize))
-    total = sum(math.prod(s.stop - s.start for s in r) * h.shape[0] * itemsize for _, h, _, r in jobs)
-    workers = min(opts.workers, max(1, total // UNIT_BYTES))
+    itemsize = np.dtype(config.dtype).itemsize
+    tasks = list(_tasks(fields, layouts, first_sample, itemsize))
+    total = sum(t.nbytes for t in tasks)
+    workers = min(config.workers, max(1, total // UNIT_BYTES), len(tasks))
     bad: dict[str, int] = {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not opts.progress,
+    written = 0
+    with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not config.progress,
               file=sys.stderr) as bar, _pool(workers) as pool:
-        futures = [(h.path, pool.submit(_write_unit, path, n, h, s, r, opts.dtype, not opts.allow_nonfinite))
-                   for n, h, s, r in jobs]
+        futures = [(t.header.path, pool.submit(_write_task, path, t, config.dtype, not config.allow_nonfinite))
+                   for t in tasks]
         for src, fut in futures:
             nbytes, nbad = fut.result()
+            written += nbytes
             bar.update(nbytes)
             if nbad:
                 bad[src] = bad.get(src, 0) + nbad
@@ -265,15 +348,16 @@ def write_samples(path: str, fields: list[FieldInput], layouts: list[store.Field
                         "fix the data or pass --allow-nonfinite to keep them")
     group = zarr.open_group(path, mode="r+", use_consolidated=False)
     for f in fields:
-        src = group[f"source_{f.name}"]
-        src[first_sample:first_sample + len(f.headers)] = np.array([os.path.abspath(h.path) for h in f.headers])
+        src = group[store.source_name(f.name)]
+        src[first_sample:first_sample + len(f.headers)] = np.array([h.path for h in f.headers])
     group["sample"][first_sample:] = np.arange(first_sample, first_sample + len(fields[0].headers))
+    return written
 
 
-def _settings(fields: list[FieldInput], opts: Options, pad: int, crop: Sequence[int]) -> dict[str, Any]:
+def _settings(fields: list[FieldInput], config: ConvertConfig, pad: int, crop: Sequence[int]) -> dict[str, Any]:
     out: dict[str, Any] = {
         f.name: {"pattern": f.pattern, "source_dtype": str(f.headers[0].dtype),
-                 "allow_nonfinite": opts.allow_nonfinite} for f in fields}
+                 "allow_nonfinite": config.allow_nonfinite} for f in fields}
     out.update(created_by="m2m convert", crop=list(crop), pad=pad, reference_field=fields[0].name)
     return out
 
@@ -299,66 +383,77 @@ def _check_append(st: store.Store, layouts: list[store.FieldLayout]) -> None:
                             f"{have}, the new files give {want}")
 
 
-def convert(opts: Options) -> dict[str, Any]:
-    """Run a conversion; returns a summary for printing.  Raises UserError on bad input."""
-    if opts.overwrite and opts.append:
+def run(config: ConvertConfig) -> ConvertSummary:
+    """Run a conversion (see the module docstring).  Raises UserError on bad input, before writing anything."""
+    t0 = time.perf_counter()
+    if config.overwrite and config.append:
         raise UserError("--overwrite and --append exclude each other")
-    fields = gather(opts.fields)
-    layouts = plan_layouts(fields, opts)
-    ref = fields[0].spatial
-    crop = list(layouts[0].shard[d] // opts.shard_mult for d in range(len(ref)))
-    pad = opts.pad if opts.pad is not None else max(1, 3 * min(crop) // 8)
+    fields = gather(config.field)
+    layouts = plan_layouts(fields, config)
+    crop = [layouts[0].shard[d] // config.shard_mult for d in range(len(fields[0].spatial))]
+    pad = config.pad if config.pad is not None else default_pad(crop)
+    out = Path(config.output)
+    notes = [f"{f.name}: {f.headers[0].dtype} stored as {config.dtype}" for f in fields
+             if f.headers[0].dtype != np.dtype(config.dtype)]
+    if config.append:
+        old, written = _append(out, fields, layouts, config)
+        appended: int | None = len(fields[0].headers)
+        nsample = old + appended
+    else:
+        written = _create(out, fields, layouts, config, _settings(fields, config, pad, crop), notes)
+        appended, nsample = None, len(fields[0].headers)
+    return ConvertSummary(str(out), nsample, appended, [dataclasses.asdict(lay) for lay in layouts], notes,
+                          written, time.perf_counter() - t0)
+
+
+def _create(out: Path, fields: list[FieldInput], layouts: list[store.FieldLayout], config: ConvertConfig,
+            settings: dict[str, Any], notes: list[str]) -> int:
+    """Write a new store at `out` (built beside it and swapped in if it replaces one); returns the bytes."""
     nnew = len(fields[0].headers)
-    out = Path(opts.output)
-    notes = [f"{f.name}: {f.headers[0].dtype} stored as {opts.dtype}" for f in fields
-             if f.headers[0].dtype != np.dtype(opts.dtype)]
-    if opts.append:
-        return _append(out, fields, layouts, opts, notes)
     target = out
-    if out.exists() and not opts.overwrite:
+    if out.exists() and not config.overwrite:
         _refuse_existing(out)
         notes.append(f"{out} is an incomplete store from an interrupted run: converting it again")
         store.remove(out)
     elif out.exists():
         if store.read_meta(out) is None and any(out.iterdir()):
             raise UserError(f"--overwrite: {out} is not a map2map store; refusing to delete it")
-        target = out.with_name(out.name + ".m2m-partial")
+        target = Path(store.staged_path(out))
         if target.exists():
             store.remove(target)
-    store.create(target, layouts, nsample=nnew, boxsize=opts.boxsize,
-                 settings=_settings(fields, opts, pad, crop) | opts.extra)
+    store.create(target, layouts, nsample=nnew, boxsize=config.boxsize, settings=settings)
     try:
-        write_samples(str(target), fields, layouts, 0, opts)
+        written = write_samples(str(target), fields, layouts, 0, config)
     except UserError:
         store.remove(target)
         raise
     store.mark_complete(target, nnew)
     if target != out:
-        trash = out.with_name(out.name + ".m2m-old")
-        os.replace(out, trash)
-        os.replace(target, out)
-        store.remove(trash)
-    return {"output": str(out), "nsample": nnew, "layouts": layouts, "notes": notes}
+        store.swap_in(target, out)
+    return written
 
 
-def _append(out: Path, fields: list[FieldInput], layouts: list[store.FieldLayout], opts: Options,
-            notes: list[str]) -> dict[str, Any]:
+def _resize_samples(group: zarr.Group, nsample: int) -> None:
+    """Give every per-sample array of the store `nsample` samples."""
+    for name in list(group.array_keys()):
+        arr = group[name]
+        if arr.metadata.dimension_names and arr.metadata.dimension_names[0] == "sample":
+            arr.resize((nsample,) + arr.shape[1:])
+
+
+def _append(out: Path, fields: list[FieldInput], layouts: list[store.FieldLayout],
+            config: ConvertConfig) -> tuple[int, int]:
+    """Add the files as new samples of the complete store `out`; returns (samples before, bytes written)."""
     st = store.open_store(out)
     _check_append(st, layouts)
     old = st.nsample
     nnew = len(fields[0].headers)
     group = zarr.open_group(str(out), mode="r+", use_consolidated=False)
-    for name in list(group.array_keys()):
-        arr = group[name]
-        if arr.metadata.dimension_names and arr.metadata.dimension_names[0] == "sample":
-            arr.resize((old + nnew,) + arr.shape[1:])
+    _resize_samples(group, old + nnew)
     try:
-        write_samples(str(out), fields, layouts, old, opts)
+        written = write_samples(str(out), fields, layouts, old, config)
     except UserError:
-        for name in list(group.array_keys()):
-            arr = group[name]
-            if arr.metadata.dimension_names and arr.metadata.dimension_names[0] == "sample":
-                arr.resize((old,) + arr.shape[1:])
+        _resize_samples(group, old)
         raise
     store.mark_complete(out, old + nnew)
-    return {"output": str(out), "nsample": old + nnew, "appended": nnew, "layouts": layouts, "notes": notes}
+    return old, written

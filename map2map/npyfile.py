@@ -1,7 +1,8 @@
 """Reading .npy files in bounded pieces, through memory maps, never whole.
 
-`inspect` parses and checks a header (and that the file holds all the bytes
-it promises); `read_block` copies one rectangular region of the array into a
+`glob_paired` expands the glob patterns of several fields into paired file
+lists; `inspect` parses and checks a header (and that the file holds all the
+bytes it promises); `read_block` copies one rectangular region of the array into a
 native float32 (or float64) buffer by mapping one storage plane at a time and
 unmapping it right after, so the resident memory of a conversion does not
 grow with the file.
@@ -9,13 +10,37 @@ grow with the file.
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from map2map.errors import UserError
+
+
+def glob_paired(patterns: Sequence[str], what: str) -> list[list[str]]:
+    """The files of each glob pattern, sorted by path: file i of every pattern forms sample i.
+
+    Each pattern is expanded with ``~`` as the home directory; the result
+    holds absolute paths, one list per pattern, all of one length.  This is
+    the original toolkit's pairing of glob matches.  `what` names the
+    patterns in errors (e.g. ``--field``): a `UserError` for a pattern that
+    matches no file, or for patterns that match different numbers of files.
+    """
+    out = []
+    for pattern in patterns:
+        paths = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not paths:
+            raise UserError(f"{what} pattern {pattern!r} matches no files")
+        out.append([os.path.abspath(p) for p in paths])
+    counts = [len(paths) for paths in out]
+    if len(set(counts)) > 1:
+        raise UserError(f"{what} patterns match different numbers of files: "
+                        + ", ".join(f"{p!r}: {n}" for p, n in zip(patterns, counts)))
+    return out
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,19 @@ complete) and ``complete``.  The completion mark, together with the
 consolidated metadata, is written last: readers open the consolidated view,
 which only ever shows whole, finished samples, and refuse a store whose mark
 is missing.
+
+Field names are the store's to rule (`check_field_name`): a plain word that
+none of the store's own arrays (``sample``, ``source_<field>``, the
+dimension coordinates) can ever take.  Replacing a store is staged: the new
+one is built beside it (`staged_path`) and swapped in only when complete
+(`swap_in`), so a failure leaves the old store as it was.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -35,6 +42,9 @@ from map2map.utils import durable
 FORMAT_VERSION = 1
 ATTR = "map2map"
 AXES = "xyz"
+PARTIAL = ".m2m-partial"  # suffix of the replacement a writer builds beside a store (`staged_path`)
+OLD = ".m2m-old"  # suffix of the replaced store while `swap_in` moves it aside
+MAX_NAME = 248  # longest field name: ``source_<name>`` must fit a 255-byte file name
 
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
 
@@ -54,6 +64,43 @@ def channel_dim(nchan: int) -> str:
 
 def field_dims(nchan: int, spatial: Iterable[int]) -> tuple[str, ...]:
     return ("sample", channel_dim(nchan)) + spatial_dims(spatial)
+
+
+def source_name(field: str) -> str:
+    """Name of the coordinate holding the source file of each sample of `field`."""
+    return f"source_{field}"
+
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_RESERVED = (  # names a store gives its own arrays (or Zarr reserves), and why a field cannot take them
+    (re.compile(r"sample"), "clashes with the sample dimension every store has"),
+    (re.compile(r"source_.*"), "clashes with the source-file coordinates source_<field> every store has"),
+    (re.compile(r"channel_[0-9]+"), "clashes with the channel dimensions channel_<N> every store has"),
+    (re.compile(f"[{AXES}]_[0-9]+"), "clashes with the spatial dimensions x_<N>, y_<N>, z_<N> every store has"),
+    (re.compile(r"__.*"), "starts with '__', which Zarr reserves"),
+)
+
+
+def check_field_name(name: str, option: str) -> None:
+    """Refuse a field name a store cannot hold as its own variable: a `UserError` naming `option`.
+
+    A field name is a *plain word*: letters, digits, ``_`` or ``-``, starting
+    with a letter or ``_``, at most `MAX_NAME` characters (ASCII only: it is
+    a file name in the store and a variable name in xarray).  It must not
+    take a name the store creates itself: ``sample``, ``source_*``, channel
+    dimensions ``channel_<N>``, spatial dimensions ``x_<N>``, ``y_<N>``,
+    ``z_<N>`` (also the names of their coordinates), nor a Zarr-reserved
+    ``__*``.  Such a name would collide inside the store and end in a Zarr
+    or xarray error far from its cause.
+    """
+    if not name:
+        raise UserError(f"{option}: the field name is empty; give a word such as 'disp'")
+    if not _WORD.fullmatch(name) or len(name) > MAX_NAME:
+        raise UserError(f"{option} {name!r}: a field name is a word of letters, digits, '_' or '-' "
+                        f"that starts with a letter or '_' (at most {MAX_NAME} characters)")
+    for pattern, reason in _RESERVED:
+        if pattern.fullmatch(name):
+            raise UserError(f"{option} {name!r}: the name {reason}; choose another field name")
 
 
 def cell_centres(n: int, boxsize: float | None) -> np.ndarray:
@@ -101,8 +148,8 @@ def _create_field(group: zarr.Group, layout: FieldLayout, nsample: int) -> None:
         dimension_names=list(layout.dims),
         config={"write_empty_chunks": True},
     )
-    arr.attrs["coordinates"] = f"source_{layout.name}"
-    src = group.create_array(f"source_{layout.name}", shape=(nsample,), chunks=(4096,), dtype=str,
+    arr.attrs["coordinates"] = source_name(layout.name)
+    src = group.create_array(source_name(layout.name), shape=(nsample,), chunks=(4096,), dtype=str,
                              dimension_names=["sample"])
     src.attrs["long_name"] = f"source file of each sample of {layout.name}"
 
@@ -169,16 +216,6 @@ def mark_complete(path: str | Path, nsample: int, **extra: Any) -> None:
     durable.fsync_files([Path(path) / "zarr.json", path])
 
 
-def mark_incomplete(path: str | Path) -> None:
-    """Clear the completion mark before rewriting samples a reader may already rely on."""
-    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
-    meta = dict(group.attrs[ATTR])
-    meta["complete"] = False
-    group.attrs[ATTR] = meta
-    zarr.consolidate_metadata(str(path))
-    durable.fsync_files([Path(path) / "zarr.json"])  # on disk before any sample is rewritten
-
-
 def read_meta(path: str | Path) -> dict[str, Any] | None:
     """The ``map2map`` attribute of the group at `path`, or None if it is no map2map store."""
     try:
@@ -214,7 +251,7 @@ class Store:
         return self.group[name]
 
     def sources(self, name: str) -> list[str]:
-        return [str(s) for s in self.group[f"source_{name}"][: self.nsample]]
+        return [str(s) for s in self.group[source_name(name)][: self.nsample]]
 
 
 def open_store(path: str | Path, *, allow_incomplete: bool = False) -> Store:
@@ -241,6 +278,49 @@ def open_store(path: str | Path, *, allow_incomplete: bool = False) -> Store:
 def remove(path: str | Path) -> None:
     """Delete a local store directory (only ever called on map2map stores or our own temporaries)."""
     shutil.rmtree(path, ignore_errors=False)
+
+
+# ------------------------------------------------------- staged replacement
+
+def staged_path(path: str | Path) -> str:
+    """Where the replacement of the store at `path` is built: beside it, named ``<path>.m2m-partial``.
+
+    A writer asked to replace a complete store (``--overwrite``) creates and
+    completes the new store here, then calls `swap_in`; until then readers of
+    `path` see the old store.  Whether a leftover at this path is resumed or
+    removed is the writer's choice.
+    """
+    path = os.path.normpath(os.fspath(path))
+    return path + PARTIAL
+
+
+def swap_in(staged: str | Path, path: str | Path) -> None:
+    """Replace the store at `path` by the finished store at `staged` (from `staged_path`).
+
+    The old store is renamed aside (``<path>.m2m-old``), the new one renamed
+    to `path`, the old one deleted, and the parent directory fsynced so the
+    renames survive a power loss.  At every moment a complete store exists
+    under `path` or ``<path>.m2m-old``; if renaming the new one in fails, the
+    old one is renamed back.  A leftover ``.m2m-old`` of an earlier
+    interrupted swap is deleted first; a missing old store is fine.
+    """
+    path = os.path.normpath(os.fspath(path))
+    staged = os.path.normpath(os.fspath(staged))
+    old = path + OLD
+    if os.path.lexists(old):
+        remove(old)
+    if os.path.lexists(path):
+        os.replace(path, old)
+        try:
+            os.replace(staged, path)
+        except BaseException:
+            os.replace(old, path)  # put the old store back: `path` never ends up empty-handed
+            raise
+    else:
+        os.replace(staged, path)
+    durable.fsync_path(os.path.dirname(os.path.abspath(path)))
+    if os.path.lexists(old):
+        remove(old)
 
 
 def stored_bytes(path: str | Path, name: str) -> int:

@@ -1,26 +1,25 @@
-"""Physical example data: linear fields and their 1LPT / 2LPT displacements.
+"""`m2m synth`: physical example data, linear fields and their 1LPT / 2LPT displacements.
 
-Everything is deterministic from a seed, needs no download, and is written as
-channel-first float32 ``.npy`` files, exactly as users bring their own data.
+`run` takes a `SynthConfig` (the command line's options) and returns a
+`SynthSummary`.  Everything is deterministic from a seed, needs no download,
+and is written as channel-first float32 ``.npy`` files, exactly as users
+bring their own data.
 
 Units: lengths in Mpc/h, wavenumbers k in h/Mpc, power spectra in (Mpc/h)^3.
+The cosmology (expansion, growth D1 and D2, the linear power spectrum) is
+`map2map.cosmology`'s; this module adds the random fields and the LPT.
 
 Physics and conventions
 -----------------------
-- Linear power ``P(k) = A k^n_s T(k)^2`` with the Eisenstein & Hu (1998,
-  ApJ 496, 605, eqs. 26-31) no-wiggle transfer function, ``A`` fixed so that
-  the rms linear overdensity in top-hat spheres of 8 Mpc/h is ``sigma8`` at
-  z = 0.  Linear growth ``D(z)`` of flat LCDM (radiation neglected) from the
-  growth integral, ``D(0) = 1``; ``P(k, z) = D(z)^2 P(k)``.
+- Linear power ``P(k, z) = D(z)^2 P(k)`` from `map2map.cosmology.linear_power`.
 - Lagrangian perturbation theory, particle at ``x = q + psi(q)``:
   ``psi = -D1 grad phi1 + D2 grad phi2`` with ``lap phi1 = delta_L(q)`` (the
   linear overdensity today, D = 1) and
   ``lap phi2 = sum_{i<j} (phi1_ii phi1_jj - phi1_ij^2)`` (the second invariant
-  of the deformation tensor), and ``D2 = -(3/7) D1^2`` (the flat-LCDM
-  ``Omega_m(z)^(-1/143)`` factor, a < 1 % change, is omitted so the 2LPT
-  term scales exactly as D1^2).  So ``div psi1 = -D1 delta_L`` (matter flows
-  into overdensities) and ``div psi2 = D2 * source2``; for a spherical
-  overdensity this gives the known second-order density
+  of the deformation tensor), and ``D2 = -(3/7) D1^2``
+  (`map2map.cosmology.second_order_growth`).  So ``div psi1 = -D1 delta_L``
+  (matter flows into overdensities) and ``div psi2 = D2 * source2``; for a
+  spherical overdensity this gives the known second-order density
   ``delta_2 = (17/21) delta_1^2``.  The functions below take the linear
   field at the target redshift, ``delta = D1 delta_L``, which absorbs D1.
 - Fourier convention: ``numpy.fft`` (unnormalised forward DFT).  A Gaussian
@@ -38,17 +37,19 @@ Physics and conventions
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
-import tempfile
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
-from scipy import integrate
 
+from map2map.cosmology import (Cosmology, eh_nowiggle_transfer, growth_factor, linear_power,
+                               second_order_growth, sigma_r, tophat_window)
 from map2map.errors import UserError
+from map2map.stage import Summary
+from map2map.utils.durable import atomic_write
 
 __all__ = [
     "Cosmology",
@@ -56,7 +57,6 @@ __all__ = [
     "tophat_window",
     "linear_power",
     "sigma_r",
-    "growth_factor",
     "second_order_growth",
     "wavevectors",
     "gaussian_field",
@@ -68,11 +68,13 @@ __all__ = [
     "density_from_displacement",
     "sample_fields",
     "params_path",
-    "synthesize",
+    "SynthConfig",
+    "SynthSummary",
+    "run",
     "FIELDS",
 ]
 
-#: field name -> what it holds; `synthesize` writes ``<sample dir>/<name>.npy``.
+#: field name -> what it holds; `run` writes ``<sample dir>/<name>.npy``.
 FIELDS = {
     "dis_za": "Zel'dovich (1LPT) displacement psi1 [Mpc/h], shape (3, N, N, N)",
     "dis_2lpt": "2LPT displacement psi1 + psi2 [Mpc/h], shape (3, N, N, N)",
@@ -82,109 +84,36 @@ FIELDS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Cosmology:
-    """Flat LCDM parameters: density fractions today, h = H0 / (100 km/s/Mpc), CMB temperature [K]."""
+class SynthConfig:
+    """Everything `m2m synth` takes; field names are the command line's option names.
 
-    omega_m: float = 0.31
-    omega_b: float = 0.049
-    h: float = 0.677
-    n_s: float = 0.967
-    sigma8: float = 0.81
-    T_cmb: float = 2.7255
-
-    def __post_init__(self) -> None:
-        if not 0 < self.omega_b < self.omega_m <= 1:
-            raise UserError(f"omega_b={self.omega_b}, omega_m={self.omega_m}: expected 0 < omega_b < omega_m <= 1")
-        for name in ("h", "sigma8", "T_cmb"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"{name}={getattr(self, name)!r}: expected a positive number")
-
-
-def _cosmology(cosmo: Cosmology | None) -> Cosmology:
-    return Cosmology() if cosmo is None else cosmo
-
-
-# ------------------------------------------------------------ power spectrum
-
-def eh_nowiggle_transfer(k: np.ndarray, cosmo: Cosmology | None = None) -> np.ndarray:
-    """Eisenstein & Hu (1998) no-wiggle matter transfer function T(k), T -> 1 as k -> 0.
-
-    k in h/Mpc.  The baryon suppression enters through the scale-dependent
-    shape parameter Gamma_eff (EH98 eqs. 26, 28, 29-31).
+    Sample ``i`` goes to ``outdir/{prefix}{i:03d}/{name}.npy`` for the names
+    in `FIELDS` (``dens_*`` only with `density`); `cosmology` has no option
+    on the command line (the defaults of `Cosmology`).
     """
-    c = _cosmology(cosmo)
-    k = np.asarray(k, dtype=float)
-    theta = c.T_cmb / 2.7
-    wm, wb, fb = c.omega_m * c.h ** 2, c.omega_b * c.h ** 2, c.omega_b / c.omega_m
-    s = 44.5 * np.log(9.83 / wm) / np.sqrt(1 + 10 * wb ** 0.75)  # sound horizon [Mpc]
-    alpha = 1 - 0.328 * np.log(431 * wm) * fb + 0.38 * np.log(22.3 * wm) * fb ** 2
-    gamma = c.omega_m * c.h * (alpha + (1 - alpha) / (1 + (0.43 * k * c.h * s) ** 4))
-    q = k * theta ** 2 / gamma
-    l0 = np.log(2 * np.e + 1.8 * q)
-    c0 = 14.2 + 731 / (1 + 62.5 * q)
-    return l0 / (l0 + c0 * q ** 2)
+
+    outdir: str
+    num_samples: int = 1
+    ngrid: int = 32
+    boxsize: float = 128.0
+    seed: int = 0
+    redshift: float = 0.0
+    density: bool = False
+    prefix: str = ""
+    cosmology: Cosmology = Cosmology()
 
 
-def tophat_window(x: np.ndarray) -> np.ndarray:
-    """Fourier transform of a unit-volume 3D top-hat, W(x) = 3 (sin x - x cos x) / x^3, x = k R."""
-    x = np.asarray(x, dtype=float)
-    small = np.abs(x) < 1e-3
-    xs = np.where(small, 1.0, x)
-    return np.where(small, 1 - x ** 2 / 10, 3 * (np.sin(xs) - xs * np.cos(xs)) / xs ** 3)
+@dataclasses.dataclass
+class SynthSummary(Summary):
+    """What `run` wrote: the files of each field (sample 0, 1, ...), the parameter record, the time taken."""
 
+    outdir: str
+    paths: dict[str, list[str]]
+    params: str
+    seconds: float
 
-def _sigma2_unnormalised(radius: float, cosmo: Cosmology) -> float:
-    """sigma^2(R) of k^n_s T^2 (amplitude 1): int dlnk k^3 P W^2 / (2 pi^2), by Simpson in ln k."""
-    lnk = np.linspace(np.log(1e-5), np.log(1e2), 8193)
-    k = np.exp(lnk)
-    integrand = k ** 3 * k ** cosmo.n_s * eh_nowiggle_transfer(k, cosmo) ** 2
-    integrand *= tophat_window(k * radius) ** 2 / (2 * np.pi ** 2)
-    return float(integrate.simpson(integrand, x=lnk))
-
-
-@functools.lru_cache(maxsize=32)
-def _amplitude(cosmo: Cosmology) -> float:
-    """Primordial amplitude A [(Mpc/h)^(3+n_s)] such that sigma(8 Mpc/h) = sigma8 at z = 0."""
-    return cosmo.sigma8 ** 2 / _sigma2_unnormalised(8.0, cosmo)
-
-
-def linear_power(k: np.ndarray, cosmo: Cosmology | None = None, redshift: float = 0.0) -> np.ndarray:
-    """Linear matter power P(k, z) = D(z)^2 A k^n_s T(k)^2 [(Mpc/h)^3], k in h/Mpc."""
-    c = _cosmology(cosmo)
-    k = np.asarray(k, dtype=float)
-    d = growth_factor(redshift, c)
-    return d ** 2 * _amplitude(c) * k ** c.n_s * eh_nowiggle_transfer(k, c) ** 2
-
-
-def sigma_r(radius: float, cosmo: Cosmology | None = None, redshift: float = 0.0) -> float:
-    """rms linear overdensity in top-hat spheres of `radius` [Mpc/h] at `redshift`."""
-    c = _cosmology(cosmo)
-    return float(growth_factor(redshift, c) * np.sqrt(_amplitude(c) * _sigma2_unnormalised(radius, c)))
-
-
-# -------------------------------------------------------------------- growth
-
-def _growth_unnormalised(a: float, omega_m: float) -> float:
-    """D(a) proportional to E(a) int_0^a da' / (a' E(a'))^3, with E = H / H0 of flat LCDM."""
-    def e(x: float) -> float:
-        return np.sqrt(omega_m / x ** 3 + 1 - omega_m)
-
-    integral, _ = integrate.quad(lambda x: 1 / (x * e(x)) ** 3, 0, a, epsabs=0, epsrel=1e-11)
-    return e(a) * integral
-
-
-def growth_factor(redshift: float, cosmo: Cosmology | None = None) -> float:
-    """Linear growth factor D(z) of flat LCDM, normalised to D(0) = 1 (dimensionless)."""
-    c = _cosmology(cosmo)
-    if not redshift > -1:
-        raise UserError(f"redshift={redshift!r}: expected a number > -1")
-    a = 1 / (1 + redshift)
-    return _growth_unnormalised(a, c.omega_m) / _growth_unnormalised(1.0, c.omega_m)
-
-
-def second_order_growth(d1: float) -> float:
-    """Second-order growth D2 = -(3/7) D1^2 (Omega_m^(-1/143) factor omitted)."""
-    return -3 / 7 * d1 ** 2
+    def lines(self) -> list[str]:
+        return [f"{name}: {len(files)} files, e.g. {files[0]}" for name, files in self.paths.items()]
 
 
 # ----------------------------------------------------------- Gaussian field
@@ -229,9 +158,8 @@ def gaussian_field(noise: np.ndarray, boxsize: float, power: Callable[[np.ndarra
 def linear_field(ngrid: int, boxsize: float, rng: np.random.Generator, redshift: float = 0.0,
                  cosmo: Cosmology | None = None) -> np.ndarray:
     """Linear overdensity delta_L(x, z) (dimensionless, float64, (N, N, N)) from `rng` white noise."""
-    c = _cosmology(cosmo)
     noise = rng.standard_normal((ngrid, ngrid, ngrid))
-    return gaussian_field(noise, boxsize, lambda k: linear_power(k, c, redshift))
+    return gaussian_field(noise, boxsize, lambda k: linear_power(k, cosmo, redshift))
 
 
 # ------------------------------------------------------------------------ LPT
@@ -335,26 +263,6 @@ def density_from_displacement(displacement: np.ndarray, boxsize: float) -> np.nd
 
 # ------------------------------------------------------------------- writing
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    """Write `array` as .npy to a temporary name in the same directory, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def sample_fields(rng: np.random.Generator, ngrid: int, boxsize: float, redshift: float,
                   cosmo: Cosmology, density: bool) -> dict[str, np.ndarray]:
     """All fields of one sample as channel-first float32 arrays, keyed by `FIELDS` names."""
@@ -368,59 +276,57 @@ def sample_fields(rng: np.random.Generator, ngrid: int, boxsize: float, redshift
     return {name: a.astype(np.float32) for name, a in out.items()}
 
 
-def _check_args(nsamples: Any, ngrid: Any, boxsize: Any, seed: Any, redshift: Any) -> None:
-    for name, value, low in (("nsamples", nsamples, 1), ("ngrid", ngrid, 2), ("seed", seed, 0)):
+def _check_config(config: SynthConfig) -> None:
+    for name, low in (("num_samples", 1), ("ngrid", 2), ("seed", 0)):
+        value = getattr(config, name)
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
             raise UserError(f"{name}={value!r}: expected an integer >= {low}")
+    boxsize, redshift = config.boxsize, config.redshift
     if not (isinstance(boxsize, (int, float)) and np.isfinite(boxsize) and boxsize > 0):
         raise UserError(f"boxsize={boxsize!r}: expected a positive number (Mpc/h)")
     if not (isinstance(redshift, (int, float)) and np.isfinite(redshift) and redshift > -1):
         raise UserError(f"redshift={redshift!r}: expected a number > -1")
+    if not isinstance(config.cosmology, Cosmology):
+        raise UserError(f"cosmology={config.cosmology!r}: expected a map2map.cosmology.Cosmology")
 
 
 def params_path(outdir: str | os.PathLike, prefix: str = "") -> Path:
-    """Where `synthesize` writes the JSON record of its parameters."""
+    """Where `run` writes the JSON record of its parameters."""
     return Path(outdir) / f"{prefix}synth.json"
 
 
-def synthesize(outdir: str | os.PathLike, *, nsamples: int = 1, ngrid: int = 32, boxsize: float = 128.0,
-               seed: int = 0, redshift: float = 0.0, density: bool = False, prefix: str = "",
-               **cosmo: float) -> dict[str, list[Path]]:
-    """Write `nsamples` simulated samples of 1LPT and 2LPT displacements (and densities) as .npy.
+def run(config: SynthConfig) -> SynthSummary:
+    """Write `config.num_samples` simulated samples of 1LPT and 2LPT displacements (and densities) as .npy.
 
-    Sample ``i`` goes to ``outdir/{prefix}{i:03d}/{name}.npy`` for the names in
-    `FIELDS` (``dens_*`` only with ``density=True``), channel-first float32,
-    written atomically.  Its random stream is
+    Every file is written atomically and durably (`map2map.utils.durable`).
+    Sample i's random stream is
     ``numpy.random.default_rng(SeedSequence([seed, i]))``, so each sample is
-    reproducible on its own and independent of `nsamples`.  ``**cosmo`` are
-    `Cosmology` fields.  The parameters go to `params_path(outdir, prefix)`,
-    written last.  Returns ``{name: [path of sample 0, 1, ...]}``.
+    reproducible on its own and independent of the number of samples.  The
+    parameters go to `params_path(outdir, prefix)`, written last.
     """
-    _check_args(nsamples, ngrid, boxsize, seed, redshift)
-    unknown = set(cosmo) - {f.name for f in dataclasses.fields(Cosmology)}
-    if unknown:
-        raise UserError(f"unknown cosmological parameter(s) {sorted(unknown)}: expected "
-                        f"{[f.name for f in dataclasses.fields(Cosmology)]}")
-    c = Cosmology(**cosmo)
-    outdir = Path(outdir)
+    t0 = time.perf_counter()
+    _check_config(config)
+    c = config.cosmology
+    outdir = Path(config.outdir)
+    nsamples, seed = config.num_samples, config.seed
+    boxsize, redshift = float(config.boxsize), float(config.redshift)
     width = max(3, len(str(nsamples - 1)))
-    paths: dict[str, list[Path]] = {}
+    paths: dict[str, list[str]] = {}
     samples = []
     for i in range(nsamples):
         rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
-        sample_dir = outdir / f"{prefix}{i:0{width}d}"
+        sample_dir = outdir / f"{config.prefix}{i:0{width}d}"
         sample_dir.mkdir(parents=True, exist_ok=True)
-        for name, array in sample_fields(rng, ngrid, float(boxsize), float(redshift), c, density).items():
-            path = sample_dir / f"{name}.npy"
-            _save_atomic(path, array)
-            paths.setdefault(name, []).append(path)
+        for name, array in sample_fields(rng, config.ngrid, boxsize, redshift, c, config.density).items():
+            path = atomic_write(sample_dir / f"{name}.npy", lambda f, a=array: np.save(f, a))
+            paths.setdefault(name, []).append(str(path))
         samples.append({"dir": sample_dir.name, "seed_sequence": [seed, i]})
-    d1 = growth_factor(redshift, c)
+    d1 = growth_factor(redshift, c.omega_m)
     record = {
-        "generator": "map2map.synth", "ngrid": ngrid, "boxsize": float(boxsize), "seed": seed,
-        "redshift": float(redshift), "cosmology": dataclasses.asdict(c), "growth_D1": d1,
+        "generator": "map2map.synth", "ngrid": config.ngrid, "boxsize": boxsize, "seed": seed,
+        "redshift": redshift, "cosmology": dataclasses.asdict(c), "growth_D1": d1,
         "growth_D2": second_order_growth(d1), "sigma8_at_z": c.sigma8 * d1, "units": "Mpc/h, h/Mpc",
         "fields": {name: FIELDS[name] for name in paths}, "samples": samples,
     }
-    _write_json_atomic(params_path(outdir, prefix), record)
-    return paths
+    params = atomic_write(params_path(outdir, config.prefix), json.dumps(record, indent=2) + "\n")
+    return SynthSummary(str(outdir), paths, str(params), time.perf_counter() - t0)

@@ -11,6 +11,9 @@ import pytest
 import torch
 import xarray as xr
 from dask.callbacks import Callback
+from hypothesis import given
+
+from strategies import shapes
 
 from map2map import analysis
 from map2map.analysis import correlation, cross_power, power_spectrum, transfer
@@ -187,6 +190,47 @@ def test_dask_backed_computes_one_sample_at_a_time():
         out = power_spectrum(arr)
     assert log == [x for i in range(4) for x in ("start", i, "end")]
     np.testing.assert_allclose(out.values[2], power_spectrum(values[2], L).value, rtol=1e-12)
+
+
+@given(shapes(min_side=1, max_side=7, min_ndim=2, max_ndim=3))
+def test_mode_shells_bin_every_mode_of_the_full_space_once(shape):
+    """Weighted stored modes per bin equal a brute-force count over the full FFT (the rfftn half space
+    stands for its conjugate twins), and the weights cover every mode exactly once."""
+    shells = analysis.mode_shells(shape)
+    index = shells.index.numpy()
+    weight = np.broadcast_to(shells.weight.numpy(), index.shape)
+    assert index.shape == tuple(shape[:-1]) + (shape[-1] // 2 + 1,)
+    assert weight.sum() == np.prod(shape)
+    assert shells.nbins == int(np.rint(np.sqrt(sum((n // 2) ** 2 for n in shape))))
+    count = np.zeros(shells.nbins + 1)
+    for m in itertools.product(*[range(n) for n in shape]):
+        nmag = np.sqrt(sum(min(mi, n - mi) ** 2 for mi, n in zip(m, shape)))
+        count[int(np.floor(nmag + 0.5))] += 1
+    binned = np.bincount(index.ravel(), weights=weight.ravel(), minlength=shells.nbins + 1)
+    np.testing.assert_array_equal(binned[1:], count[1:])
+
+
+def test_binned_spectra_are_differentiable_and_batch_power_agrees():
+    """`models.power` (the original's batch interface) and `power_spectrum` are one computation."""
+    from map2map.models import power
+
+    x = torch.from_numpy(np.random.default_rng(10).standard_normal((2, 3, 8, 8, 8))).requires_grad_()
+    k, p, nmodes = power(x, L)
+    single = [power_spectrum(x[i].detach().numpy(), L) for i in range(2)]
+    filled = single[0].nmodes > 0
+    np.testing.assert_array_equal(nmodes.numpy(), single[0].nmodes[filled])
+    np.testing.assert_allclose(k.detach().numpy(), single[0].k[filled], rtol=1e-12)
+    np.testing.assert_allclose(p.detach().numpy(), (single[0].value + single[1].value)[filled] / 2, rtol=1e-12)
+    # Parseval without the k = 0 mode: sum_bins nmodes P_ab / V = sum_c (<a_c b_c> - <a_c><b_c>) over
+    # the N cells, so its gradient in a is (b - <b>) / N, per component
+    a = x[0].detach().clone().requires_grad_()
+    b = x[1].detach()
+    _, nm, (paa, pbb, pab) = analysis.binned_spectra(a, b)
+    (nm * pab).sum().backward()
+    centred = b - b.mean(dim=(1, 2, 3), keepdim=True)
+    np.testing.assert_allclose(a.grad.numpy(), centred.numpy() / 8 ** 3, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose((nm * pbb).sum().item(), (centred ** 2).mean(dim=(1, 2, 3)).sum().item(),
+                               rtol=1e-12)
 
 
 def test_fundamental_mode():

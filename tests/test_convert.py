@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import xarray as xr
 import zarr
 
 from conftest import save_fields
+from map2map import convert as convert_stage
 from map2map import store
 from map2map.cli import main
 
@@ -131,6 +133,8 @@ BAD_CASES = {
     "channel last": (lambda d: [f"--field=l={d}/l_*.npy"], "channel-last"),
     "no channel axis": (lambda d: [f"--field=n={d}/n_*.npy"], "leading channel axis"),
     "bad field spec": (lambda d: ["--field=nopattern"], "expected NAME=PATTERN"),
+    "bad field name": (lambda d: [f"--field=1a={d}/a_*.npy"], "starts with a letter"),
+    "crop of other rank": (lambda d: [f"--field=a={d}/a_*.npy", "--crop", "4,4,4"], "--crop needs 1 or 2 values"),
 }
 
 
@@ -160,6 +164,79 @@ def test_bad_input_one_line_error(bad_inputs, tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("m2m convert: error:")
     assert not out.exists()
+
+
+FIELD_NAMES = {
+    "spatial dim": (["x_64"], "clashes with the spatial dimensions"),
+    "channel dim": (["channel_3"], "clashes with the channel dimensions"),
+    "sample": (["sample"], "clashes with the sample dimension"),
+    "source coordinate": (["source_a"], "clashes with the source-file coordinates"),
+    "empty": ([""], "the field name is empty"),
+    "twice": (["a", "a"], "--field 'a' is given twice"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FIELD_NAMES))
+def test_field_names_the_store_cannot_hold(tmp_path, capsys, case):
+    """Names that would clash inside the store are refused in one line, before anything is written."""
+    names, message = FIELD_NAMES[case]
+    save_fields(tmp_path / "in", "f", (1, 8, 8), 2)
+    out = tmp_path / "s.zarr"
+    assert main(["convert", str(out), *[f"--field={n}={tmp_path}/in/f_*.npy" for n in names], "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("m2m convert: error: --field") and message in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_stage_summary_is_what_the_cli_prints(tmp_path, capsys):
+    a = save_fields(tmp_path / "a", "f", (3, 16, 16, 16), 2, dtype="float64")
+    save_fields(tmp_path / "b", "f", (3, 16, 16, 16), 1, seed=1)
+    out = tmp_path / "s.zarr"
+    config = convert_stage.ConvertConfig(output=str(out), field=(f"disp={tmp_path}/a/f_*.npy",), crop=(8,),
+                                         pad=2, boxsize=50.0, progress=False, workers=1)
+    summary = convert_stage.run(config)
+    assert (summary.output, summary.nsample, summary.appended) == (str(out), 2, None)
+    assert summary.bytes_written == sum(x.astype(np.float32).nbytes for x in a)
+    assert summary.layouts == [{"name": "disp", "channels": 3, "spatial": (16, 16, 16), "shard": (8, 8, 8),
+                                "chunk": (8, 8, 8), "dtype": "float32", "compressor": "none"}]
+    assert summary.lines() == ["note: disp: float64 stored as float32",
+                               "disp: 3 x (16, 16, 16), shard (8, 8, 8), inner chunk (8, 8, 8), float32",
+                               f"{out}: wrote 2 samples, complete"]
+    assert summary.to_json()["layouts"][0]["spatial"] == [16, 16, 16] and summary.seconds >= 0
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "t.zarr"), f"--field=disp={tmp_path}/a/f_*.npy", "--crop", "8",
+                 "--pad", "2", "--boxsize", "50", "--no-progress"]) == 0
+    assert capsys.readouterr().out.splitlines() == [line.replace(str(out), str(tmp_path / "t.zarr"))
+                                                   for line in summary.lines()]
+    more = convert_stage.run(dataclasses.replace(config, field=(f"disp={tmp_path}/b/f_*.npy",), append=True))
+    assert (more.nsample, more.appended) == (3, 1) and more.notes == []
+    assert more.lines()[-1] == f"{out}: appended 1 samples, now 3 samples, complete"
+
+
+def test_interrupted_overwrite_keeps_the_old_store_and_is_redone(tmp_path, monkeypatch):
+    """Killed after writing the replacement but before the swap: the old store is untouched and complete."""
+    old = save_fields(tmp_path / "a", "f", (1, 8, 8), 1, seed=1)
+    new = save_fields(tmp_path / "b", "f", (1, 8, 8), 2, seed=2)
+    out = tmp_path / "s.zarr"
+    config = convert_stage.ConvertConfig(output=str(out), field=(f"f={tmp_path}/a/f_*.npy",), progress=False)
+    convert_stage.run(config)
+    write = convert_stage.write_samples
+
+    def write_then_die(*args, **kwargs):
+        write(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_stage, "write_samples", write_then_die)
+    again = dataclasses.replace(config, field=(f"f={tmp_path}/b/f_*.npy",), overwrite=True)
+    with pytest.raises(KeyboardInterrupt):
+        convert_stage.run(again)
+    monkeypatch.undo()
+    st = store.open_store(out)
+    assert st.nsample == 1 and np.array_equal(st.field("f")[0], old[0])
+    assert not store.read_meta(store.staged_path(out))["complete"]
+    assert convert_stage.run(again).nsample == 2
+    assert np.array_equal(store.open_store(out).field("f")[1], new[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "s.zarr"]
 
 
 def test_nonfinite_refused_then_allowed(tmp_path, capsys):
@@ -199,6 +276,7 @@ def test_overwrite_with_bad_data_keeps_old_store(tmp_path, capsys):
     assert convert(str(out), f"--field=f={tmp_path}/nan_*.npy", "--overwrite") == 2
     st = store.open_store(out)
     assert np.array_equal(st.field("f")[0], a[0])
+    assert not os.path.exists(store.staged_path(out))
 
 
 def test_refuses_to_overwrite_foreign_directory(tmp_path, capsys):

@@ -120,3 +120,24 @@ def test_vel_norm_matches_zeldovich_velocity(z, omega_m):
 def test_bad_omega_m():
     with pytest.raises(ValueError):
         cosmology.growth_factor(0.0, 0.0)
+
+
+def test_bad_redshift():
+    with pytest.raises(ValueError, match="redshift"):
+        cosmology.growth_factor(-1.0)
+    with pytest.raises(ValueError, match="redshift"):
+        cosmology.hubble(np.array([0.0, -2.0]))
+
+
+def test_one_growth_for_norms_and_synth():
+    """The norms, the example data and its power spectrum all use `map2map.cosmology`'s D(z)."""
+    from map2map import cosmology as physics
+    from map2map import synth
+
+    for name in ("growth_factor", "growth_rate", "hubble", "H0"):
+        assert getattr(cosmology, name) is getattr(physics, name)
+    k = np.logspace(-2, 0, 5)
+    np.testing.assert_allclose(synth.linear_power(k, redshift=2.0),
+                               physics.growth_factor(2.0) ** 2 * synth.linear_power(k), rtol=1e-14)
+    assert synth.second_order_growth(physics.growth_factor(1.0)) == pytest.approx(
+        -3 / 7 * growth_by_quadrature(1.0, 0.31) ** 2, rel=1e-9)

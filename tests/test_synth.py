@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import integrate
 
-from map2map import synth
+from map2map import cosmology, synth
 from map2map.analysis import correlation, power_spectrum
+from map2map.cli import main
 from map2map.errors import UserError
 
 N, L = 32, 128.0  # grid cells per side, box side [Mpc/h]
+
+
+def synthesize(outdir: Path, **kwargs) -> dict[str, list[Path]]:
+    """Run the stage; the files it wrote per field."""
+    summary = synth.run(synth.SynthConfig(outdir=str(outdir), **kwargs))
+    return {name: [Path(p) for p in files] for name, files in summary.paths.items()}
 
 
 def spectral_derivative(field: np.ndarray, axis: int, boxsize: float) -> np.ndarray:
@@ -71,8 +80,8 @@ def test_growth_factor_matches_ode():
     d_today = sol.sol(0.0)[0]
     for z in (0.0, 0.5, 1.0, 3.0):
         expected = sol.sol(-np.log(1 + z))[0] / d_today
-        assert synth.growth_factor(z) == pytest.approx(expected, rel=1e-5)
-    assert synth.growth_factor(0.0) == 1.0
+        assert cosmology.growth_factor(z, om) == pytest.approx(expected, rel=1e-5)
+    assert cosmology.growth_factor(0.0, om) == 1.0
 
 
 def test_eh_transfer_limits():
@@ -119,7 +128,7 @@ def test_linear_field_scales_with_growth():
     rng0, rng1 = np.random.default_rng(5), np.random.default_rng(5)
     d0 = synth.linear_field(16, L, rng0)
     d1 = synth.linear_field(16, L, rng1, redshift=1.0)
-    np.testing.assert_allclose(d1, synth.growth_factor(1.0) * d0, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(d1, cosmology.growth_factor(1.0) * d0, rtol=1e-12, atol=1e-14)
     assert abs(d0.mean()) < 1e-14
 
 
@@ -176,10 +185,10 @@ def _inverse_minus_k2(n: int, boxsize: float) -> np.ndarray:
 
 def test_2lpt_scales_as_d_squared_and_is_a_small_correction(tmp_path):
     """psi1 grows as D, psi2 as D^2: the correction grows faster than the linear displacement."""
-    paths = {z: synth.synthesize(tmp_path / f"z{z}", ngrid=N, boxsize=L, seed=2, redshift=z) for z in (0.0, 1.0)}
+    paths = {z: synthesize(tmp_path / f"z{z}", ngrid=N, boxsize=L, seed=2, redshift=z) for z in (0.0, 1.0)}
     psi1 = {z: np.load(p["dis_za"][0]).astype(np.float64) for z, p in paths.items()}
     psi2 = {z: np.load(p["dis_2lpt"][0]) - np.load(p["dis_za"][0]).astype(np.float64) for z, p in paths.items()}
-    d = synth.growth_factor(1.0)
+    d = cosmology.growth_factor(1.0)
     np.testing.assert_allclose(psi1[1.0], d * psi1[0.0], rtol=0, atol=1e-5 * np.abs(psi1[0.0]).max())
     np.testing.assert_allclose(psi2[1.0], d ** 2 * psi2[0.0], rtol=0, atol=1e-4 * np.abs(psi2[0.0]).max())
 
@@ -214,12 +223,12 @@ def test_za_density_follows_linear_density_on_large_scales(delta):
     assert r[0] > 0.99 and r[1] > 0.9, r  # nonlinear decorrelation grows with k at z = 0
 
 
-# ----------------------------------------------------------------- synthesize
+# ----------------------------------------------------------------- the stage
 
 def test_synthesize_layout_and_determinism(tmp_path):
-    a = synth.synthesize(tmp_path / "a", nsamples=2, ngrid=16, boxsize=64.0, seed=3, density=True)
-    b = synth.synthesize(tmp_path / "b", nsamples=2, ngrid=16, boxsize=64.0, seed=3, density=True)
-    c = synth.synthesize(tmp_path / "c", nsamples=1, ngrid=16, boxsize=64.0, seed=4, prefix="s")
+    a = synthesize(tmp_path / "a", num_samples=2, ngrid=16, boxsize=64.0, seed=3, density=True)
+    b = synthesize(tmp_path / "b", num_samples=2, ngrid=16, boxsize=64.0, seed=3, density=True)
+    c = synthesize(tmp_path / "c", num_samples=1, ngrid=16, boxsize=64.0, seed=4, prefix="s")
     assert set(a) == {"dis_za", "dis_2lpt", "dens_za", "dens_2lpt"} and set(c) == {"dis_za", "dis_2lpt"}
     assert a["dis_za"][1] == tmp_path / "a" / "001" / "dis_za.npy"
     assert c["dis_za"][0] == tmp_path / "c" / "s000" / "dis_za.npy"
@@ -231,19 +240,47 @@ def test_synthesize_layout_and_determinism(tmp_path):
     assert a["dis_za"][0].read_bytes() != a["dis_za"][1].read_bytes()
     assert a["dis_za"][0].read_bytes() != c["dis_za"][0].read_bytes()
     # A sample depends on (seed, i) only, not on how many samples were asked for.
-    one = synth.synthesize(tmp_path / "one", nsamples=1, ngrid=16, boxsize=64.0, seed=3)
+    one = synthesize(tmp_path / "one", num_samples=1, ngrid=16, boxsize=64.0, seed=3)
     assert one["dis_2lpt"][0].read_bytes() == a["dis_2lpt"][0].read_bytes()
     record = json.loads(synth.params_path(tmp_path / "a").read_text())
     assert record["seed"] == 3 and record["ngrid"] == 16 and record["cosmology"]["sigma8"] == 0.81
+    assert record["growth_D1"] == 1.0 and record["growth_D2"] == pytest.approx(-3 / 7)
     assert [s["dir"] for s in record["samples"]] == ["000", "001"]
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temporaries left
 
 
 def test_synthesize_cosmology_and_errors(tmp_path):
-    low = synth.synthesize(tmp_path / "low", ngrid=8, sigma8=0.4)
-    high = synth.synthesize(tmp_path / "high", ngrid=8, sigma8=0.8)
+    low = synthesize(tmp_path / "low", ngrid=8, cosmology=synth.Cosmology(sigma8=0.4))
+    high = synthesize(tmp_path / "high", ngrid=8, cosmology=synth.Cosmology(sigma8=0.8))
     np.testing.assert_allclose(np.load(high["dis_za"][0]), 2 * np.load(low["dis_za"][0]), rtol=1e-5, atol=1e-6)
-    for kwargs in ({"ngrid": 1}, {"boxsize": -1.0}, {"redshift": -2.0}, {"nsamples": 0},
-                   {"seed": -1}, {"omega_x": 1.0}, {"omega_b": 0.5}):
+    for kwargs in ({"ngrid": 1}, {"boxsize": -1.0}, {"redshift": -2.0}, {"num_samples": 0}, {"seed": -1},
+                   {"cosmology": {"omega_m": 0.3}}):
         with pytest.raises(UserError):
-            synth.synthesize(tmp_path / "bad", **kwargs)
+            synthesize(tmp_path / "bad", **kwargs)
+    with pytest.raises(UserError, match="omega_b=0.5"):
+        synth.Cosmology(omega_b=0.5)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        paths = synthesize(tmp_path / "u", ngrid=4)
+    finally:
+        os.umask(old)
+    assert (paths["dis_za"][0].stat().st_mode & 0o777) == 0o640
+    assert (synth.params_path(tmp_path / "u").stat().st_mode & 0o777) == 0o640
+
+
+def test_cli_prints_the_summary_lines(tmp_path, capsys):
+    assert main(["synth", str(tmp_path / "s"), "--num-samples", "2", "--ngrid", "4", "--seed", "5",
+                 "--density", "--prefix", "p"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{name}: 2 files, e.g. {tmp_path / 's' / 'p000' / name}.npy"
+                   for name in ("dis_za", "dis_2lpt", "dens_za", "dens_2lpt")]
+    direct = synth.run(synth.SynthConfig(outdir=str(tmp_path / "t"), num_samples=2, ngrid=4, seed=5, density=True,
+                                         prefix="p"))
+    assert (tmp_path / "s" / "p001" / "dens_2lpt.npy").read_bytes() == Path(direct.paths["dens_2lpt"][1]).read_bytes()
+    as_json = json.loads(direct.dumps())
+    assert as_json["paths"]["dis_za"] == [str(tmp_path / "t" / f"p00{i}" / "dis_za.npy") for i in range(2)]
+    assert as_json["params"] == str(tmp_path / "t" / "psynth.json") and as_json["seconds"] >= 0

@@ -1,4 +1,4 @@
-"""Arguments of `m2m convert`; the work happens in `map2map.convert`."""
+"""Arguments of `m2m convert`; the work happens in `map2map.convert` (destinations are `ConvertConfig` fields)."""
 
 from __future__ import annotations
 
@@ -36,20 +36,4 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf values instead of refusing them")
     p.add_argument("--workers", type=int, default=2, help="processes converting shards in parallel")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=_run_convert)
-
-
-def _run_convert(args: argparse.Namespace) -> None:
-    from map2map import convert
-
-    summary = convert.convert(convert.Options(
-        output=args.output, fields=args.field, crop=args.crop, pad=args.pad, boxsize=args.boxsize,
-        overwrite=args.overwrite, append=args.append, chunk=args.chunk, shard_mult=args.shard_mult,
-        dtype=args.dtype, compressor=args.compressor, allow_nonfinite=args.allow_nonfinite,
-        workers=args.workers, progress=not args.no_progress))
-    for note in summary["notes"]:
-        print(f"note: {note}")
-    for lay in summary["layouts"]:
-        print(f"{lay.name}: {lay.channels} x {lay.spatial}, shard {lay.shard}, inner chunk {lay.chunk}, {lay.dtype}")
-    verb = f"appended {summary['appended']} samples, now" if "appended" in summary else "wrote"
-    print(f"{summary['output']}: {verb} {summary['nsample']} samples, complete")
+    p.set_defaults(stage=("map2map.convert", "ConvertConfig"))

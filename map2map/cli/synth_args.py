@@ -1,9 +1,8 @@
-"""Arguments of `m2m synth`; the work happens in `map2map.synth`."""
+"""Arguments of `m2m synth`; the work happens in `map2map.synth` (destinations are `SynthConfig` fields)."""
 
 from __future__ import annotations
 
 import argparse
-
 
 
 def add_synth(sub: argparse._SubParsersAction) -> None:
@@ -20,13 +19,4 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--redshift", type=float, default=0.0, help="redshift of the fields")
     p.add_argument("--density", action="store_true", help="also write CIC-painted overdensities")
     p.add_argument("--prefix", default="", help="prefix of the sample directory names")
-    p.set_defaults(run=_run_synth)
-
-
-def _run_synth(args: argparse.Namespace) -> None:
-    from map2map import synth
-
-    paths = synth.synthesize(args.outdir, nsamples=args.num_samples, ngrid=args.ngrid, boxsize=args.boxsize,
-                             seed=args.seed, redshift=args.redshift, density=args.density, prefix=args.prefix)
-    for name, files in paths.items():
-        print(f"{name}: {len(files)} files, e.g. {files[0]}")
+    p.set_defaults(stage=("map2map.synth", "SynthConfig"))
