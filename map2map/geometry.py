@@ -56,7 +56,8 @@ def parse_pad(pad: int | Sequence[int], ndim: int, name: str = "pad") -> tuple[I
 
 
 def scale_pad(pad: tuple[Interval, ...], factor: int) -> tuple[Interval, ...]:
-    """Pads of a grid `factor` times finer."""
+    """Pads of a grid `factor` times finer; equally a window's region on that grid (both are one
+    interval per axis)."""
     return tuple((lo * factor, hi * factor) for lo, hi in pad)
 
 
@@ -119,11 +120,6 @@ def crop_grid(size: Shape, crop: Shape, start: Shape | None = None, stop: Shape 
 def window(anchor: Shape, crop: Shape, pad: tuple[Interval, ...]) -> tuple[Interval, ...]:
     """The window ``[anchor - pad_lo, anchor + crop + pad_hi)`` on every axis."""
     return tuple((a - lo, a + c + hi) for a, c, (lo, hi) in zip(anchor, crop, pad))
-
-
-def scale_window(win: tuple[Interval, ...], factor: int) -> tuple[Interval, ...]:
-    """The same region on a grid `factor` times finer."""
-    return tuple((lo * factor, hi * factor) for lo, hi in win)
 
 
 def split_periodic(lo: int, hi: int, n: int) -> list[tuple[int, int, int]]:

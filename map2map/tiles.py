@@ -122,10 +122,6 @@ class TilePlan:
         """Input voxels of every forward pass (the same for all tiles)."""
         return tuple(t + lo + hi for t, (lo, hi) in zip(self.tile, self.pad))
 
-    @property
-    def out_tile(self) -> Shape:
-        return tuple(t * self.scale for t in self.tile)
-
     def index(self, t: int) -> Shape:
         """Per-axis tile indices of tile number `t`."""
         if not 0 <= t < self.ntiles:

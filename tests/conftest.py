@@ -1,4 +1,5 @@
-"""Shared fixtures: small fields written as real .npy files in temporary directories."""
+"""Shared test settings and fixtures: hypothesis profiles, small fields written as real .npy files in
+temporary directories, the `m2m` program in a subprocess, local Dask clusters."""
 
 from __future__ import annotations
 
@@ -9,8 +10,40 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- hypothesis profiles
+#
+# Every property test runs under one profile, chosen with HYPOTHESIS_PROFILE (or pytest's
+# --hypothesis-profile): "fast" (the default) is sized for CI on two shared cores, "thorough" for a
+# search before a release or after changing the geometry, "dev" for quick edits.  No deadline: on
+# shared cores an example's time measures the load, not the code.  Each profile builds on the one
+# hypothesis loaded itself, which on a CI service (detected by hypothesis) is derandomized and keeps
+# no example database.  A test sets its own `@settings` only for a special need.
+HYPOTHESIS_PROFILES = {"fast": 100, "thorough": 2000, "dev": 10}  # name -> max_examples
+
+
+def _register_hypothesis_profiles() -> None:
+    base = settings.get_profile(settings.get_current_profile_name())
+    for name, examples in HYPOTHESIS_PROFILES.items():
+        settings.register_profile(name, base, max_examples=examples, deadline=None, print_blob=True)
+
+
+_register_hypothesis_profiles()  # at import, so that --hypothesis-profile finds them too
+
+
+def pytest_configure(config) -> None:
+    """Load the profile HYPOTHESIS_PROFILE names (default "fast") unless --hypothesis-profile chose one."""
+    if config.getoption("--hypothesis-profile", None):
+        return
+    name = os.environ.get("HYPOTHESIS_PROFILE", "fast")
+    if name not in HYPOTHESIS_PROFILES:
+        raise pytest.UsageError(f"HYPOTHESIS_PROFILE={name!r} is not a profile; use one of "
+                                f"{', '.join(HYPOTHESIS_PROFILES)}")
+    settings.load_profile(name)
 
 
 def save_fields(directory: Path, name: str, shape: tuple[int, ...], n: int, seed: int = 0,

@@ -1,10 +1,13 @@
 """The cube group acting on fields: group structure, brute-force action, vector covariance."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from map2map.data.augment import (
     CubeElement,
@@ -16,6 +19,8 @@ from map2map.data.augment import (
     mul_noise,
     random_element,
 )
+
+from strategies import cube_elements, shapes
 
 NDIMS = [2, 3]
 
@@ -72,6 +77,19 @@ def test_vector_apply_matches_brute_force(shape):
     x = np.random.default_rng(1).normal(size=shape)
     for e in cube_group(len(shape) - 1):
         np.testing.assert_array_equal(apply(x, e, vector=True), brute_force(x, e, vector=True))
+
+
+@given(st.sampled_from(NDIMS), st.booleans(), st.integers(1, 3), st.data())
+def test_any_grid_matches_brute_force_and_composes(ndim, vector, nchan, data):
+    """Any grid, also non-cubic and with sides of one voxel: the action, its inverse and composition."""
+    spatial = data.draw(shapes(ndim, max_side=4))
+    a, b = data.draw(cube_elements(ndim)), data.draw(cube_elements(ndim))
+    shape = ((ndim if vector else nchan), *spatial)
+    x = np.arange(math.prod(shape), dtype=np.float64).reshape(shape)  # every value distinct
+    y = apply(x, a, vector)
+    np.testing.assert_array_equal(y, brute_force(x, a, vector))
+    np.testing.assert_array_equal(apply(y, inverse(a), vector), x)
+    np.testing.assert_array_equal(apply(x, compose(b, a), vector), apply(y, b, vector))
 
 
 @pytest.mark.parametrize("spatial", [(8, 8, 8), (4, 6, 8), (8, 8), (6, 10)])

@@ -7,13 +7,12 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from map2map import geometry as g
 
-FAST = settings(max_examples=150, deadline=None)
-SLOW = settings(max_examples=60, deadline=None)
+from strategies import crop_lattices, per_side_pads, shape_and_short_window, shape_and_window, shapes
 
 
 # --------------------------------------------------------------------------- helpers
@@ -44,31 +43,6 @@ def box(shape) -> np.ndarray:
     return np.arange(math.prod(shape), dtype=np.int64).reshape(shape)
 
 
-@st.composite
-def shape_and_window(draw, max_n: int = 6, max_len: int = 20, span: int = 15):
-    """A box of 1-3 dims (sides 1..max_n) and a window that may leave it on either side,
-    by more than the box size."""
-    ndim = draw(st.integers(1, 3))
-    shape = tuple(draw(st.integers(1, max_n)) for _ in range(ndim))
-    win = []
-    for _ in range(ndim):
-        lo = draw(st.integers(-span, span))
-        win.append((lo, lo + draw(st.integers(0, max_len))))
-    return shape, tuple(win)
-
-
-@st.composite
-def shape_and_short_window(draw, max_n: int = 8, span: int = 20):
-    """A window no longer than the box on every axis."""
-    ndim = draw(st.integers(1, 3))
-    shape = tuple(draw(st.integers(1, max_n)) for _ in range(ndim))
-    win = []
-    for n in shape:
-        lo = draw(st.integers(-span, span))
-        win.append((lo, lo + draw(st.integers(0, n))))
-    return shape, tuple(win)
-
-
 # --------------------------------------------------------------------------- oracles
 
 
@@ -83,7 +57,6 @@ def test_np_pad_wrap_oracle_wraps_repeatedly():
 # --------------------------------------------------------------------------- split_periodic / window_pieces
 
 
-@FAST
 @given(shape_and_window())
 def test_window_pieces_match_pad_wrap_and_brute_force(case):
     shape, win = case
@@ -93,7 +66,6 @@ def test_window_pieces_match_pad_wrap_and_brute_force(case):
     np.testing.assert_array_equal(got, pad_window(a, win))
 
 
-@FAST
 @given(shape_and_window())
 def test_window_pieces_are_plain_slices_tiling_the_window_once(case):
     shape, win = case
@@ -112,7 +84,6 @@ def test_window_pieces_are_plain_slices_tiling_the_window_once(case):
     assert (cover == 1).all()
 
 
-@FAST
 @given(st.integers(-30, 30), st.integers(0, 40), st.integers(1, 9))
 def test_split_periodic_pieces_are_maximal(lo, length, n):
     hi = lo + length
@@ -133,7 +104,6 @@ def test_split_periodic_pieces_are_maximal(lo, length, n):
         assert (src_lo, src_hi) == (0, n)
 
 
-@FAST
 @given(shape_and_short_window())
 def test_short_windows_give_at_most_two_pieces_per_axis(case):
     shape, win = case
@@ -168,7 +138,6 @@ def test_split_periodic_rejects_bad_intervals(lo, hi, n):
 # --------------------------------------------------------------------------- split_bounded
 
 
-@FAST
 @given(st.integers(1, 12), st.data())
 def test_split_bounded_inside(n, data):
     lo = data.draw(st.integers(0, n))
@@ -178,7 +147,6 @@ def test_split_bounded_inside(n, data):
     assert pieces == g.split_periodic(lo, hi, n)
 
 
-@FAST
 @given(st.integers(1, 12), st.integers(-20, 20), st.integers(0, 20))
 def test_split_bounded_raises_outside(n, lo, length):
     hi = lo + length
@@ -194,7 +162,6 @@ def test_split_bounded_raises_reversed():
         g.split_bounded(3, 2, 5)
 
 
-@FAST
 @given(shape_and_window(max_len=8, span=8))
 def test_bounded_window_pieces_are_the_plain_slice(case):
     shape, win = case
@@ -211,7 +178,6 @@ def test_bounded_window_pieces_are_the_plain_slice(case):
 # --------------------------------------------------------------------------- as_tuple / parse_pad
 
 
-@FAST
 @given(st.integers(1, 4), st.integers(-5, 300))
 def test_as_tuple_broadcasts(ndim, v):
     assert g.as_tuple(v, ndim) == (v,) * ndim
@@ -222,7 +188,6 @@ def test_as_tuple_broadcasts(ndim, v):
     assert all(type(x) is int for x in g.as_tuple(np.int64(v), ndim))
 
 
-@FAST
 @given(st.lists(st.integers(-5, 300), min_size=2, max_size=4))
 def test_as_tuple_full_and_wrong_lengths(values):
     ndim = len(values)
@@ -238,7 +203,6 @@ def test_as_tuple_full_and_wrong_lengths(values):
         g.as_tuple([], ndim)
 
 
-@FAST
 @given(st.integers(1, 3), st.data())
 def test_parse_pad_forms(ndim, data):
     p = data.draw(st.integers(0, 50))
@@ -248,12 +212,11 @@ def test_parse_pad_forms(ndim, data):
     per_axis = data.draw(st.lists(st.integers(0, 50), min_size=ndim, max_size=ndim))
     if ndim > 1:  # for ndim == 1 the per-axis form is the one-int form
         assert g.parse_pad(per_axis, ndim) == tuple((q, q) for q in per_axis)
-    per_side = data.draw(st.lists(st.integers(0, 50), min_size=2 * ndim, max_size=2 * ndim))
+    per_side = data.draw(per_side_pads(ndim, 50))
     assert g.parse_pad(per_side, ndim) == tuple((per_side[2 * d], per_side[2 * d + 1]) for d in range(ndim))
     assert g.parse_pad(tuple(per_side), ndim) == g.parse_pad(per_side, ndim)
 
 
-@FAST
 @given(st.integers(1, 3), st.data())
 def test_parse_pad_rejects(ndim, data):
     n = data.draw(st.integers(0, 8).filter(lambda k: k not in (1, ndim, 2 * ndim)))
@@ -273,21 +236,9 @@ def test_parse_pad_rejects(ndim, data):
 # --------------------------------------------------------------------------- crop_grid / CropGrid
 
 
-@st.composite
-def crop_settings(draw):
-    ndim = draw(st.integers(1, 3))
-    size = tuple(draw(st.integers(1, 12)) for _ in range(ndim))
-    crop = tuple(draw(st.integers(1, n)) for n in size)
-    start = tuple(draw(st.integers(-3, 6)) for _ in range(ndim))
-    stop = tuple(a + draw(st.integers(1, 12)) for a in start)
-    step = tuple(draw(st.integers(1, 7)) for _ in range(ndim))
-    return size, crop, start, stop, step
-
-
-@FAST
-@given(crop_settings())
-def test_crop_grid_anchors_match_mgrid(settings_):
-    size, crop, start, stop, step = settings_
+@given(crop_lattices())
+def test_crop_grid_anchors_match_mgrid(lattice):
+    size, crop, start, stop, step = lattice
     grid = g.crop_grid(size, crop, start, stop, step)
     mgrid = np.mgrid[tuple(slice(a, b, s) for a, b, s in zip(start, stop, step))]
     expected = [tuple(int(x) for x in row) for row in mgrid.reshape(len(size), -1).T]
@@ -302,10 +253,9 @@ def test_crop_grid_anchors_match_mgrid(settings_):
             grid.anchor(bad)
 
 
-@FAST
 @given(st.integers(1, 3), st.data())
 def test_crop_grid_defaults(ndim, data):
-    size = tuple(data.draw(st.integers(1, 20)) for _ in range(ndim))
+    size = data.draw(shapes(ndim, max_side=20))
     crop = tuple(data.draw(st.integers(1, n)) for n in size)
     grid = g.crop_grid(size, crop)
     assert grid == g.CropGrid((0,) * ndim, size, crop)
@@ -333,14 +283,13 @@ def test_crop_grid_rejects():
 # --------------------------------------------------------------------------- window / super-resolution scaling
 
 
-@FAST
-@given(crop_settings(), st.data())
-def test_window_matches_original_pad_then_crop(settings_, data):
+@given(crop_lattices(), st.data())
+def test_window_matches_original_pad_then_crop(lattice, data):
     # The original toolkit pads the whole field (wrap) and then crops; a window read must agree.
-    size, crop, start, stop, step = settings_
+    size, crop, start, stop, step = lattice
     ndim = len(size)
     grid = g.crop_grid(size, crop, start, stop, step)
-    pad = g.parse_pad(data.draw(st.lists(st.integers(0, 14), min_size=2 * ndim, max_size=2 * ndim)), ndim)
+    pad = g.parse_pad(data.draw(per_side_pads(ndim, 14)), ndim)
     i = data.draw(st.integers(0, grid.size - 1))
     anchor = grid.anchor(i)
     win = g.window(anchor, crop, pad)
@@ -353,7 +302,6 @@ def test_window_matches_original_pad_then_crop(settings_, data):
     np.testing.assert_array_equal(assemble(a, win), brute_window(a, win))
 
 
-@FAST
 @given(shape_and_window(max_n=4, max_len=10, span=8), st.integers(1, 3))
 def test_super_resolution_window_is_input_window_refined(case, s):
     shape, win = case
@@ -362,7 +310,7 @@ def test_super_resolution_window_is_input_window_refined(case, s):
     assert tgt_shape == tuple(n * s for n in shape)
     assert g.grid_ratio(tgt_shape, shape) == (s, 1)
     assert g.grid_ratio(shape, tgt_shape) == (1, s)
-    tgt_win = g.scale_window(win, s)
+    tgt_win = g.scale_pad(win, s)  # a window scales as a pad does: both are per-axis intervals
     assert tgt_win == tuple((s * lo, s * hi) for lo, hi in win)
     # Target voxels [s*lo, s*hi) are the input voxels [lo, hi), each refined into s.
     for (lo, hi), (tlo, thi) in zip(win, tgt_win):
@@ -380,19 +328,18 @@ def test_super_resolution_window_is_input_window_refined(case, s):
     np.testing.assert_array_equal(assemble(t, tgt_win), refined)
 
 
-@FAST
 @given(st.integers(1, 3), st.data())
 def test_window_commutes_with_scaling(ndim, data):
     s = data.draw(st.integers(1, 4))
     anchor = tuple(data.draw(st.integers(-10, 30)) for _ in range(ndim))
-    crop = tuple(data.draw(st.integers(1, 16)) for _ in range(ndim))
-    pad = g.parse_pad(data.draw(st.lists(st.integers(0, 9), min_size=2 * ndim, max_size=2 * ndim)), ndim)
+    crop = data.draw(shapes(ndim, max_side=16))
+    pad = g.parse_pad(data.draw(per_side_pads(ndim, 9)), ndim)
     assert g.scale_pad(pad, s) == tuple((s * lo, s * hi) for lo, hi in pad)
     win = g.window(anchor, crop, pad)
     assert win == tuple((x - lo, x + c + hi) for x, c, (lo, hi) in zip(anchor, crop, pad))
-    assert g.scale_window(win, s) == g.window(tuple(s * x for x in anchor), g.scale_shape(crop, s),
-                                              g.scale_pad(pad, s))
-    assert g.window_shape(g.scale_window(win, s)) == g.scale_shape(g.window_shape(win), s)
+    assert g.scale_pad(win, s) == g.window(tuple(s * x for x in anchor), g.scale_shape(crop, s),
+                                           g.scale_pad(pad, s))
+    assert g.window_shape(g.scale_pad(win, s)) == g.scale_shape(g.window_shape(win), s)
 
 
 # --------------------------------------------------------------------------- grid_ratio / scale_shape
@@ -407,7 +354,6 @@ def test_grid_ratio_examples():
         g.grid_ratio((64, 48), (32, 32))
 
 
-@FAST
 @given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 6), st.data())
 def test_grid_ratio_and_scale_shape_roundtrip(ndim, num, den, data):
     k = math.gcd(num, den)
@@ -419,10 +365,8 @@ def test_grid_ratio_and_scale_shape_roundtrip(ndim, num, den, data):
     assert g.scale_shape(size, den, num) == ref
 
 
-@FAST
-@given(st.lists(st.integers(1, 40), min_size=1, max_size=3), st.integers(1, 5), st.integers(2, 6))
+@given(shapes(max_side=40), st.integers(1, 5), st.integers(2, 6))
 def test_scale_shape_refuses_fractions(shape, num, den):
-    shape = tuple(shape)
     if all((n * num) % den == 0 for n in shape):
         assert g.scale_shape(shape, num, den) == tuple(n * num // den for n in shape)
     else:
@@ -431,11 +375,9 @@ def test_scale_shape_refuses_fractions(shape, num, den):
             g.scale_shape(shape, num, den, "shard")
 
 
-@FAST
-@given(st.lists(st.integers(1, 30), min_size=2, max_size=3), st.data())
+@given(shapes(min_ndim=2, max_side=30), st.data())
 def test_grid_ratio_rejects_non_uniform(ref, data):
-    ref = tuple(ref)
-    size = tuple(data.draw(st.integers(1, 30)) for _ in ref)
+    size = data.draw(shapes(len(ref), max_side=30))
     ratios = {(s // math.gcd(s, r), r // math.gcd(s, r)) for s, r in zip(size, ref)}
     if len(ratios) == 1:
         num, den = ratios.pop()
@@ -449,7 +391,6 @@ def test_grid_ratio_rejects_non_uniform(ref, data):
 # --------------------------------------------------------------------------- chunk_range / decoded_voxels
 
 
-@FAST
 @given(st.integers(0, 60), st.integers(0, 30), st.integers(1, 12))
 def test_chunk_range_brute_force(lo, length, chunk):
     hi = lo + length
@@ -469,7 +410,6 @@ def brute_decoded(win, shape, chunks) -> int:
     return total
 
 
-@SLOW
 @given(shape_and_window(max_n=9, max_len=20, span=12), st.data())
 def test_decoded_voxels_brute_force(case, data):
     shape, win = case
@@ -477,12 +417,11 @@ def test_decoded_voxels_brute_force(case, data):
     assert g.decoded_voxels(win, shape, chunks) == brute_decoded(win, shape, chunks)
 
 
-@FAST
 @given(st.integers(1, 3), st.data())
 def test_decoded_voxels_on_chunk_aligned_box_counts_chunks_on_the_line(ndim, data):
     # On a box that is a whole number of chunks, the chunk lattice is periodic, so
     # splitting a window at the box edges does not change which chunks it touches.
-    chunks = tuple(data.draw(st.integers(1, 5)) for _ in range(ndim))
+    chunks = data.draw(shapes(ndim, max_side=5))
     shape = tuple(c * data.draw(st.integers(1, 4)) for c in chunks)
     win = tuple((lo, lo + data.draw(st.integers(1, 25))) for lo in
                 (data.draw(st.integers(-20, 20)) for _ in range(ndim)))
@@ -501,7 +440,6 @@ def test_decoded_voxels_examples():
 # --------------------------------------------------------------------------- read_amplification / choose_inner_chunk
 
 
-@SLOW
 @given(st.integers(1, 40), st.integers(0, 24), st.integers(1, 48), st.integers(0, 100), st.integers(1, 3))
 def test_read_amplification_matches_decoded_voxels(crop, pad, chunk, anchor, ndim):
     # A box big enough that the window does not wrap, and a whole number of chunks.
@@ -522,7 +460,6 @@ def test_read_amplification_matches_decoded_voxels(crop, pad, chunk, anchor, ndi
     assert g.read_amplification(crop, pad, chunk, offset + anchor, ndim) == pytest.approx(amp, rel=1e-12)
 
 
-@FAST
 @given(st.integers(1, 40), st.integers(0, 24), st.integers(1, 48), st.integers(-60, 60), st.integers(1, 3))
 def test_read_amplification_wrapping_on_chunk_aligned_box(crop, pad, chunk, anchor, ndim):
     # Anchored anywhere (also windows that wrap): equal to decoded_voxels on a box of whole chunks.
@@ -545,7 +482,6 @@ def test_choose_inner_chunk_examples():
     assert g.choose_inner_chunk(64, 0) == 64
 
 
-@FAST
 @given(st.integers(1, 200), st.integers(0, 64), st.floats(1.0, 8.0), st.integers(1, 32), st.integers(1, 3))
 def test_choose_inner_chunk_is_the_largest_acceptable_divisor(crop, pad, bound, min_chunk, ndim):
     chunk = g.choose_inner_chunk(crop, pad, bound, min_chunk, ndim)

@@ -6,7 +6,8 @@ from map2map import report, synth
 
 
 def test_compare_and_verdict(tmp_path):
-    paths = synth.synthesize(tmp_path / "sims", nsamples=1, ngrid=16, boxsize=64.0, seed=1)
+    paths = synth.run(synth.SynthConfig(outdir=str(tmp_path / "sims"), num_samples=1, ngrid=16, boxsize=64.0,
+                                        seed=1)).paths
     za, lpt = np.load(paths["dis_za"][0]), np.load(paths["dis_2lpt"][0])
     cmp = report.compare(lpt, {"perfect": lpt.copy(), "za": za, "half": 0.5 * lpt}, 64.0)
     sel = cmp.k <= cmp.k_max

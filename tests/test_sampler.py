@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from map2map.data.sampler import (
@@ -17,25 +17,7 @@ from map2map.data.sampler import (
 )
 from map2map.errors import UserError
 
-grids = st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple)
-dists = st.sampled_from([0, 0.5, 1, 2, 3.5])
-fast = settings(max_examples=60, deadline=None)
-
-
-@st.composite
-def configs(draw: st.DrawFn, shuffle: bool | None = None, div_data: bool | None = None) -> dict:
-    """Sampler arguments: sizes, world size, epoch, seed and flags."""
-    return dict(
-        nsample=draw(st.integers(1, 6)),
-        crop_grid=draw(grids),
-        world_size=draw(st.integers(1, 4)),
-        epoch=draw(st.integers(0, 1000)),
-        seed=draw(st.integers(0, 2**32)),
-        shuffle=draw(st.booleans()) if shuffle is None else shuffle,
-        div_data=draw(st.booleans()) if div_data is None else div_data,
-        div_shuffle_dist=draw(dists),
-        locality=draw(st.booleans()),
-    )
+from strategies import crop_grids, sampler_configs
 
 
 def run(cfg: dict, **override) -> np.ndarray:
@@ -70,8 +52,7 @@ def max_open_files(seq: np.ndarray, ncrop: int) -> int:
     return max((sum(first[f] <= t <= last[f] for f in first) for t in range(len(seq))), default=0)
 
 
-@fast
-@given(configs())
+@given(sampler_configs())
 def test_ranks_partition_items(cfg: dict) -> None:
     rows = run(cfg)
     per = total(cfg) // cfg["world_size"]
@@ -81,8 +62,7 @@ def test_ranks_partition_items(cfg: dict) -> None:
     assert flat.min(initial=0) >= 0 and flat.max(initial=0) < max(total(cfg), 1)
 
 
-@fast
-@given(configs())
+@given(sampler_configs())
 def test_sampler_yields_its_row(cfg: dict) -> None:
     if total(cfg) < cfg["world_size"]:
         return
@@ -99,14 +79,12 @@ def test_sampler_yields_its_row(cfg: dict) -> None:
         assert all(isinstance(i, int) for i in out)
 
 
-@fast
-@given(configs())
+@given(sampler_configs())
 def test_deterministic_for_seed_and_epoch(cfg: dict) -> None:
     np.testing.assert_array_equal(run(cfg), run(cfg))
 
 
-@fast
-@given(configs(shuffle=True))
+@given(sampler_configs(shuffle=True))
 def test_reshuffles_across_epochs(cfg: dict) -> None:
     if cfg["world_size"] * (total(cfg) // cfg["world_size"]) < 2:
         return
@@ -114,8 +92,7 @@ def test_reshuffles_across_epochs(cfg: dict) -> None:
     assert len(orders) > 1
 
 
-@fast
-@given(configs(shuffle=True), st.integers(0, 2**32))
+@given(sampler_configs(shuffle=True), st.integers(0, 2**32))
 def test_seed_changes_order_for_large_sizes(cfg: dict, other: int) -> None:
     if other == cfg["seed"] or total(cfg) < 24:
         return
@@ -123,8 +100,7 @@ def test_seed_changes_order_for_large_sizes(cfg: dict, other: int) -> None:
     assert len({run(cfg, seed=s).tobytes() for s in seeds}) > 1
 
 
-@fast
-@given(configs(div_data=True))
+@given(sampler_configs(div_data=True))
 def test_div_data_gives_whole_files_to_ranks(cfg: dict) -> None:
     rows = run(cfg)
     ncrop, world = math.prod(cfg["crop_grid"]), cfg["world_size"]
@@ -141,8 +117,7 @@ def test_div_data_gives_whole_files_to_ranks(cfg: dict) -> None:
         assert not shared
 
 
-@fast
-@given(configs(div_data=True), st.sampled_from([0, 0.5, 1]))
+@given(sampler_configs(div_data=True), st.sampled_from([0, 0.5, 1]))
 def test_div_data_visits_files_one_at_a_time(cfg: dict, dist: float) -> None:
     for row in run(cfg, div_shuffle_dist=dist):
         files = row // math.prod(cfg["crop_grid"])
@@ -150,8 +125,7 @@ def test_div_data_visits_files_one_at_a_time(cfg: dict, dist: float) -> None:
         assert changes <= max(len(np.unique(files)) - 1, 0)
 
 
-@fast
-@given(configs(div_data=True, shuffle=True))
+@given(sampler_configs(div_data=True, shuffle=True))
 def test_div_shuffle_dist_bounds_open_files(cfg: dict) -> None:
     bound = max(1, math.ceil(cfg["div_shuffle_dist"]))
     for row in run(cfg):
@@ -166,8 +140,7 @@ def test_div_shuffle_dist_mixes_files() -> None:
     assert max_open_files(row, 16) > 1
 
 
-@fast
-@given(configs(shuffle=True))
+@given(sampler_configs(shuffle=True))
 def test_locality_steps_are_grid_neighbours(cfg: dict) -> None:
     cfg["locality"] = True
     grid, ncrop = cfg["crop_grid"], math.prod(cfg["crop_grid"])
@@ -188,8 +161,7 @@ def test_locality_beats_uniform_shuffle(div_data: bool) -> None:
     assert mean_step({**cfg, "locality": False}) > 3.0
 
 
-@settings(max_examples=40, deadline=None)
-@given(grids)
+@given(crop_grids)
 def test_serpentines_are_hamiltonian_paths(grid: tuple[int, ...]) -> None:
     ncrop = math.prod(grid)
     variants = serpentine_variants(grid)
@@ -199,8 +171,7 @@ def test_serpentines_are_hamiltonian_paths(grid: tuple[int, ...]) -> None:
         assert all(manhattan(a, b, grid) == 1 for a, b in zip(walk[:-1], walk[1:]))
 
 
-@fast
-@given(configs(shuffle=False))
+@given(sampler_configs(shuffle=False))
 def test_no_shuffle_is_plain_order_in_blocks(cfg: dict) -> None:
     world, n = cfg["world_size"], total(cfg)
     rows = run(cfg)

@@ -2,39 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from map2map import tiles as T
 
-FAST = settings(max_examples=200, deadline=None)
+from strategies import regions, shapes, tile_plans
 
 
-@st.composite
-def plans(draw, max_n: int = 24):
-    """A plan whose tile satisfies the stride/shard rules: box, tile, pad, scale, stride, out shard."""
-    ndim = draw(st.integers(1, 3))
-    scale = draw(st.sampled_from([1, 1, 2, 3]))
-    stride = draw(st.sampled_from([1, 2, 4]))
-    box, tile, shard = [], [], []
-    for _ in range(ndim):
-        n = draw(st.integers(stride, max_n))
-        t = draw(st.integers(1, n // stride)) * stride
-        # an output shard dividing t * scale
-        divs = [v for v in range(1, t * scale + 1) if (t * scale) % v == 0]
-        box.append(n)
-        tile.append(t)
-        shard.append(draw(st.sampled_from(divs)))
-    pad = tuple((draw(st.integers(0, 6)), draw(st.integers(0, 6))) for _ in range(ndim))
-    return T.TilePlan(tuple(box), tuple(tile), pad, scale), stride, tuple(shard)
-
-
-@FAST
-@given(plans())
+@given(tile_plans())
 def test_tiles_cover_the_box_exactly_once(args):
     plan, stride, shard = args
     count = np.zeros(plan.box, dtype=int)
@@ -47,8 +28,7 @@ def test_tiles_cover_the_box_exactly_once(args):
     assert (out == 1).all()
 
 
-@FAST
-@given(plans())
+@given(tile_plans())
 def test_each_tile_owns_whole_shards_and_no_shard_is_shared(args):
     plan, stride, shard = args
     T.check_tile(plan.tile, plan.box, stride, plan.scale, shard)  # the strategy draws valid tiles
@@ -62,8 +42,19 @@ def test_each_tile_owns_whole_shards_and_no_shard_is_shared(args):
     assert len(owner) == math.prod(-(-n // s) for n, s in zip(plan.out_box, shard))
 
 
-@FAST
-@given(plans())
+@given(shapes(max_side=12), st.data())
+def test_shards_of_and_whole_shards_match_brute_force(shape, data):
+    shard = tuple(data.draw(st.integers(1, n)) for n in shape)
+    region = data.draw(regions(shape))
+    voxels = list(itertools.product(*(range(lo, hi) for lo, hi in region)))
+    touched = sorted({tuple(v // s for v, s in zip(voxel, shard)) for voxel in voxels})
+    assert T.shards_of(region, shard) == touched  # each once, in C order
+    # whole: the touched shards, clipped at the array end, hold exactly the region's voxels
+    covered = sum(math.prod(min((i + 1) * s, n) - i * s for i, s, n in zip(idx, shard, shape)) for idx in touched)
+    assert T.whole_shards(region, shard, shape) == (bool(voxels) and covered == len(voxels))
+
+
+@given(tile_plans())
 def test_windows_are_full_size_stride_aligned_and_hold_tile_plus_halo(args):
     plan, stride, _ = args
     for t in plan:
@@ -74,8 +65,7 @@ def test_windows_are_full_size_stride_aligned_and_hold_tile_plus_halo(args):
             assert wlo <= lo - plo and hi + phi <= whi
 
 
-@FAST
-@given(plans())
+@given(tile_plans())
 def test_index_origin_round_trip_in_c_order(args):
     plan, _, _ = args
     origins = [plan.origin(t) for t in plan]
@@ -85,7 +75,6 @@ def test_index_origin_round_trip_in_c_order(args):
         plan.index(plan.ntiles)
 
 
-@FAST
 @given(st.integers(1, 8), st.integers(1, 4), st.integers(1, 64), st.integers(1, 200), st.integers(1, 300))
 def test_tile_step_and_suggestions_are_valid(stride, scale, shard, value, box):
     step = T.tile_step(stride, scale, shard)
@@ -107,7 +96,6 @@ def test_check_tile_messages_suggest_valid_sizes():
     T.check_tile((12, 12), (30, 30), 4, 2, (8, 24))  # 24 % 8 == 0, 24 % 24 == 0
 
 
-@FAST
 @given(st.integers(1, 20), st.integers(0, 8), st.integers(1, 3), st.integers(0, 6))
 def test_narrow_offsets_centre_symmetric_pads(tile, pad, scale, excess):
     out = tile * scale + 2 * excess

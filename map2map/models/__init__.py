@@ -4,6 +4,9 @@ Every model is built as `Model(in_chan, out_chan, **kwargs)` and always
 receives `scale_factor` as a keyword, which models that do not resample
 ignore.  No convolution pads: outputs are smaller than inputs, and
 `required_pad` says by how much to pad the input.
+
+The names the original toolkit exported from here, where this package has
+them, import unchanged (``from map2map.models import VNet, narrow_by``).
 """
 
 from .build import build_model
