@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from map2map.data.batching import BufferPool, collate
+from map2map.data.batching import BufferPool, ItemBuffers, collate
 from map2map.data.fields import FieldDataset
 from map2map.data.windows import ZarrField, read_window
 from test_fields import make_store, wrap_window
@@ -114,6 +114,21 @@ def test_held_items_keep_their_values(tmp_path):
     assert address(ds[0]["input"]) == first
 
 
+def test_item_buffers_belong_to_their_dataset(tmp_path):
+    """Each dataset recycles its own buffers; a pickled copy (a spawned worker's) starts with none."""
+    import pickle
+
+    path, _ = make_store(tmp_path, {"f": (1, 16, 16)}, crop=[8], pad=2)
+    a, b = (FieldDataset(store=path, in_fields=["f"], crop=8, in_pad=2) for _ in range(2))
+    first = address(a[0]["input"])
+    held = b[0]  # b's item lives in b's pool, whatever a's holds
+    assert address(held["input"]) != first and address(a[1]["input"]) == first
+    pool = a.item_buffers.current()
+    assert a.item_buffers.current() is pool and not pool.shared and pool.buffers
+    copy = pickle.loads(pickle.dumps(a.item_buffers))
+    assert isinstance(copy, ItemBuffers) and copy.current() is not pool and not copy.current().buffers
+
+
 def test_loader_batches_of_one_equal_items(tmp_path):
     path, _ = make_store(tmp_path, {"f": (1, 16, 16)}, crop=[8], pad=2)
     ds = FieldDataset(store=path, in_fields=["f"], crop=8, in_pad=2, augment=True)
@@ -159,11 +174,9 @@ def test_workers_reuse_buffers_given_back(tmp_path):
 def test_truncated_shard_is_an_error_not_a_crash(tmp_path):
     """A shard cut short (disk full, copy interrupted) is a one-line OSError, never SIGBUS from the mapping."""
     path, arrays = make_store(tmp_path, {"f": (1, 16, 16)}, crop=[8], n=1)
-    src = ZarrField(path, "f", 1)
-    assert src.uses_direct_path
-    src._ensure_open()
-    lay = src._layout
-    shard = lay.root / lay.encode_key((0, 0, 0, 0))
+    lay = ZarrField(path, "f", 1).shard_layout
+    assert lay is not None  # read by the shard decoder
+    shard = lay.file((0, 0, 0, 0))
     data = shard.read_bytes()
     # keep the shard index (at the end) readable but cut chunk bytes out of the middle
     shard.write_bytes(data[: len(data) // 4] + data[-lay.index_bytes:])

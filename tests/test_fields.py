@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from conftest import save_fields
-from map2map import convert, geometry
+from map2map import convert, geometry, store
 from map2map.data import augment
 from map2map.data.fields import FieldDataset, undo_norms
 from map2map.data.sampler import DistFieldSampler
@@ -25,9 +25,18 @@ def make_store(tmp_path, fields: dict[str, tuple], n: int = 2, crop=None, pad=No
         arrays[fname] = save_fields(tmp_path / "npy", fname, shape, n, seed=i + 10)
         specs.append(f"{fname}={tmp_path}/npy/{fname}_*.npy")
     out = str(tmp_path / name)
-    convert.convert(convert.Options(output=out, fields=specs, crop=crop, pad=pad, chunk=chunk,
-                                    compressor=compressor, progress=False))
+    convert.run(convert.ConvertConfig(output=out, field=tuple(specs), crop=crop, pad=pad, chunk=chunk,
+                                      compressor=compressor, progress=False))
     return out, arrays
+
+
+def drop_completion_mark(path) -> None:
+    """Make a store look as if its writer had died before the completion mark."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    group.attrs[store.ATTR] = dict(group.attrs[store.ATTR], complete=False)
+    zarr.consolidate_metadata(str(path))
 
 
 def wrap_window(a: np.ndarray, win) -> np.ndarray:
@@ -223,10 +232,19 @@ def test_bad_input(sr_store, case):
         FieldDataset(**kwargs)
 
 
+def test_bad_patterns(sr_store):
+    path, _ = sr_store
+    npy = path.replace("s.zarr", "npy")
+    with pytest.raises(UserError, match=r"input pattern '.*/nothing_\*.npy' matches no files"):
+        FieldDataset(in_patterns=[f"{npy}/nothing_*.npy"])
+    with pytest.raises(UserError, match="input patterns match different numbers of files"):
+        FieldDataset(in_patterns=[f"{npy}/lr_*.npy", f"{npy}/hr_00.npy"])
+    with pytest.raises(UserError, match="input patterns match 2 files but target patterns 1"):
+        FieldDataset(in_patterns=[f"{npy}/lr_*.npy"], tgt_patterns=[f"{npy}/hr_01.npy"])
+
+
 def test_incomplete_store_refused(tmp_path):
     path, _ = make_store(tmp_path, {"f": (1, 8, 8)})
-    from map2map import store
-
-    store.mark_incomplete(path)
+    drop_completion_mark(path)
     with pytest.raises(UserError, match="incomplete"):
         FieldDataset(store=path, in_fields=["f"])

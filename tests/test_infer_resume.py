@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from map2map import infer, store
+from map2map.errors import UserError
 
 from conftest import ROOT, run_m2m
+from test_fields import drop_completion_mark
 from test_infer import make_store, run_infer
 
 SLOW_MODEL = '''
@@ -74,10 +76,10 @@ def start(args: list[str]) -> subprocess.Popen:
 
 
 def wait_for_markers(out: Path, at_least: int, proc: subprocess.Popen, timeout: float = 90) -> int:
-    done = out / infer.DONE_DIR
+    done = str(out / infer.DONE_DIR)
     deadline = time.time() + timeout
     while time.time() < deadline:
-        n = len([p for p in done.glob("*") if ".tmp-" not in p.name]) if done.is_dir() else 0
+        n = len(infer.read_done(done))
         if n >= at_least:
             return n
         assert proc.poll() is None, proc.communicate()
@@ -102,7 +104,7 @@ def uninterrupted(slow, cluster):
     root, data, ckpt, cb, ref = slow
     out = root / "whole.zarr"
     s = run_infer(cluster, **options(data, ckpt, cb, out))
-    assert (s["computed"], s["skipped"]) == (NTILES, 0)
+    assert (s.computed, s.skipped) == (NTILES, 0)
     pred = store.open_store(out).field("prediction")[0]
     assert float(np.abs(pred - ref).max()) <= 1e-5
     return pred
@@ -134,9 +136,9 @@ def test_client_sigkill_then_rerun_resumes_and_matches(slow, uninterrupted, clus
     assert 12 <= ndone < NTILES
     # the rerun may as well use another cluster: here an existing one, by address
     s = run_infer(cluster, **options(data, ckpt, cb, out))
-    computed, resumed = s["computed"], s["skipped"]
+    computed, resumed = s.computed, s.skipped
     assert resumed >= ndone and computed + resumed == NTILES and computed < NTILES
-    assert any("resuming the interrupted run" in n for n in s["notes"])
+    assert any("resuming the interrupted run" in n for n in s.notes)
     pred = store.open_store(out).field("prediction")[0]
     np.testing.assert_array_equal(pred, uninterrupted)
     assert not (out / infer.DONE_DIR).exists()
@@ -169,35 +171,50 @@ def test_rerun_with_other_settings_starts_over_and_overwrite_replaces(slow, unin
     out = root / "changed.zarr"
     fast = {"model_kwargs": {"delay": 0}}
     s = run_infer(cluster, **options(data, ckpt, cb, out, batch_size=8, **fast))
-    store.mark_incomplete(out)  # as if the run had died before its completion mark
+    drop_completion_mark(out)  # as if the run had died before its completion mark
     os.makedirs(out / infer.DONE_DIR)
     infer.mark_done(str(out / infer.DONE_DIR), 0, 0, None, 64)
     # another crop: the tiles written so far do not belong to this run
     s = run_infer(cluster, **options(data, ckpt, cb, out, crop=[8], **fast))
-    assert any("starting over" in n for n in s["notes"]) and (s["computed"], s["skipped"]) == (8, 0)
+    assert any("starting over" in n for n in s.notes) and (s.computed, s.skipped) == (8, 0)
     np.testing.assert_allclose(store.open_store(out).field("prediction")[0], ref, atol=1e-5, rtol=0)
     # complete now: refused without --overwrite, replaced with it
-    with pytest.raises(infer.UserError, match="exists and is complete"):
+    with pytest.raises(UserError, match="exists and is complete"):
         run_infer(cluster, **options(data, ckpt, cb, out, **fast))
     s = run_infer(cluster, **options(data, ckpt, cb, out, overwrite=True, batch_size=16, **fast))
     st = store.open_store(out)
-    assert st.meta["infer"]["crop"] == [4, 4, 4] and s["computed"] == NTILES
+    assert st.meta["infer"]["crop"] == [4, 4, 4] and s.computed == NTILES
     np.testing.assert_allclose(st.field("prediction")[0], ref, atol=1e-5, rtol=0)
     assert not Path(str(out) + infer.PARTIAL).exists()
 
 
 def test_markers_follow_durable_shards(tmp_path):
     """The files a tile batch fsyncs before its markers are exactly the output shards it wrote."""
-    from types import SimpleNamespace
-
-    from map2map.infer.worker import _shard_files
+    from map2map.infer.worker import shard_files
 
     out = tmp_path / "o.zarr"
-    group = store.create(str(out), [store.FieldLayout("p", 2, (16, 16, 16), (8, 8, 8), (4, 4, 4))], nsample=2,
+    group = store.create(str(out), [store.FieldLayout("p", 2, (16, 16, 12), (8, 8, 8), (4, 4, 4))], nsample=2,
                          boxsize=None, settings={})
-    regions = [((8, 16), (0, 8), (0, 16)), ((0, 8), (8, 16), (8, 16))]
+    regions = [((8, 16), (0, 8), (0, 12)), ((0, 8), (8, 16), (8, 12))]  # the last axis ends in a partial shard
     for lo_hi in regions:
         group["p"][(1, slice(None)) + tuple(slice(lo, hi) for lo, hi in lo_hi)] = 1.0
-    files = _shard_files(group["p"], SimpleNamespace(out_path=str(out), out_field="p"), 1, regions)
+    files = shard_files(group["p"], str(out / "p"), 1, regions)
     written = [str(p) for p in (out / "p").rglob("*") if p.is_file() and p.name != "zarr.json"]
     assert len(files) == 3 and sorted(files) == sorted(written)
+    with pytest.raises(RuntimeError, match="not a union of whole shards"):
+        shard_files(group["p"], str(out / "p"), 1, [((0, 4), (0, 8), (0, 8))])
+
+
+def test_markers_round_trip_and_skip_leftovers(tmp_path):
+    """Markers read back as written; a killed writer's temporary, a foreign file or a cut-short marker
+    counts as not done."""
+    from map2map.utils import durable
+
+    infer.mark_done(str(tmp_path), 0, 3, 0.5, 64)
+    infer.mark_done(str(tmp_path), 1, 0, None, 8)
+    assert sorted(os.listdir(tmp_path)) == ["0-3", "1-0"]  # nothing else left behind
+    durable.temporary_name(tmp_path / "2-2").write_text('{"loss": 0.1, "n": 8}')
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "4-4").write_text('{"loss": 0.1')
+    assert infer.read_done(str(tmp_path)) == {(0, 3): {"loss": 0.5, "n": 64}, (1, 0): {"loss": None, "n": 8}}
+    assert infer.read_done(str(tmp_path / "missing")) == {}

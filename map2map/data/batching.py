@@ -7,11 +7,13 @@ speed of writing into memory already mapped.  And a DataLoader worker hands
 each batch to the main process by copying it into fresh shared memory, which
 costs as much again as reading the item.
 
-`item_pool()` is this process's pool of item buffers, handed out again only
-once nothing references them.  In a DataLoader worker (on Linux) its buffers
-are shared memory (memfd) that `collate` lends to the main process: the main
-process maps the same pages instead of receiving a copy, and the worker
-reuses a buffer once the main process has let go of it.  In the main process
+A dataset owns its item buffers as an `ItemBuffers`: in each process a pool
+of buffers (`BufferPool`), handed out again only once nothing references
+them.  In a DataLoader worker (on Linux) the buffers are shared memory
+(memfd) that `collate` lends to the main process: the main process maps the
+same pages instead of receiving a copy, and the worker reuses a buffer once
+the main process has let go of it.  `collate` finds the pool through the
+worker's dataset (its ``item_buffers`` attribute).  In the main process
 `collate` makes a batch of one a view of its item.
 """
 
@@ -114,16 +116,33 @@ class BufferPool:
         return None
 
 
-_POOL: tuple[int, BufferPool] | None = None
+class ItemBuffers:
+    """The item buffers of one dataset: a `BufferPool` per process, made on first use in each.
+
+    In a DataLoader worker on Linux the pool's buffers are shared memory that
+    `collate` can lend (a forked worker starts its own pool; a pickled copy
+    travels without buffers); elsewhere they are plain memory.
+    """
+
+    def __init__(self) -> None:
+        self._pid: int | None = None
+        self._pool: BufferPool | None = None
+
+    def __getstate__(self) -> dict:
+        return {"_pid": None, "_pool": None}
+
+    def current(self) -> BufferPool:
+        """This process's pool."""
+        if self._pool is None or self._pid != os.getpid():
+            shared = get_worker_info() is not None and hasattr(os, "memfd_create")
+            self._pid, self._pool = os.getpid(), BufferPool(per_size=4 if shared else 3, shared=shared)
+        return self._pool
 
 
-def item_pool() -> BufferPool:
-    """This process's item buffers: shared memory in a DataLoader worker on Linux, plain memory elsewhere."""
-    global _POOL
-    if _POOL is None or _POOL[0] != os.getpid():  # a forked worker starts its own
-        shared = get_worker_info() is not None and hasattr(os, "memfd_create")
-        _POOL = (os.getpid(), BufferPool(per_size=4 if shared else 3, shared=shared))
-    return _POOL[1]
+def _worker_pool() -> BufferPool | None:
+    """In a DataLoader worker, the pool of the worker's dataset (None if it owns no `ItemBuffers`)."""
+    buffers = getattr(get_worker_info().dataset, "item_buffers", None)
+    return buffers.current() if isinstance(buffers, ItemBuffers) else None
 
 
 class _Lent:
@@ -179,10 +198,10 @@ def collate(batch: list[Any]) -> Any:
     """`default_collate`, without the copies it makes of large tensors.
 
     In the main process a batch of one item is its tensors with a leading
-    axis of length one (views).  In a DataLoader worker with shared item
-    buffers, tensors of 1 MiB or more are lent to the main process (see
-    `item_pool`) instead of copied into fresh shared memory.  Everything
-    else is collated as `default_collate` does.
+    axis of length one (views).  In a DataLoader worker whose dataset has
+    shared item buffers (see `ItemBuffers`), tensors of 1 MiB or more are
+    lent to the main process instead of copied into fresh shared memory.
+    Everything else is collated as `default_collate` does.
     """
     if not isinstance(batch[0], dict):
         return default_collate(batch)
@@ -191,11 +210,12 @@ def collate(batch: list[Any]) -> Any:
             return default_collate(batch)
         return {k: v.unsqueeze(0) if isinstance(v, torch.Tensor) else default_collate([v])
                 for k, v in batch[0].items()}
-    pool = item_pool()
+    pool = _worker_pool()
     out = {}
     for k in batch[0]:
         values = [item[k] for item in batch]
-        lend = pool.shared and isinstance(values[0], torch.Tensor) and values[0].nbytes >= _SHARE_MIN_BYTES
+        lend = (pool is not None and pool.shared and isinstance(values[0], torch.Tensor)
+                and values[0].nbytes >= _SHARE_MIN_BYTES)
         out[k] = _lend(values, pool) if lend and _numpy_dtype(values[0].dtype) else default_collate(values)
     return out
 

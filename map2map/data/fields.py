@@ -8,7 +8,9 @@ along channels; the target is the same region on the target grid
 (``scale_factor`` times finer) with ``tgt_pad``.  Then, in this order: norms
 per field, a random element of the cube's symmetry group (the same for input
 and target; vector fields turn their components with space), and additive /
-multiplicative noise (the same draw for input and target).
+multiplicative noise (the same draw for input and target).  Reading,
+norms and channel stacking are `map2map.data.fieldio.FieldStack`, the layer
+the inference worker reads through too.
 
 Randomness is drawn from ``(seed, epoch, idx)``, so an item is the same
 whichever worker or rank reads it, and a restarted run sees the same
@@ -19,8 +21,7 @@ drifted further every epoch).
 
 from __future__ import annotations
 
-import glob
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -28,19 +29,14 @@ from torch.utils.data import Dataset
 
 from map2map import geometry, store
 from map2map.data import augment
-from map2map.data.batching import item_pool
-from map2map.data.windows import FieldSource, NpyField, ReadStats, ZarrField, read_window
+from map2map.data.batching import ItemBuffers
+from map2map.data.fieldio import FieldStack, apply_norm, lookup_norms, undo_norms
+from map2map.data.windows import FieldSource, NpyField, ReadStats, ZarrField
 from map2map.errors import UserError
-from map2map.utils.imports import import_attr
+from map2map.npyfile import glob_paired
 
+__all__ = ["FieldDataset", "apply_norm", "undo_norms"]  # the norm helpers live in map2map.data.fieldio
 
-def _norms(names: Sequence[str] | None, nfields: int, what: str, callback_at: str | None) -> list:
-    if not names:
-        return [None] * nfields
-    if len(names) != nfields:
-        raise UserError(f"{what} lists {len(names)} norms for {nfields} fields; give one per field")
-    return [None if n in ("", "none", "None") else import_attr(n, ["map2map.data.norms"], callback_at, what="norm")
-            for n in names]
 
 
 def _open_store_fields(path: str, names: Sequence[str], cache_bytes: int) -> list[ZarrField]:
@@ -48,19 +44,6 @@ def _open_store_fields(path: str, names: Sequence[str], cache_bytes: int) -> lis
     for n in names:
         st.field(n)  # one-line error listing the fields the store has
     return [ZarrField(path, n, st.nsample, cache_bytes) for n in names]
-
-
-def _open_patterns(patterns: Sequence[str], what: str) -> list[NpyField]:
-    fields = []
-    for p in patterns:
-        paths = sorted(glob.glob(p))
-        if not paths:
-            raise UserError(f"{what} pattern {p!r} matches no files")
-        fields.append(NpyField(paths))
-    counts = {len(f.paths) for f in fields}
-    if len(counts) > 1:
-        raise UserError(f"{what} patterns match different numbers of files: {[len(f.paths) for f in fields]}")
-    return fields
 
 
 class FieldDataset(Dataset):
@@ -101,9 +84,12 @@ class FieldDataset(Dataset):
             raise UserError(str(exc)) from None
         self.augment = augment
         self.aug_add, self.aug_mul = aug_add, aug_mul
-        self.in_norms = _norms(in_norms, len(self.inputs), "in_norms", callback_at)
-        self.tgt_norms = _norms(tgt_norms, len(self.targets), "tgt_norms", callback_at)
+        self.in_norms = lookup_norms(in_norms, len(self.inputs), "in_norms", callback_at)
+        self.tgt_norms = lookup_norms(tgt_norms, len(self.targets), "tgt_norms", callback_at)
         self.norm_kwargs = kwargs
+        self.in_stack = FieldStack(self.inputs, self.in_norms, kwargs)
+        self.tgt_stack = FieldStack(self.targets, self.tgt_norms, kwargs)
+        self.item_buffers = ItemBuffers()
         self.seed = seed
         self.epoch = 0
         self.in_chan = [f.shape[1] for f in self.inputs]
@@ -120,8 +106,8 @@ class FieldDataset(Dataset):
             return fields[:len(in_fields)], fields[len(in_fields):]
         if not in_patterns:
             raise UserError("give a store with in_fields, or in_patterns (.npy glob patterns)")
-        inputs = _open_patterns(in_patterns, "input")
-        targets = _open_patterns(tgt_patterns, "target") if tgt_patterns else []
+        inputs = [NpyField(paths) for paths in glob_paired(in_patterns, "input")]
+        targets = [NpyField(paths) for paths in glob_paired(tgt_patterns, "target")] if tgt_patterns else []
         if targets and len(targets[0].paths) != len(inputs[0].paths):
             raise UserError(f"input patterns match {len(inputs[0].paths)} files but target patterns "
                             f"{len(targets[0].paths)}")
@@ -152,10 +138,7 @@ class FieldDataset(Dataset):
 
     def read_stats(self) -> ReadStats:
         """Bytes decoded vs returned by this process's readers, over all fields."""
-        total = ReadStats()
-        for f in self.inputs + self.targets:
-            total = total + f.stats
-        return total
+        return self.in_stack.read_stats() + self.tgt_stack.read_stats()
 
     def anchor(self, idx: int) -> tuple[int, int, tuple[int, ...]]:
         if not 0 <= idx < len(self):
@@ -170,43 +153,23 @@ class FieldDataset(Dataset):
             anchor = tuple(a + int(rng.integers(0, s)) if s > 0 else a for a, s in zip(anchor, self.aug_shift))
         element = augment.random_element(rng, self.ndim) if self.augment else None
         win = geometry.window(anchor, self.crop, self.in_pad)
-        item: dict[str, Any] = {"input": self._read(self.inputs, sample, win, self.in_norms, element),
+        item: dict[str, Any] = {"input": self._read(self.in_stack, sample, win, element),
                                 "sample": sample, "anchor": torch.tensor(anchor), "index": idx}
         if self.targets:
             s = self.scale_factor
             twin = geometry.window(tuple(a * s for a in anchor), tuple(c * s for c in self.crop), self.tgt_pad)
-            item["target"] = self._read(self.targets, sample, twin, self.tgt_norms, element)
+            item["target"] = self._read(self.tgt_stack, sample, twin, element)
         self._noise(item, rng)
         for key in ("input", "target"):
             if key in item:
                 item[key] = torch.from_numpy(item[key])
         return item
 
-    def _read(self, fields: Sequence[FieldSource], sample: int, win, norms: list,
-              element: augment.CubeElement | None) -> np.ndarray:
-        """Read, normalise and (if `element`) transform the fields, straight into one channel-stacked array.
-
-        The reader writes into a view of the output laid out like the stored
-        field, so the symmetry transform costs no separate pass over the data.
-        The output reuses the memory of items nothing references any more.
-        """
-        shape = geometry.window_shape(win)
-        if element is not None:
-            shape = tuple(shape[p] for p in element.perm)
-        chans = [f.shape[1] for f in fields]
-        out = item_pool().empty((sum(chans),) + shape, np.float32)
-        start = 0
-        for f, c, norm in zip(fields, chans, norms):
-            part = out[start:start + c]
-            if element is None:
-                read_window(f, sample, win, part)
-            else:
-                view = augment.inverse_view(part, element)
-                read_window(f, sample, win, channels=augment.component_targets(view, element, c == self.ndim))
-            if norm is not None:
-                apply_norm(norm, part, **self.norm_kwargs)
-            start += c
-        return out
+    def _read(self, stack: FieldStack, sample: int, win, element: augment.CubeElement | None) -> np.ndarray:
+        """Read, normalise and (if `element`) transform the stack's fields into one channel-stacked array
+        that reuses the memory of items nothing references any more (see `map2map.data.batching`)."""
+        out = self.item_buffers.current().empty(stack.shape(win, element), np.float32)
+        return stack.read(sample, win, out, element)
 
     def _noise(self, item: dict[str, Any], rng: np.random.Generator) -> None:
         """The same additive / multiplicative draw for input and target."""
@@ -218,20 +181,3 @@ class FieldDataset(Dataset):
                 if key in item:
                     op(item[key], value, out=item[key])
 
-
-def apply_norm(norm: Callable, x, undo: bool = False, **kwargs: Any) -> None:
-    """Run `norm` on `x` in place, also for user norms that return a new array instead."""
-    res = norm(x, undo=undo, **kwargs)
-    if res is not None and res is not x:
-        x[...] = res
-
-
-def undo_norms(x, norm_names: Sequence[str] | None, chans: Sequence[int], callback_at: str | None = None,
-               channel_axis: int = 0, **kwargs: Any):
-    """Invert per-field norms, in place, on a channel-concatenated array (e.g. predictions)."""
-    start = 0
-    for c, norm in zip(chans, _norms(norm_names, len(chans), "tgt_norms", callback_at)):
-        if norm is not None:
-            apply_norm(norm, x[(slice(None),) * channel_axis + (slice(start, start + c),)], undo=True, **kwargs)
-        start += c
-    return x

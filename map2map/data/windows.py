@@ -1,45 +1,36 @@
 """Periodic window reads from stored fields, chunk-aware and cached.
 
-A window (crop + halo, possibly wrapping around the periodic box) is split by
-`map2map.geometry.window_pieces` into at most ``2**ndim`` box-aligned plain
-slices.  For Zarr fields each slice is assembled from the inner chunks it
-intersects; decoded chunks are kept in a small per-process LRU cache bounded
-in bytes, so neighbouring crops reuse the halo they share.  Counters record
-bytes decoded and bytes returned (their ratio is the read amplification).
+A *window* is a box of voxels ``[lo, hi)`` per axis (crop + halo) that may
+leave the periodic box; `map2map.geometry.window_pieces` splits it into at
+most ``2**ndim`` box-aligned plain slices, and `read_window` copies each
+piece into its place in the output.  A *source* (`FieldSource`) copies a
+box-aligned region of one sample into arrays it is given, negating on the
+way where asked, in small blocks so that a transposed destination (how
+augmentation permutes axes) costs no separate pass over the data.
 
-Uncompressed sharded arrays on a local disk (the layout `m2m convert` writes
-by default) are read through a direct path: the shard index is read once per
-shard and each inner chunk is memory-mapped at its byte range, exactly as the
-Zarr v3 sharding specification lays it out, so a window is copied straight
-out of the page cache with no intermediate read buffer.  (zarr-python 3.1
-reads inner chunks one by one through its async machinery at 0.1-0.4 GB/s;
-``pread`` into a buffer costs one more pass over every byte, about a third of
-the read time at crop 128 + pad 48.)  The cache holds the mappings, so the
-mapped bytes, like the decoded ones, stay within its bound.  Any other
-layout, codec or store goes through zarr-python itself.  Tests check both
-paths agree bit for bit.
+Sources: `ZarrField`, one array of a store, read by inner chunks kept in a
+small per-process cache bounded in bytes (neighbouring crops reuse the halo
+they share), through the shard decoder of `map2map.data.shards` when the
+array's layout allows it and through zarr-python otherwise (tests check both
+agree bit for bit); and `NpyField`, .npy files (one per sample) read through
+memory maps.  Counters record bytes decoded and bytes returned (their ratio
+is the read amplification).
 
-Readers open files lazily and reopen after a fork, so they are safe in
+Sources open files lazily and reopen after a fork, so they are safe in
 DataLoader workers started with fork or spawn.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-import mmap
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
 
 from map2map import geometry
-
-_MISSING = np.uint64(2**64 - 1)
-_OPEN_FILES = 64
+from map2map.data import shards
 
 
 @dataclass
@@ -116,78 +107,14 @@ def _copy(dst: np.ndarray, src: np.ndarray, negate: bool) -> None:
             dst[sl] = src[sl]
 
 
-class _LRU:
-    """Chunks keyed by (sample, chunk index), evicted least recently used past `max_bytes`."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self.items: OrderedDict[tuple, np.ndarray] = OrderedDict()
-
-    def get(self, key: tuple) -> np.ndarray | None:
-        value = self.items.get(key)
-        if value is not None:
-            self.items.move_to_end(key)
-        return value
-
-    def put(self, key: tuple, value: np.ndarray) -> None:
-        if value.nbytes > self.max_bytes:
-            return
-        self.items[key] = value
-        self.nbytes += value.nbytes
-        while self.nbytes > self.max_bytes:
-            _, old = self.items.popitem(last=False)
-            self.nbytes -= old.nbytes
-
-
-@dataclass
-class _ShardLayout:
-    """What the direct read path needs to know about an uncompressed sharded Zarr array."""
-
-    root: Path
-    shard: tuple[int, ...]       # full shard shape (all dims)
-    chunk: tuple[int, ...]       # inner chunk shape (all dims)
-    dtype: np.dtype
-    encode_key: object           # metadata.encode_chunk_key
-
-    @property
-    def per_shard(self) -> tuple[int, ...]:
-        return tuple(s // c for s, c in zip(self.shard, self.chunk))
-
-    @property
-    def index_bytes(self) -> int:
-        return math.prod(self.per_shard) * 16 + 4  # (offset, nbytes) uint64 pairs + crc32c
-
-
-def _direct_layout(arr) -> _ShardLayout | None:
-    """The direct-read layout of `arr` if it is uncompressed, sharded, little-endian and local."""
-    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
-    from zarr.storage import LocalStore
-
-    codecs = arr.metadata.codecs
-    store = arr.store_path.store
-    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or not isinstance(store, LocalStore):
-        return None
-    sharding = codecs[0]
-    inner_ok = len(sharding.codecs) == 1 and isinstance(sharding.codecs[0], BytesCodec)
-    index_ok = (len(sharding.index_codecs) == 2 and isinstance(sharding.index_codecs[1], Crc32cCodec)
-                and sharding.index_location.value == "end")
-    dtype = np.dtype(arr.dtype)
-    little = dtype.itemsize == 1 or (sharding.codecs[0].endian is not None
-                                      and sharding.codecs[0].endian.value == "little")
-    if not (inner_ok and index_ok and little):
-        return None
-    return _ShardLayout(Path(store.root) / arr.store_path.path, tuple(arr.shards), tuple(sharding.chunk_shape),
-                        dtype.newbyteorder("<"), arr.metadata.encode_chunk_key)
-
-
 @dataclass
 class ZarrField:
-    """One field of a store, read by inner chunks with an LRU cache (see module docstring).
+    """One field of a store, read by inner chunks with an LRU cache (see the module docstring).
 
     Only the path and array name are kept until the first read, and every
     handle is reopened in a new process, so a reader can be pickled into
-    DataLoader workers and survives a fork.
+    DataLoader workers and survives a fork.  `direct=False` reads through
+    zarr-python even where the shard decoder could.
     """
 
     path: str
@@ -202,19 +129,13 @@ class ZarrField:
         arr = self._open_array()
         self.shape = (self.nsample,) + tuple(arr.shape[1:])
         self.dtype = np.dtype(arr.dtype)
-        self._pid = None  # opened only to learn the shape: reopen lazily where reads happen
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("_arr", "_cache", "_index", "_layout", "_files"):
+        for key in ("_arr", "_cache", "_shards"):
             state.pop(key, None)
         state["_pid"] = None
         return state
-
-    def __del__(self) -> None:
-        if getattr(self, "_pid", None) == os.getpid():
-            for fd in self._files.values():
-                os.close(fd)
 
     def _open_array(self):
         import zarr
@@ -225,10 +146,9 @@ class ZarrField:
         if self._pid == os.getpid():
             return
         self._arr = self._open_array()
-        self._layout = _direct_layout(self._arr) if self.direct else None
-        self._cache = _LRU(self.cache_bytes)
-        self._index: dict[tuple, np.ndarray | None] = {}
-        self._files: OrderedDict[tuple, int] = OrderedDict()  # open shard files (a fork keeps the parent's)
+        layout = shards.layout_of(self._arr) if self.direct else None
+        self._shards = shards.ShardReader(layout, f"{self.path}/{self.name}") if layout else None
+        self._cache = shards.ChunkCache(self.cache_bytes)
         self._pid = os.getpid()
 
     @property
@@ -238,9 +158,14 @@ class ZarrField:
         return tuple(self._arr.chunks[2:])
 
     @property
-    def uses_direct_path(self) -> bool:
+    def shard_layout(self) -> shards.ShardLayout | None:
+        """The layout the shard decoder reads, None where zarr-python reads."""
         self._ensure_open()
-        return self._layout is not None
+        return self._shards.layout if self._shards else None
+
+    @property
+    def uses_direct_path(self) -> bool:
+        return self.shard_layout is not None
 
     def read_box(self, sample: int, box: tuple[slice, ...], out: list[tuple[np.ndarray, bool]]) -> None:
         self._ensure_open()
@@ -259,82 +184,18 @@ class ZarrField:
                 _copy(target[dst], data[(c,) + src], negate)
 
     def _chunk(self, sample: int, cidx: tuple[int, ...]) -> np.ndarray:
+        """The (channels, *spatial) chunk at spatial chunk coordinates `cidx` of `sample`, from the cache."""
         key = (sample,) + cidx
         data = self._cache.get(key)
         if data is None:
-            data = self._load_direct(sample, cidx) if self._layout else self._load_zarr(sample, cidx)
+            if self._shards:  # the channel chunk covers all channels
+                data = self._shards.chunk((sample, 0) + cidx, self.shape)[0]
+            else:
+                sl = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cidx, self.chunk, self.shape[2:]))
+                data = np.asarray(self._arr[(sample, slice(None)) + sl])
             self.stats.decoded += data.nbytes
             self._cache.put(key, data)
         return data
-
-    def _load_zarr(self, sample: int, cidx: tuple[int, ...]) -> np.ndarray:
-        sl = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cidx, self.chunk, self.shape[2:]))
-        return np.asarray(self._arr[(sample, slice(None)) + sl])
-
-    def _shard_fd(self, shard: tuple[int, ...]) -> int | None:
-        """A descriptor of the shard's file, kept open in a small LRU; None if the shard was never written."""
-        fd = self._files.get(shard)
-        if fd is not None:
-            self._files.move_to_end(shard)
-            return fd
-        try:
-            fd = os.open(self._layout.root / self._layout.encode_key(shard), os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        self._files[shard] = fd
-        if len(self._files) > _OPEN_FILES:
-            os.close(self._files.popitem(last=False)[1])
-        return fd
-
-    def _shard_index(self, shard: tuple[int, ...]) -> np.ndarray | None:
-        if shard not in self._index:
-            lay = self._layout
-            fd = self._shard_fd(shard)
-            if fd is None:
-                self._index[shard] = None
-            else:
-                end = os.fstat(fd).st_size
-                raw = os.pread(fd, lay.index_bytes - 4, end - lay.index_bytes)
-                index = np.frombuffer(raw, dtype="<u8").reshape(lay.per_shard + (2,))
-                _check_index(index, end, shard, f"{self.path}/{self.name}")
-                self._index[shard] = index
-        return self._index[shard]
-
-    def _load_direct(self, sample: int, cidx: tuple[int, ...]) -> np.ndarray:
-        lay = self._layout
-        full = (sample, 0) + cidx  # chunk coordinates over all dims (channel chunk covers all channels)
-        shard = tuple(i * c // s for i, c, s in zip(full, lay.chunk, lay.shard))
-        within = tuple(i % (s // c) for i, c, s in zip(full, lay.chunk, lay.shard))
-        index = self._shard_index(shard)
-        shape = lay.chunk[1:]
-        if index is None or index[within][0] == _MISSING:
-            data = np.zeros(shape, dtype=np.float32)  # never written: the array's fill value, 0
-        else:
-            offset, nbytes = (int(v) for v in index[within])
-            data = _map_chunk(self._shard_fd(shard), offset, nbytes, lay.dtype).reshape(shape)
-        n = self.shape[2:]
-        if any((i + 1) * c > m for i, c, m in zip(cidx, lay.chunk[2:], n)):  # edge chunk: drop padding
-            data = data[(slice(None),) + tuple(slice(0, min(c, m - i * c)) for i, c, m in zip(cidx, lay.chunk[2:], n))]
-        return data
-
-
-def _check_index(index: np.ndarray, size: int, shard: tuple[int, ...], where: str) -> None:
-    """Refuse a shard whose index points past the end of its file (cut short: mapping it would SIGBUS)."""
-    written = index[..., 0] != _MISSING
-    ends = index[..., 0][written] + index[..., 1][written]
-    if ends.size and int(ends.max()) > size:
-        raise OSError(f"shard {shard} of {where} is cut short: its chunks need {int(ends.max())} bytes, "
-                      f"the file has {size}")
-
-
-def _map_chunk(fd: int, offset: int, nbytes: int, dtype: np.dtype) -> np.ndarray:
-    """The `nbytes` at `offset` of the file `fd` as a read-only array, memory-mapped (unmapped when freed).
-
-    The shard index was checked against the file size (`_check_index`), so the range lies in the file.
-    """
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    mm = mmap.mmap(fd, offset + nbytes - start, offset=start, access=mmap.ACCESS_READ)
-    return np.frombuffer(mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - start)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The client side: a Dask client (given scheduler or local cluster), model preloading, task submission."""
+"""The client side: a Dask client (given scheduler or local cluster), the workers' state, model preloading,
+task submission and the workers' statistics."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import sys
 from typing import Any, Iterator
 
 from map2map.errors import UserError
-from map2map.infer.specs import Job, Options
-from map2map.infer.worker import preload, run_tiles
+from map2map.infer.specs import InferConfig, Job
+from map2map.infer.worker import WorkerState, preload, run_tiles, stats_of
 
 
 def cuda_count() -> int:
@@ -20,7 +21,7 @@ def cuda_count() -> int:
 
 
 @contextlib.contextmanager
-def dask_client(opts: Options, device: str) -> Iterator[tuple[Any, dict[str, Any]]]:
+def dask_client(opts: InferConfig, device: str) -> Iterator[tuple[Any, dict[str, Any]]]:
     """A Dask client: to `--scheduler` / `--scheduler-file`, or to a local cluster of worker processes."""
     from distributed import Client, LocalCluster
 
@@ -65,7 +66,7 @@ def dask_client(opts: Options, device: str) -> Iterator[tuple[Any, dict[str, Any
             cluster.close()
 
 
-def torch_threads(opts: Options, device: str, workers: int | None) -> int | None:
+def torch_threads(opts: InferConfig, device: str, workers: int | None) -> int | None:
     if opts.torch_threads:
         return opts.torch_threads
     if workers is None or device != "cpu":
@@ -73,9 +74,19 @@ def torch_threads(opts: Options, device: str, workers: int | None) -> int | None
     return max(1, (os.cpu_count() or 1) // (workers * opts.threads_per_worker))
 
 
+def register_state(client) -> None:
+    """Give every worker of the cluster, present and future, its `WorkerState` (a worker plugin).
+
+    Idempotent: on a long-lived cluster the first run registers it and later
+    runs find the state, and the models, it keeps.
+    """
+    client.register_plugin(WorkerState())
+
+
 def preload_all(client, job: Job) -> None:
     """Every worker present loads the model before the first tile, so a model that cannot load on a
     worker (e.g. a checkpoint path it cannot see) fails once, here, and the tile phase times tiles."""
+    register_state(client)
     workers = list(client.scheduler_info(n_workers=-1)["workers"])
     futures = [client.submit(preload, job, key=f"m2m-load-{job.token[:8]}-{i}", workers=[w],
                              allow_other_workers=True, pure=False) for i, w in enumerate(workers)]
@@ -92,6 +103,7 @@ def submit_all(client, job: Job, todo: list[tuple[int, list[int]]], total: int, 
     from distributed import as_completed
     from tqdm import tqdm
 
+    register_state(client)  # already there after `preload_all`: a no-op then
     futures = [client.submit(run_tiles, job, sample, ids, key=f"m2m-infer-{job.token[:8]}-{sample}-{ids[0]}",
                              retries=0) for sample, ids in todo]
     owner = {f.key: sample for f, (sample, _) in zip(futures, todo)}
@@ -113,3 +125,11 @@ def submit_all(client, job: Job, todo: list[tuple[int, list[int]]], total: int, 
             for f in futures:
                 f.cancel()
     return results
+
+
+def collect_stats(client, token: str) -> dict[str, dict[str, Any]]:
+    """Each worker's statistics of run `token`, by worker address: tasks, tiles, model loads, seconds
+    spent reading, in the model and writing, and the most bytes one task held.  Workers that ran
+    nothing of the run, or did not answer (e.g. one that died), are left out."""
+    stats = client.run(stats_of, token, on_error="ignore")
+    return {address: s for address, s in stats.items() if s}

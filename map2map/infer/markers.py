@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from typing import Any
+
+from map2map.utils import durable
 
 
 def mark_done(done_dir: str, sample: int, tile: int, loss: float | None, count: int) -> None:
-    """Record a finished tile: a tiny JSON file, written to a temporary name, fsynced and renamed.
+    """Record a finished tile: a tiny JSON file named ``{sample}-{tile}``, written atomically and durably.
 
     Call it only once the tile's data is durable (see `map2map.utils.durable`).
     """
-    name = os.path.join(done_dir, f"{sample}-{tile}")
-    tmp = f"{name}.tmp-{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "w") as f:
-        json.dump({"loss": loss, "n": count}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, name)
+    durable.atomic_write(os.path.join(done_dir, f"{sample}-{tile}"), json.dumps({"loss": loss, "n": count}))
 
 
 def read_done(done_dir: str) -> dict[tuple[int, int], dict[str, Any]]:
@@ -28,12 +23,12 @@ def read_done(done_dir: str) -> dict[tuple[int, int], dict[str, Any]]:
     if not os.path.isdir(done_dir):
         return out
     for name in os.listdir(done_dir):
-        if ".tmp-" in name:
+        if durable.is_temporary(name):
             continue
         try:
             sample, tile = (int(v) for v in name.split("-"))
             with open(os.path.join(done_dir, name)) as f:
                 out[(sample, tile)] = json.load(f)
         except (ValueError, OSError):
-            continue  # a foreign or unreadable file: that tile is simply redone
+            continue  # a foreign or unreadable file (e.g. a marker cut short): that tile is simply redone
     return out

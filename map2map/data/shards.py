@@ -1,0 +1,205 @@
+"""The shard decoder: inner chunks of uncompressed sharded Zarr arrays on a local disk, memory-mapped.
+
+Terms.  A *shard* is one file of a sharded Zarr (format 3) array; it holds a
+block of *inner chunks* followed by its *index*: one ``(offset, nbytes)``
+pair of little-endian uint64 per inner chunk, in C order, then a crc32c
+checksum (the layout of the Zarr v3 sharding specification with the index
+at the end).  An inner chunk never written has both entries ``2**64 - 1``;
+a shard file never written reads as the fill value, 0.
+
+This is the layout `m2m convert` writes by default (no compression, the
+sharding codec with only the bytes codec inside).  For it a window is
+copied straight out of the page cache: the index of a shard is read once
+and checked against the file size (a shard cut short is an `OSError`, not a
+SIGBUS from a mapping past the end of the file), and each inner chunk is
+memory-mapped at its byte range.  zarr-python 3.1 reads inner chunks one by
+one through its async machinery at 0.1-0.4 GB/s, and ``pread`` into a
+buffer costs one more pass over every byte.  Any other layout, codec or
+store is read by zarr-python itself (see `map2map.data.windows`).
+
+`ChunkCache` holds recently used chunks (these mappings, or chunks zarr
+decoded) within a byte bound.  A `ShardReader` keeps descriptors of the
+shard files it reads open, a bounded number of them; it belongs to one
+process (the reader of `map2map.data.windows.ZarrField` makes a new one
+after a fork).
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MISSING = np.uint64(2**64 - 1)  # both index entries of an inner chunk never written
+OPEN_FILES = 64  # shard files a reader keeps open
+
+
+class ChunkCache:
+    """Chunks keyed by (sample, chunk index), evicted least recently used past `max_bytes`.
+
+    A chunk larger than the whole bound is not kept.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        value = self.items.get(key)
+        if value is not None:
+            self.items.move_to_end(key)
+        return value
+
+    def put(self, key: tuple, value: np.ndarray) -> None:
+        if value.nbytes > self.max_bytes:
+            return
+        self.items[key] = value
+        self.nbytes += value.nbytes
+        while self.nbytes > self.max_bytes:
+            _, old = self.items.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where and how an uncompressed sharded array lays out its bytes (shapes over all dims)."""
+
+    root: Path                   # the array's directory
+    shard: tuple[int, ...]       # shard shape
+    chunk: tuple[int, ...]       # inner chunk shape
+    dtype: np.dtype              # little-endian
+    encode_key: object           # shard coordinates -> file name under `root` (the array's key encoding)
+
+    @property
+    def per_shard(self) -> tuple[int, ...]:
+        """Inner chunks per shard along each dim."""
+        return tuple(s // c for s, c in zip(self.shard, self.chunk))
+
+    @property
+    def index_bytes(self) -> int:
+        """Size of a shard's index: an (offset, nbytes) uint64 pair per inner chunk, then a crc32c."""
+        return math.prod(self.per_shard) * 16 + 4
+
+    def file(self, shard: tuple[int, ...]) -> Path:
+        """The file of the shard at shard coordinates `shard`."""
+        return self.root / self.encode_key(shard)
+
+
+def layout_of(arr) -> ShardLayout | None:
+    """The layout of the zarr array `arr` if this module can read it (uncompressed, sharded with the
+    index at the end, little-endian, in a local store), else None."""
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+    from zarr.storage import LocalStore
+
+    codecs = arr.metadata.codecs
+    store = arr.store_path.store
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or not isinstance(store, LocalStore):
+        return None
+    sharding = codecs[0]
+    inner_ok = len(sharding.codecs) == 1 and isinstance(sharding.codecs[0], BytesCodec)
+    index_ok = (len(sharding.index_codecs) == 2 and isinstance(sharding.index_codecs[1], Crc32cCodec)
+                and sharding.index_location.value == "end")
+    dtype = np.dtype(arr.dtype)
+    little = dtype.itemsize == 1 or (sharding.codecs[0].endian is not None
+                                      and sharding.codecs[0].endian.value == "little")
+    if not (inner_ok and index_ok and little):
+        return None
+    return ShardLayout(Path(store.root) / arr.store_path.path, tuple(arr.shards), tuple(sharding.chunk_shape),
+                       dtype.newbyteorder("<"), arr.metadata.encode_chunk_key)
+
+
+def check_index(index: np.ndarray, size: int, shard: tuple[int, ...], where: str) -> None:
+    """Refuse a shard whose index points past the end of its file of `size` bytes (cut short: mapping
+    it would SIGBUS)."""
+    written = index[..., 0] != MISSING
+    ends = index[..., 0][written] + index[..., 1][written]
+    if ends.size and int(ends.max()) > size:
+        raise OSError(f"shard {shard} of {where} is cut short: its chunks need {int(ends.max())} bytes, "
+                      f"the file has {size}")
+
+
+def map_chunk(fd: int, offset: int, nbytes: int, dtype: np.dtype) -> np.ndarray:
+    """The `nbytes` at `offset` of the file `fd` as a read-only array, memory-mapped (unmapped when freed).
+
+    The caller has checked the range lies in the file (`check_index`).
+    """
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mm = mmap.mmap(fd, offset + nbytes - start, offset=start, access=mmap.ACCESS_READ)
+    return np.frombuffer(mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - start)
+
+
+class ShardReader:
+    """Inner chunks of one array with layout `layout`, memory-mapped out of its shard files.
+
+    `where` names the array in errors.  Shard indices are read (and checked)
+    once per shard; at most `OPEN_FILES` shard files stay open, the least
+    recently used closed first.  One process only: make a new reader after a fork.
+    """
+
+    def __init__(self, layout: ShardLayout, where: str) -> None:
+        self.layout = layout
+        self.where = where
+        self._index: dict[tuple, np.ndarray | None] = {}
+        self._files: OrderedDict[tuple, int] = OrderedDict()
+        self._pid = os.getpid()
+
+    def close(self) -> None:
+        """Close the open shard files (only in the process that opened them: a forked copy leaves them)."""
+        if self._pid == os.getpid():
+            while self._files:
+                os.close(self._files.popitem()[1])
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _fd(self, shard: tuple[int, ...]) -> int | None:
+        """A descriptor of the shard's file; None if the shard was never written."""
+        fd = self._files.get(shard)
+        if fd is not None:
+            self._files.move_to_end(shard)
+            return fd
+        try:
+            fd = os.open(self.layout.file(shard), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        self._files[shard] = fd
+        if len(self._files) > OPEN_FILES:
+            os.close(self._files.popitem(last=False)[1])
+        return fd
+
+    def index(self, shard: tuple[int, ...]) -> np.ndarray | None:
+        """The shard's index, shaped ``per_shard + (2,)``; None if the shard was never written."""
+        if shard not in self._index:
+            lay = self.layout
+            fd = self._fd(shard)
+            if fd is None:
+                self._index[shard] = None
+            else:
+                end = os.fstat(fd).st_size
+                raw = os.pread(fd, lay.index_bytes - 4, end - lay.index_bytes)
+                index = np.frombuffer(raw, dtype="<u8").reshape(lay.per_shard + (2,))
+                check_index(index, end, shard, self.where)
+                self._index[shard] = index
+        return self._index[shard]
+
+    def chunk(self, cidx: tuple[int, ...], extent: tuple[int, ...]) -> np.ndarray:
+        """The inner chunk at chunk coordinates `cidx` (all dims), cut to `extent` (the array's shape):
+        a chunk at the array's end has padding the array does not cover."""
+        lay = self.layout
+        shard = tuple(i * c // s for i, c, s in zip(cidx, lay.chunk, lay.shard))
+        within = tuple(i % p for i, p in zip(cidx, lay.per_shard))
+        index = self.index(shard)
+        if index is None or index[within][0] == MISSING:
+            data = np.zeros(lay.chunk, dtype=lay.dtype)  # never written: the array's fill value, 0
+        else:
+            offset, nbytes = (int(v) for v in index[within])
+            data = map_chunk(self._fd(shard), offset, nbytes, lay.dtype).reshape(lay.chunk)
+        if any((i + 1) * c > n for i, c, n in zip(cidx, lay.chunk, extent)):
+            data = data[tuple(slice(0, min(c, n - i * c)) for i, c, n in zip(cidx, lay.chunk, extent))]
+        return data
