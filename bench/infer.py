@@ -6,8 +6,8 @@ Prints one JSON line.  In the same run, on one random 3-channel box:
     when its activations would not fit in half the free memory);
 (b) ``tiles``: the same model over the same tiles and batches as (c), in this
     process, windows sliced from the padded box in memory: no I/O, no Dask;
-(c) ``infer``: ``m2m infer`` end to end in a subprocess with its default local
-    cluster, reading the box from a store and writing the prediction store.
+(c) ``infer``: the `m2m infer` stage end to end in a child process with its default
+    local cluster, reading the box from a store and writing the prediction store.
 
 (c) and (b) run alternately ``--repeat`` times and the best time of each
 counts: other load on a shared machine slows them unevenly.  Rates are
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -76,10 +75,19 @@ def vm_hwm(pid: int) -> int | None:
     return None
 
 
-def run_infer(cmd: list[str], interval: float = 0.1) -> tuple[float, str, dict[int, int], int]:
-    """Run `m2m infer`; returns wall time, stdout, peak RSS of each worker process, peak RSS of the client."""
+CHILD = """
+import json, sys
+from map2map import infer
+print(infer.run(infer.InferConfig(**json.loads(sys.argv[1]))).dumps())
+"""
+
+
+def run_infer(config: dict, interval: float = 0.1) -> tuple[float, dict, dict[int, int], int]:
+    """Run the `m2m infer` stage with `config` (`InferConfig` fields) in a child process, as the command
+    does; returns wall time, its summary, peak RSS of each worker process, peak RSS of the client."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     main = psutil.Process(proc.pid)
     workers: dict[int, int] = {}
     client = 0
@@ -103,7 +111,7 @@ def run_infer(cmd: list[str], interval: float = 0.1) -> tuple[float, str, dict[i
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"m2m infer failed ({proc.returncode}): {err[-2000:]}")
-    return wall, out, workers, client
+    return wall, json.loads(out.strip().splitlines()[-1]), workers, client
 
 
 def tiles_in_memory(model, x: np.ndarray, plan: tiles.TilePlan, batch: int) -> float:
@@ -144,9 +152,9 @@ def main() -> None:
     try:
         src = make_input(root, n, c)
         data = root / "in.zarr"
-        convert.convert(convert.Options(output=str(data), fields=[f"disp={src}"], crop=[args.crop],
-                                        chunk=[args.store_chunk] if args.store_chunk else None,
-                                        progress=False, workers=2))
+        convert.run(convert.ConvertConfig(output=str(data), field=(f"disp={src}",), crop=(args.crop,),
+                                          chunk=(args.store_chunk,) if args.store_chunk else None,
+                                          progress=False, workers=2))
         in_chunk = list(zarr.open_group(str(data), mode="r")["disp"].chunks[2:])
         torch.manual_seed(0)
         model = G(c, c, scale_factor=1, width=args.width).eval()  # a 3-voxel and a 1-voxel convolution
@@ -160,20 +168,18 @@ def main() -> None:
         runs_c, runs_b = [], []
         for r in range(args.repeat):  # alternate (c) and (b): other load on the machine hits both alike
             out = root / f"out{r}.zarr"
-            cmd = [sys.executable, "-m", "map2map.cli", "infer", "--data", str(data), "--in", "disp",
-                   "--model", "G", "--model-kwargs", json.dumps({"width": args.width}), "--load-state", str(ckpt),
-                   "--out", str(out), "--crop", str(args.crop), "--batch-size", str(args.batch_size),
-                   "--device", "cpu", "--no-progress"] + (["--workers", str(args.workers)] if args.workers else [])
-            wall_c, stdout, workers, client_rss = run_infer(cmd)
+            config = {"data": str(data), "in_fields": ["disp"], "model": "G", "model_kwargs": {"width": args.width},
+                      "load_state": str(ckpt), "out": str(out), "crop": [args.crop], "batch_size": args.batch_size,
+                      "device": "cpu", "progress": False, "workers": args.workers}
+            wall_c, summary, workers, client_rss = run_infer(config)
             shutil.rmtree(out)
-            wt = re.search(r"worker time \(all workers\): read ([\d.]+) s, model ([\d.]+) s, write ([\d.]+) s",
-                           stdout)
-            m = re.search(r"time: setup ([\d.]+) s, tiles ([\d.]+) s, total ([\d.]+) s on (.*)", stdout)
-            runs_c.append({"tiles": float(m.group(2)), "wall": wall_c, "cluster": m.group(4),
-                           "split": [float(v) for v in wt.groups()], "workers": workers, "client": client_rss})
-            cluster = m.group(4)
-            nworkers = int(re.search(r"(\d+) worker", cluster).group(1))
-            threads = int(re.search(r"x (\d+) thread", cluster).group(1))
+            split = [round(sum(w[k + "_s"] for w in summary["workers"].values()), 2)
+                     for k in ("read", "model", "write")]
+            runs_c.append({"tiles": summary["tiles_s"], "wall": wall_c, "cluster": summary["cluster"],
+                           "split": split, "workers": workers, "client": client_rss})
+            cluster = summary["cluster"]
+            nworkers = len(summary["workers"])
+            threads = summary["threads_per_worker"]
             # (b): all of (c)'s threads in this one process
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // (nworkers * threads)) * nworkers * threads)
             with torch.inference_mode():  # warm up: the first pass of a shape picks its algorithms

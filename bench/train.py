@@ -4,7 +4,7 @@ The V-Net on crops of 32 plus the pad it needs (found by ``--in-pad auto``),
 batch size 1, reading 1LPT -> 2LPT displacements from a store made by
 ``m2m convert`` (shards = the crop, inner chunks for the pad), once per
 number of loader workers.  Each run trains ``--epochs`` epochs in its own
-working directory; the last epoch is reported (the first also pays one-off
+run directory; the last epoch is reported (the first also pays one-off
 warm-up costs).  Loader workers are started afresh every epoch, as in
 training, so their start-up counts as waiting.  Prints one JSON line.
 
@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -30,33 +29,24 @@ from pathlib import Path
 import torch
 
 from map2map import convert, synth, train
-from map2map.cli import build_parser
 
 
 def make_store(root: Path, ngrid: int, nsamples: int, crop: int, pad: int) -> Path:
-    synth.synthesize(root / "npy", nsamples=nsamples, ngrid=ngrid, seed=0)
+    synth.run(synth.SynthConfig(outdir=str(root / "npy"), num_samples=nsamples, ngrid=ngrid, seed=0))
     out = root / "train.zarr"
-    convert.convert(convert.Options(output=str(out), fields=[f"za={root}/npy/*/dis_za.npy",
-                                                             f"lpt={root}/npy/*/dis_2lpt.npy"],
-                                    crop=[crop], pad=pad, boxsize=2.0 * ngrid, progress=False))
+    convert.run(convert.ConvertConfig(output=str(out), field=(f"za={root}/npy/*/dis_za.npy",
+                                                              f"lpt={root}/npy/*/dis_2lpt.npy"),
+                                      crop=(crop,), pad=pad, boxsize=2.0 * ngrid, progress=False))
     return out
 
 
-def run(store: Path, work: Path, crop: int, workers: int, epochs: int, width: int) -> tuple[dict, str]:
-    work.mkdir()
-    argv = ["train", "--train-data", str(store), "--in", "za", "--tgt", "lpt", "--crop", str(crop),
-            "--in-pad", "auto", "--in-norms", "cosmology.dis", "--tgt-norms", "cosmology.dis", "--model", "VNet",
-            "--misc-kwargs", json.dumps({"width": width}), "--lr", "1e-4", "--batch-size", "1",
-            "--loader-workers", str(workers), "--epochs", str(epochs), "--log-interval", "1000000"]
-    cwd = os.getcwd()
-    os.chdir(work)
-    log = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(log):
-            history = train.train(build_parser().parse_args(argv))
-    finally:
-        os.chdir(cwd)
-    return history[-1], log.getvalue()
+def run(store: Path, work: Path, crop: int, workers: int, epochs: int, width: int) -> train.TrainSummary:
+    config = train.TrainConfig(
+        model="VNet", lr=1e-4, train_data=str(store), in_fields=("za",), tgt_fields=("lpt",), crop=(crop,),
+        in_pad="auto", in_norms=("cosmology.dis",), tgt_norms=("cosmology.dis",), misc_kwargs={"width": width},
+        batch_size=1, loader_workers=workers, epochs=epochs, log_interval=1_000_000, run_dir=str(work))
+    with contextlib.redirect_stdout(io.StringIO()):  # the epoch lines; the summary has the figures
+        return train.run(config)
 
 
 def main() -> None:
@@ -79,10 +69,12 @@ def main() -> None:
         t0 = time.perf_counter()
         counts = [int(v) for v in args.workers.split(",")]
         for i, w in enumerate(counts):
-            last, log = run(store, root / f"run{i}", args.crop, w, args.epochs, args.width)
-            pad = next((line.split(":")[1].strip() for line in log.splitlines() if line.startswith("--in-pad auto")),
-                       pad)
-            results[str(w) if counts.count(w) == 1 else f"{w}#{i}"] = {"items_per_s": round(last["items_per_s"], 3), "data_wait": round(last["data_wait"], 4)}
+            summary = run(store, root / f"run{i}", args.crop, w, args.epochs, args.width)
+            last = summary.epochs[-1]
+            pad = ",".join(str(lo) for lo, _ in summary.in_pad) if len({lo for lo, _ in summary.in_pad}) > 1 \
+                else str(summary.in_pad[0][0])
+            results[str(w) if counts.count(w) == 1 else f"{w}#{i}"] = {"items_per_s": round(last.items_per_s, 3),
+                                                                       "data_wait": round(last.data_wait, 4)}
         print(json.dumps({
             "bench": "train", "model": "VNet", "width": args.width, "crop": args.crop, "in_pad": pad,
             "batch_size": 1, "device": "cpu", "torch_threads": torch.get_num_threads(),

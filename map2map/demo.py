@@ -1,32 +1,31 @@
 """`m2m demo`: the whole pipeline on physical example data, end to end, on a CPU.
 
 synth (train / val / test boxes of 1LPT input and 2LPT target displacements)
--> `m2m convert` -> `m2m train` (a small V-Net) -> `m2m infer` on the
-held-out box -> a report comparing the prediction and the trivial
-prediction (the 1LPT input itself) with the 2LPT truth: power spectra,
-T(k), r(k), a table and a plain verdict.
+-> convert -> train (a small V-Net) -> infer on the held-out box (from the
+checkpoint's model card alone) -> a report comparing the prediction and the
+trivial prediction (the 1LPT input itself) with the 2LPT truth: power
+spectra, T(k), r(k), a table and a plain verdict.
 
-Every stage runs through the same command-line entry point users run
-(`map2map.cli.main`), with the arguments printed, so each step can be
+Each stage is called directly with its config (`run(config) -> summary`);
+the equivalent `m2m` command is printed before it, so every step can be
 repeated by hand.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
-from map2map.errors import UserError
+from map2map import convert, infer, synth, train
+from map2map.stage import Summary
 
 
-@dataclass
-class DemoOptions:
+@dataclass(frozen=True)
+class DemoConfig:
     """The demo's knobs; the defaults finish in a few minutes on 2 CPU cores."""
 
     outdir: str = "demo"
@@ -42,68 +41,102 @@ class DemoOptions:
     workers: int = 2
 
 
-@contextmanager
-def _cwd(path: Path) -> Iterator[None]:
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
+@dataclass
+class DemoSummary(Summary):
+    """What the demo produced and measured."""
+
+    outdir: str
+    beat_baseline: bool
+    mean_r_model: float
+    mean_r_za: float
+    k_max: float
+    train_losses: list[float]
+    val_losses: list[float | None]
+    prediction: str
+    report: str
+    seconds: float
+    stages: dict[str, Any] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        return [f"demo finished in {self.seconds:.0f} s; everything is in {self.outdir}"]
 
 
-def _m2m(*args: str) -> None:
-    """Run one `m2m` subcommand in this process, as a user would from the shell."""
-    from map2map.cli import main
-
+def _show(*args: str) -> None:
     print(f"\n$ m2m {shlex.join(args)}", flush=True)
-    code = main(list(args))
-    if code:
-        raise UserError(f"m2m {args[0]} failed with exit status {code}")
 
 
 def _stage(title: str) -> None:
     print(f"\n== {title} ==", flush=True)
 
 
-def run(opts: DemoOptions) -> bool:
-    """Run every stage in `opts.outdir`; returns whether the model beat the trivial baseline."""
-    out = Path(opts.outdir).resolve()
+def _print(summary: Summary) -> None:
+    for line in summary.lines():
+        print(line, flush=True)
+
+
+def run(config: DemoConfig) -> DemoSummary:
+    """Run every stage in `config.outdir`."""
+    out = Path(config.outdir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    stages: dict[str, Any] = {}
+
     _stage("1/5 synthesize 1LPT (input) and 2LPT (target) displacement fields")
-    for split, n, seed in (("train", opts.train_boxes, opts.seed), ("val", 1, opts.seed + 1000),
-                           ("test", 1, opts.seed + 2000)):
-        _m2m("synth", str(out / "sims" / split), "--num-samples", str(n), "--ngrid", str(opts.ngrid),
-             "--boxsize", str(opts.boxsize), "--seed", str(seed))
+    for split, n, seed in (("train", config.train_boxes, config.seed), ("val", 1, config.seed + 1000),
+                           ("test", 1, config.seed + 2000)):
+        cfg = synth.SynthConfig(outdir=str(out / "sims" / split), num_samples=n, ngrid=config.ngrid,
+                                boxsize=config.boxsize, seed=seed)
+        _show("synth", cfg.outdir, "--num-samples", str(n), "--ngrid", str(config.ngrid), "--boxsize",
+              str(config.boxsize), "--seed", str(seed))
+        _print(synth.run(cfg))
+
     _stage("2/5 convert .npy files into crop-aligned Zarr stores")
     for split in ("train", "val", "test"):
-        _m2m("convert", str(out / f"{split}.zarr"), "--overwrite", "--no-progress",
-             f"--field=za={out}/sims/{split}/*/dis_za.npy", f"--field=lpt2={out}/sims/{split}/*/dis_2lpt.npy",
-             "--crop", str(opts.crop), "--boxsize", str(opts.boxsize))
+        fields = (f"za={out}/sims/{split}/*/dis_za.npy", f"lpt2={out}/sims/{split}/*/dis_2lpt.npy")
+        cfg = convert.ConvertConfig(output=str(out / f"{split}.zarr"), field=fields, crop=(config.crop,),
+                                    boxsize=config.boxsize, overwrite=True, progress=False)
+        _show("convert", cfg.output, "--overwrite", "--no-progress", *(f"--field={f}" for f in fields),
+              "--crop", str(config.crop), "--boxsize", str(config.boxsize))
+        _print(convert.run(cfg))
+
     _stage("3/5 train a small V-Net: ZA displacement -> 2LPT displacement")
-    run_dir = out / "run"
-    run_dir.mkdir(exist_ok=True)
-    model_kwargs = json.dumps({"width": opts.width})
-    common = ["--in-norms", "cosmology.dis", "--tgt-norms", "cosmology.dis", "--crop", str(opts.crop),
-              "--in-pad", "auto", "--model", "VNet"]
-    with _cwd(run_dir):
-        _m2m("train", "--train-data", str(out / "train.zarr"), "--val-data", str(out / "val.zarr"),
-             "--in", "za", "--tgt", "lpt2", *common, "--misc-kwargs", model_kwargs, "--augment",
-             "--lr", str(opts.lr), "--batch-size", str(opts.batch_size), "--epochs", str(opts.epochs),
-             "--seed", str(opts.seed), "--loader-workers", "1", "--log-interval", "10")
-    _stage("4/5 tiled inference on the held-out box with Dask")
-    _m2m("infer", "--data", str(out / "test.zarr"), "--in", "za", "--tgt", "lpt2", *common,
-         "--misc-kwargs", model_kwargs, "--load-state", str(run_dir / "checkpoint.pt"),
-         "--out", str(out / "pred.zarr"), "--overwrite", "--workers", str(opts.workers))
+    tcfg = train.TrainConfig(
+        model="VNet", lr=config.lr, train_data=str(out / "train.zarr"), val_data=str(out / "val.zarr"),
+        in_fields=("za",), tgt_fields=("lpt2",), in_norms=("cosmology.dis",), tgt_norms=("cosmology.dis",),
+        crop=(config.crop,), in_pad="auto", misc_kwargs={"width": config.width}, augment=True,
+        batch_size=config.batch_size, epochs=config.epochs, seed=config.seed, loader_workers=1, log_interval=10,
+        run_dir=str(out / "run"))
+    _show("train", "--train-data", tcfg.train_data, "--val-data", tcfg.val_data, "--in", "za", "--tgt", "lpt2",
+          "--in-norms", "cosmology.dis", "--tgt-norms", "cosmology.dis", "--crop", str(config.crop),
+          "--in-pad", "auto", "--model", "VNet", "--misc-kwargs", json.dumps({"width": config.width}), "--augment",
+          "--lr", str(config.lr), "--batch-size", str(config.batch_size), "--epochs", str(config.epochs),
+          "--seed", str(config.seed), "--loader-workers", "1", "--log-interval", "10", "--run-dir", tcfg.run_dir)
+    trained = train.run(tcfg)
+    stages["train"] = trained.to_json()
+
+    _stage("4/5 tiled inference on the held-out box with Dask (model, fields and norms from the model card)")
+    icfg = infer.InferConfig(load_state=str(out / "run" / "checkpoint.pt"), data=str(out / "test.zarr"),
+                             out=str(out / "pred.zarr"), overwrite=True, workers=config.workers)
+    _show("infer", "--load-state", icfg.load_state, "--data", icfg.data, "--out", icfg.out, "--overwrite",
+          "--workers", str(config.workers))
+    predicted = infer.run(icfg)
+    _print(predicted)
+    stages["infer"] = predicted.to_json()
+
     _stage("5/5 report")
-    beat = write_report(out, opts)
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; everything is in {out}")
-    return beat
+    cmp, beat = write_report(out, config)
+    summary = DemoSummary(outdir=str(out), beat_baseline=beat, mean_r_model=cmp.mean_r("model"),
+                          mean_r_za=cmp.mean_r("za"), k_max=cmp.k_max,
+                          train_losses=[r.train_loss for r in trained.epochs],
+                          val_losses=[r.val_loss for r in trained.epochs], prediction=str(out / "pred.zarr"),
+                          report=str(out / "report" / "report.md"), seconds=time.perf_counter() - t0,
+                          stages=stages)
+    return summary
 
 
-def write_report(out: Path, opts: DemoOptions) -> bool:
-    """Compare the prediction and the ZA input with the 2LPT truth on the test box; print and save."""
+def write_report(out: Path, opts: DemoConfig):
+    """Compare the prediction and the ZA input with the 2LPT truth on the test box; print and save.
+    Returns the comparison and whether the model beat the trivial baseline."""
     import xarray as xr
 
     from map2map import report
@@ -127,6 +160,6 @@ def write_report(out: Path, opts: DemoOptions) -> bool:
     (out / "report" / "summary.json").write_text(json.dumps(
         {"beat_baseline": beat, "mean_r_model": cmp.mean_r("model"), "mean_r_za": cmp.mean_r("za"),
          "k_max": cmp.k_max, "options": asdict(opts)}, indent=1))
-    return beat
+    return cmp, beat
 
 

@@ -1,12 +1,58 @@
-"""`m2m info`: what a store holds, how it is laid out, and whether it is complete."""
+"""`m2m info`: what a store holds (layout, completeness), or what a checkpoint holds (model card, epoch, losses)."""
 
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 
 import numpy as np
 
 from map2map import store
+from map2map.stage import Summary
+
+
+@dataclass(frozen=True)
+class InfoConfig:
+    """`m2m info PATH`: a store directory or a checkpoint file."""
+
+    path: str
+
+
+@dataclass
+class InfoSummary(Summary):
+    path: str
+    kind: str  # "store" or "checkpoint"
+    text: str
+
+    def lines(self) -> list[str]:
+        return self.text.splitlines()
+
+
+def run(config: InfoConfig) -> InfoSummary:
+    if os.path.isfile(config.path):
+        return InfoSummary(config.path, "checkpoint", describe_checkpoint(config.path))
+    return InfoSummary(config.path, "store", describe(config.path))
+
+
+def describe_checkpoint(path: str) -> str:
+    """A human-readable summary of checkpoint `path`: model card, epoch, losses, parameters."""
+    from map2map.modelfit import read_checkpoint
+
+    ck = read_checkpoint(path)
+    nparam = sum(int(np.prod(v.shape)) for k, v in ck.model_state.items() if not k.endswith("num_batches_tracked"))
+    lines = [f"checkpoint {path}" + (f" -> {os.path.realpath(path)}" if os.path.islink(path) else "")]
+    if ck.epoch is not None:
+        lines.append(f"epoch      {ck.epoch}" + (f", best loss {ck.min_loss:.6g}" if ck.min_loss is not None else ""))
+    for rec in ck.raw.get("losses") or []:
+        val = f", val {rec['val']:.6g}" if rec.get("val") is not None else ""
+        lines.append(f"  epoch {rec['epoch']}: train {rec['train']:.6g}{val}, lr {rec['lr']:.3g}")
+    lines.append(f"parameters {nparam} in {len(ck.model_state)} tensors")
+    if ck.card is None:
+        lines.append("card       none (not written by m2m train): m2m infer needs --model and the other options")
+    else:
+        lines += ck.card.describe()
+    return "\n".join(lines)
 
 
 def _human(nbytes: float) -> str:

@@ -1,6 +1,6 @@
 """`m2m train`: the training loop, in one process or many (torchrun / srun, DistributedDataParallel).
 
-The flow, top to bottom in `train`:
+The flow, top to bottom in `run` (a `TrainConfig` in, a `TrainSummary` out):
 
 1. Where am I: rank, local rank and world size from torchrun's or SLURM's
    variables (`map2map.utils.distenv`); the process group is created only
@@ -13,10 +13,12 @@ The flow, top to bottom in `train`:
    crops, and its output against the target crop (``--in-pad auto`` finds the
    smallest pad that covers it).
 4. Criterion, optimizer and the optional ReduceLROnPlateau scheduler.
-5. State: ``--load-state`` (default ``checkpoint.pt``) restores model,
-   optimizer, scheduler and RNG states, or training starts fresh.
+5. State: ``--load-state`` (default ``checkpoint.pt`` in the run directory)
+   restores model, optimizer, scheduler and RNG states, or training starts fresh.
 6. Epochs: train, validate, step the scheduler, log, write ``state_{epoch}.pt``
-   and relink ``checkpoint.pt``.
+   (with the model card, `map2map.modelfit.ModelCard`) and relink ``checkpoint.pt``,
+   all in the run directory (``--run-dir``; never the process's working directory
+   unless that is the run directory).
 
 Every source of randomness in an epoch derives from (seed, epoch) or from RNG
 states saved in the checkpoint, so a resumed run continues exactly as an
@@ -25,32 +27,138 @@ uninterrupted one (bit-identical on CPU with one process).
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import inspect
 import json
 import math
 import os
+import socket
 import sys
 import time
-from argparse import Namespace
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from datetime import datetime
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from map2map import store
+from map2map import __version__, modelfit, store
 from map2map.data.batching import collate
 from map2map.data.fields import FieldDataset
 from map2map.data.sampler import DistFieldSampler
 from map2map.errors import UserError
-from map2map.models import (StrideError, build_model, check_stride, narrow_cast, required_pad,
-                            total_stride)
+from map2map.models import build_model, narrow_cast
+from map2map.stage import Summary
 from map2map.utils import checkpoint as ckpt
 from map2map.utils.distenv import DistEnv, dist_env
 from map2map.utils.imports import import_attr
+
+
+Pad = Any  # "auto", an int, or 1, d or 2d ints (see `map2map.geometry.parse_pad`)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `m2m train` takes; field names are the command line's option names (see `m2m train --help`).
+
+    `run_dir` holds everything the run writes: ``state_{epoch}.pt``,
+    ``checkpoint.pt`` and the TensorBoard logs under ``runs/``.  `load_state`
+    None means ``checkpoint.pt`` in `run_dir` (resumed when it exists); ``""``
+    means start fresh; any other path must exist.
+    """
+
+    model: str
+    lr: float
+    train_data: str | None = None
+    val_data: str | None = None
+    in_fields: tuple[str, ...] | None = None
+    tgt_fields: tuple[str, ...] | None = None
+    train_in_patterns: tuple[str, ...] | None = None
+    train_tgt_patterns: tuple[str, ...] | None = None
+    val_in_patterns: tuple[str, ...] | None = None
+    val_tgt_patterns: tuple[str, ...] | None = None
+    in_norms: tuple[str, ...] | None = None
+    tgt_norms: tuple[str, ...] | None = None
+    crop: tuple[int, ...] | None = None
+    crop_start: tuple[int, ...] | None = None
+    crop_stop: tuple[int, ...] | None = None
+    crop_step: tuple[int, ...] | None = None
+    in_pad: Pad = 0
+    tgt_pad: Pad = 0
+    scale_factor: int = 1
+    augment: bool = False
+    aug_shift: tuple[int, ...] | None = None
+    aug_add: float | None = None
+    aug_mul: float | None = None
+    batch_size: int = 1
+    loader_workers: int = 2
+    div_data: bool = False
+    div_shuffle_dist: float = 1
+    criterion: str = "MSELoss"
+    optimizer: str = "Adam"
+    optimizer_args: Mapping[str, Any] = field(default_factory=dict)
+    reduce_lr_on_plateau: bool = False
+    scheduler_args: Mapping[str, Any] = field(default_factory=dict)
+    init_weight_std: float | None = None
+    misc_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    callback_at: str | None = None
+    epochs: int = 128
+    seed: int = 42
+    run_dir: str = "."
+    load_state: str | None = None
+    load_state_strict: bool = True
+    dist_backend: str | None = None
+    log_interval: int = 100
+    detect_anomaly: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("optimizer_args", "scheduler_args", "misc_kwargs"):
+            object.__setattr__(self, name, _json_dict(getattr(self, name), "--" + name.replace("_", "-")))
+
+    @property
+    def state_path(self) -> str:
+        """The state to resume from ('' for none)."""
+        return os.path.join(self.run_dir, ckpt.CKPT_LINK) if self.load_state is None else self.load_state
+
+
+@dataclass
+class EpochRecord:
+    """One epoch as `m2m train` logged it (losses are means over all ranks' items)."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float | None
+    lr: float
+    items_per_s: float
+    data_wait: float
+    batch_losses: list[tuple[int, float]]
+    checkpoint: str | None = None
+
+    def __getitem__(self, key: str) -> Any:  # records read like the dicts they were
+        return getattr(self, key)
+
+
+@dataclass
+class TrainSummary(Summary):
+    """What a training run did (on every rank; only rank 0 wrote files)."""
+
+    run_dir: str
+    start_epoch: int
+    epochs: list[EpochRecord]
+    in_pad: list[list[int]]
+    total_stride: int
+    parameters: int
+    world_size: int
+    device: str
+    checkpoint: str | None
+    seconds: float
+
+    @property
+    def history(self) -> list[EpochRecord]:
+        return self.epochs
+
 
 # ---------------------------------------------------------------- 1. processes and devices
 
@@ -101,11 +209,11 @@ def _json_dict(value: Any, option: str) -> dict[str, Any]:
 _DATASET_KEYS = set(inspect.signature(FieldDataset.__init__).parameters) - {"self", "kwargs"}
 
 
-def make_dataset(args: Namespace, split: str, in_pad: Any, seed: int) -> FieldDataset | None:
+def make_dataset(cfg: TrainConfig, split: str, in_pad: Any, seed: int) -> FieldDataset | None:
     """The training or validation dataset from a store (``--train-data``) or .npy globs; None for no val."""
-    path = getattr(args, f"{split}_data")
-    in_patterns = getattr(args, f"{split}_in_patterns")
-    tgt_patterns = getattr(args, f"{split}_tgt_patterns")
+    path = getattr(cfg, f"{split}_data")
+    in_patterns = getattr(cfg, f"{split}_in_patterns")
+    tgt_patterns = getattr(cfg, f"{split}_tgt_patterns")
     flag = f"--{split}-data"
     if path is None and not in_patterns:
         if split == "val":
@@ -116,33 +224,33 @@ def make_dataset(args: Namespace, split: str, in_pad: Any, seed: int) -> FieldDa
                         "or --train-in-patterns and --train-tgt-patterns")
     if path is not None and (in_patterns or tgt_patterns):
         raise UserError(f"give {flag} or --{split}-in-patterns/--{split}-tgt-patterns, not both")
-    if path is not None and not args.in_fields:
+    if path is not None and not cfg.in_fields:
         raise UserError(f"{flag} needs the input field names: --in NAME[,NAME]")
-    if (path is not None and not args.tgt_fields) or (path is None and not tgt_patterns):
+    if (path is not None and not cfg.tgt_fields) or (path is None and not tgt_patterns):
         raise UserError(f"training needs targets: give --tgt NAME[,NAME] with {flag}, "
                         f"or --{split}-tgt-patterns")
     training = split == "train"
-    norm_kwargs = args.misc_kwargs
+    norm_kwargs = cfg.misc_kwargs
     clash = sorted(set(norm_kwargs) & _DATASET_KEYS)
     if clash:
         raise UserError(f"--misc-kwargs keys {clash} clash with data set arguments; use the options instead")
     return FieldDataset(
-        store=path, in_fields=args.in_fields if path else None, tgt_fields=args.tgt_fields if path else None,
+        store=path, in_fields=cfg.in_fields if path else None, tgt_fields=cfg.tgt_fields if path else None,
         in_patterns=in_patterns, tgt_patterns=tgt_patterns,
-        crop=args.crop, crop_start=args.crop_start, crop_stop=args.crop_stop, crop_step=args.crop_step,
-        in_pad=in_pad, tgt_pad=args.tgt_pad, scale_factor=args.scale_factor,
-        augment=args.augment and training, aug_shift=args.aug_shift if training else None,
-        aug_add=args.aug_add if training else None, aug_mul=args.aug_mul if training else None,
-        in_norms=args.in_norms, tgt_norms=args.tgt_norms, callback_at=args.callback_at, seed=seed,
+        crop=cfg.crop, crop_start=cfg.crop_start, crop_stop=cfg.crop_stop, crop_step=cfg.crop_step,
+        in_pad=in_pad, tgt_pad=cfg.tgt_pad, scale_factor=cfg.scale_factor,
+        augment=cfg.augment and training, aug_shift=cfg.aug_shift if training else None,
+        aug_add=cfg.aug_add if training else None, aug_mul=cfg.aug_mul if training else None,
+        in_norms=cfg.in_norms, tgt_norms=cfg.tgt_norms, callback_at=cfg.callback_at, seed=seed,
         **norm_kwargs)
 
 
-def make_loader(ds: FieldDataset, args: Namespace, env: DistEnv, device: torch.device,
+def make_loader(ds: FieldDataset, cfg: TrainConfig, env: DistEnv, device: torch.device,
                 training: bool) -> tuple[DataLoader, DistFieldSampler]:
-    sampler = DistFieldSampler(ds.nsample, ds.crop_counts, shuffle=training, div_data=args.div_data,
-                               div_shuffle_dist=args.div_shuffle_dist, seed=args.seed,
+    sampler = DistFieldSampler(ds.nsample, ds.crop_counts, shuffle=training, div_data=cfg.div_data,
+                               div_shuffle_dist=cfg.div_shuffle_dist, seed=cfg.seed,
                                rank=env.rank, world_size=env.world_size)
-    loader = DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.loader_workers,
+    loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.loader_workers,
                         collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=False)
     return loader, sampler
 
@@ -165,126 +273,26 @@ def init_weight_std(model: nn.Module, std: float) -> None:
                     m.bias.zero_()
 
 
-def meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` on the 'meta' device (shapes only), made without copying any parameter data."""
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(model, memo)
-
-
-def output_shape(model: nn.Module, in_chan: int, shape: Sequence[int]) -> tuple[tuple[int, ...] | None, bool]:
-    """Spatial output shape for a zero input of spatial `shape` (None if the model rejects that size),
-    and whether it came from a shape-only 'meta' copy of the model.
-
-    Models that cannot run on 'meta' get a real pass in eval mode without
-    gradients (their training mode is restored).
-    """
-    x_shape = (1, in_chan, *shape)
-    try:
-        meta = meta_copy(model).eval()
-        with torch.no_grad():
-            return tuple(meta(torch.zeros(x_shape, device="meta")).shape[2:]), True
-    except Exception:
-        pass
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters(), torch.empty(0)).device
-        with torch.no_grad():
-            return tuple(model(torch.zeros(x_shape, device=device)).shape[2:]), False
-    except (RuntimeError, ValueError):
-        return None, False
-    finally:
-        model.train(was_training)
-
-
-def auto_pad(model: nn.Module, in_chan: int, crop: Sequence[int], ndim: int, scale_factor: int,
-             tgt_pad: Sequence[tuple[int, int]]) -> list[int]:
-    """The smallest input pad per axis whose output covers the target crop (+ tgt-pad), by `required_pad`."""
-    pads, found = [], {}
-    try:
-        light = meta_copy(model)  # so that required_pad's own copy holds no parameter data
-    except Exception:
-        light = model
-    for c, (lo, hi) in zip(crop, tgt_pad):
-        key = (c, (lo + hi + 1) // 2)
-        if key not in found:
-            try:
-                found[key] = required_pad(light, in_chan, key[0], ndim, scale_factor, key[1])
-            except StrideError:
-                if light is model:
-                    raise  # a model that cannot run on 'meta' is searched with real passes below
-                found[key] = required_pad(model, in_chan, key[0], ndim, scale_factor, key[1])
-        pads.append(found[key])
-    return pads
-
-
-def _pad_text(pad: Sequence[int]) -> str:
-    return str(pad[0]) if len(set(pad)) == 1 else ",".join(map(str, pad))
-
-
-def _suggest(model: nn.Module, in_chan: int, ds: FieldDataset) -> str:
-    try:
-        return f"--in-pad {_pad_text(auto_pad(model, in_chan, ds.crop, ds.ndim, ds.scale_factor, ds.tgt_pad))} " \
-               "would (or use --in-pad auto)"
-    except StrideError as exc:
-        return f"no --in-pad fixes it: {exc}"
-
-
-def check_geometry(model: nn.Module, ds: FieldDataset) -> tuple[int, tuple[int, ...]]:
-    """Check crops, steps and pads against the model; return (total stride, output shape).
-
-    Crop sizes and steps must be multiples of the total stride (the model is
-    translation-equivariant only for such shifts), so must crop + pads, and
-    the output must cover the target crop with an even margin so it narrows
-    symmetrically onto the target.
-    """
-    in_chan = sum(ds.in_chan)
-    stride = total_stride(model)
-    check_stride(list(ds.crop), list(ds.grid.step), stride)
-    window = tuple(c + lo + hi for c, (lo, hi) in zip(ds.crop, ds.in_pad))
-    sym = all(lo == hi for lo, hi in ds.in_pad)
-    pads = _pad_text([lo for lo, _ in ds.in_pad]) if sym else ",".join(f"{lo},{hi}" for lo, hi in ds.in_pad)
-    if any(n % stride for n in window):
-        raise StrideError(f"crop + in-pad = {list(window)} voxels per axis is not a multiple of the model's "
-                          f"total stride {stride}; {_suggest(model, in_chan, ds)}")
-    out, _ = output_shape(model, in_chan, window)
-    tgt_crop = [c * ds.scale_factor for c in ds.crop]
-    tgt = [c + lo + hi for c, (lo, hi) in zip(tgt_crop, ds.tgt_pad)]
-    where = f"with crop {list(ds.crop)} and --in-pad {pads} the model"
-    if out is None or len(out) != ds.ndim:
-        raise UserError(f"{where} cannot run an input of {list(window)} voxels per axis (it rejects that "
-                        f"size or shrinks it to nothing); {_suggest(model, in_chan, ds)}")
-    if any(o < c or (o - t) % 2 for o, c, t in zip(out, tgt_crop, tgt)):
-        raise UserError(f"{where} maps an input of {list(window)} voxels to {list(out)}, which does not cover "
-                        f"the target crop {tgt_crop} (target window {tgt}) with an even margin; "
-                        f"{_suggest(model, in_chan, ds)}")
-    return stride, out
-
-
 # ---------------------------------------------------------------- 4. criterion, optimizer, scheduler
 
 
-def build_optim(args: Namespace, model: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer, Any, list[str]]:
+def build_optim(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer, Any, list[str]]:
     notes = []
-    crit_cls = import_attr(args.criterion, ["torch.nn"], args.callback_at, what="criterion")
+    crit_cls = import_attr(cfg.criterion, ["torch.nn"], cfg.callback_at, what="criterion")
     try:
         criterion = crit_cls()
     except TypeError as exc:
-        raise UserError(f"cannot build --criterion {args.criterion}(): {exc}") from None
-    opt_cls = import_attr(args.optimizer, ["torch.optim"], args.callback_at, what="optimizer")
-    opt_args = _json_dict(args.optimizer_args, "--optimizer-args")
+        raise UserError(f"cannot build --criterion {cfg.criterion}(): {exc}") from None
+    opt_cls = import_attr(cfg.optimizer, ["torch.optim"], cfg.callback_at, what="optimizer")
+    opt_args = dict(cfg.optimizer_args)
     try:
-        optimizer = opt_cls(model.parameters(), lr=args.lr, **opt_args)
+        optimizer = opt_cls(model.parameters(), lr=cfg.lr, **opt_args)
     except (TypeError, ValueError) as exc:
-        raise UserError(f"cannot build --optimizer {args.optimizer} with lr={args.lr} and "
+        raise UserError(f"cannot build --optimizer {cfg.optimizer} with lr={cfg.lr} and "
                         f"--optimizer-args {json.dumps(opt_args)}: {exc}") from None
     scheduler = None
-    if args.reduce_lr_on_plateau:
-        sched_args = _json_dict(args.scheduler_args, "--scheduler-args")
+    if cfg.reduce_lr_on_plateau:
+        sched_args = dict(cfg.scheduler_args)
         if "verbose" in sched_args:  # removed from torch; lr changes are printed anyway
             sched_args.pop("verbose")
             notes.append("--scheduler-args 'verbose' is no longer a torch option; ignored (lr changes are printed)")
@@ -299,20 +307,28 @@ def build_optim(args: Namespace, model: nn.Module) -> tuple[nn.Module, torch.opt
 # ---------------------------------------------------------------- 5. state
 
 
-def restore(args: Namespace, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-            env: DistEnv, say) -> tuple[int, float | None]:
-    """Load ``--load-state`` if it exists and is not empty; return (start epoch, best loss)."""
-    path = args.load_state
+def restore(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+            env: DistEnv, say) -> tuple[int, float | None, list[dict[str, Any]]]:
+    """Load the state to resume (`TrainConfig.state_path`) if there is one; return (start epoch, best loss,
+    the per-epoch losses so far).
+
+    The default ``checkpoint.pt`` of the run directory may be missing (a new
+    run); an explicitly named state must exist.
+    """
+    path = cfg.state_path
+    if cfg.load_state and not os.path.exists(cfg.load_state):
+        raise UserError(f"--load-state {cfg.load_state} does not exist (leave the option out to resume from "
+                        f"{ckpt.CKPT_LINK} in the run directory, or give '' to start fresh)")
     # loaded on the CPU: load_state_dict copies onto the model's device, and RNG states stay CPU tensors
     state = ckpt.read_state(path, map_location="cpu") if path else None
     if state is None:
         why = "no --load-state" if not path else f"{path} is missing or empty"
         say(f"starting fresh ({why})")
-        if args.init_weight_std is not None:
-            init_weight_std(model, args.init_weight_std)
-        return 0, None
+        if cfg.init_weight_std is not None:
+            init_weight_std(model, cfg.init_weight_std)
+        return 0, None, []
     shown = os.path.realpath(path) if os.path.islink(path) else path
-    problems = ckpt.load_model_state(model, state["model"], args.load_state_strict, source=path)
+    problems = modelfit.load_model_state(model, state["model"], cfg.load_state_strict, source=path)
     for p in problems:
         say(f"note: --load-state-non-strict: {p}")
     if problems:
@@ -324,8 +340,8 @@ def restore(args: Namespace, model: nn.Module, optimizer: torch.optim.Optimizer,
             if scheduler is not None and state.get("scheduler") is not None:
                 scheduler.load_state_dict(state["scheduler"])
         except (ValueError, KeyError, TypeError) as exc:
-            if args.load_state_strict:
-                raise UserError(f"the optimizer state in {path} does not fit --optimizer {args.optimizer}: {exc} "
+            if cfg.load_state_strict:
+                raise UserError(f"the optimizer state in {path} does not fit --optimizer {cfg.optimizer}: {exc} "
                                 "(use --load-state-non-strict to start the optimizer fresh)") from None
             say(f"note: optimizer state not loaded ({exc})")
     rngs = state.get("rng") or []
@@ -333,10 +349,10 @@ def restore(args: Namespace, model: nn.Module, optimizer: torch.optim.Optimizer,
     if len(rngs) == env.world_size:
         ckpt.set_rng_state(rngs[env.rank])
     else:
-        ckpt.seed_all([args.seed, epoch, env.rank])
+        ckpt.seed_all([cfg.seed, epoch, env.rank])
         say(f"note: {path} holds RNG states of {len(rngs)} processes, not {env.world_size}; reseeded")
     say(f"resuming from {os.path.basename(shown)} after epoch {epoch}")
-    return epoch, state.get("min_loss")
+    return epoch, state.get("min_loss"), list(state.get("losses") or [])
 
 
 def gather_rng(env: DistEnv) -> list[dict[str, Any]]:
@@ -347,12 +363,6 @@ def gather_rng(env: DistEnv) -> list[dict[str, Any]]:
     everyone: list[Any] = [None] * env.world_size
     dist.all_gather_object(everyone, mine)
     return everyone
-
-
-def _plain(args: Namespace) -> dict[str, Any]:
-    """The arguments as JSON-compatible values (so a weights-only load reads them)."""
-    items = {k: v for k, v in vars(args).items() if not callable(v)}
-    return json.loads(json.dumps(items, default=str))
 
 
 # ---------------------------------------------------------------- 6. the loop
@@ -411,7 +421,7 @@ def _keep(input: torch.Tensor, output: torch.Tensor, target: torch.Tensor) -> di
 
 
 def train_epoch(epoch: int, loader: DataLoader, model: nn.Module, criterion: nn.Module,
-                optimizer: torch.optim.Optimizer, env: DistEnv, device: torch.device, args: Namespace,
+                optimizer: torch.optim.Optimizer, env: DistEnv, device: torch.device, cfg: TrainConfig,
                 writer: Any, bar: Any) -> EpochStats:
     model.train()
     stats, timed = EpochStats(), _Timed(loader)
@@ -434,7 +444,7 @@ def train_epoch(epoch: int, loader: DataLoader, model: nn.Module, criterion: nn.
         weighted += value * n
         stats.items += n
         step = epoch * nbatch + i + 1
-        if step % args.log_interval == 0:
+        if step % cfg.log_interval == 0:
             stats.batch_losses.append((step, value))
             if writer is not None:
                 writer.add_scalar("loss/batch/train", value, global_step=step)
@@ -498,11 +508,11 @@ def log_spectra(writer: Any, tag: str, last: dict[str, torch.Tensor], step: int,
         writer.add_figure(f"power/{tag}", fig, global_step=step)
 
 
-def _crop_boxsize(args: Namespace, ds: FieldDataset, out_shape: Sequence[int]) -> float | None:
+def _crop_boxsize(cfg: TrainConfig, ds: FieldDataset, out_shape: Sequence[int]) -> float | None:
     """Physical side length of the output crop, when the store knows its box size."""
-    if args.train_data is None or len(set(out_shape)) != 1 or len(set(ds.size)) != 1:
+    if cfg.train_data is None or len(set(out_shape)) != 1 or len(set(ds.size)) != 1:
         return None
-    box = store.open_store(args.train_data).boxsize
+    box = store.open_store(cfg.train_data).boxsize
     return None if box is None else float(box) * out_shape[0] / (ds.size[0] * ds.scale_factor)
 
 
@@ -527,58 +537,60 @@ def _bar(env: DistEnv, total: int, epoch: int, epochs: int):
                 mininterval=1.0, dynamic_ncols=True, disable=None)
 
 
-def train(args: Namespace) -> list[dict[str, Any]]:
-    """Run `m2m train` with parsed `args`; returns one record per epoch run (on every rank).
-
-    Records hold ``epoch`` (1-based), ``train_loss``, ``val_loss`` (or None),
-    ``lr``, ``items_per_s``, ``data_wait`` (fraction of the training loop's
-    time spent waiting for batches) and ``batch_losses`` [(step, loss)].
-    """
-    env, device = setup_processes(args.dist_backend)
+def run(cfg: TrainConfig) -> TrainSummary:
+    """Run `m2m train`; returns the summary on every rank (rank 0 alone printed and wrote files)."""
+    t0 = time.perf_counter()
+    _check_config(cfg)
+    env, device = setup_processes(cfg.dist_backend)
     opened: dict[str, Any] = {}
     try:
-        with torch.autograd.set_detect_anomaly(args.detect_anomaly):
-            return _train(args, env, device, opened)
+        with torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
+            summary = _train(cfg, env, device, opened)
     finally:
         if "writer" in opened:
             opened["writer"].close()
         if env.distributed and dist.is_initialized():
             dist.destroy_process_group()
+    summary.seconds = time.perf_counter() - t0
+    return summary
 
 
-def _check_args(args: Namespace) -> None:
-    args.misc_kwargs = _json_dict(args.misc_kwargs, "--misc-kwargs")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.loader_workers < 0:
-        raise UserError(f"--loader-workers must be 0 or more, got {args.loader_workers}")
-    if args.log_interval < 1:
-        raise UserError(f"--log-interval must be at least 1, got {args.log_interval}")
+def _check_config(cfg: TrainConfig) -> None:
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.loader_workers < 0:
+        raise UserError(f"--loader-workers must be 0 or more, got {cfg.loader_workers}")
+    if cfg.log_interval < 1:
+        raise UserError(f"--log-interval must be at least 1, got {cfg.log_interval}")
+    if os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
+        raise UserError(f"--run-dir {cfg.run_dir} exists and is not a directory")
 
 
-def _data_and_model(args: Namespace, env: DistEnv, device: torch.device, say) -> tuple[Any, ...]:
+def _data_and_model(cfg: TrainConfig, env: DistEnv, device: torch.device, say) -> tuple[Any, ...]:
     """Training (and validation) data and the model on `device`, with ``--in-pad auto`` resolved.
 
     Returns (train_ds, val_ds or None, model, total stride, output shape).
     """
     # data, with a zero pad first when the pad is to be found from the model
-    auto = args.in_pad == "auto"
-    data_seed = args.seed + env.rank  # augmentation draws differ per rank
-    train_ds = make_dataset(args, "train", 0 if auto else args.in_pad, data_seed)
+    auto = cfg.in_pad == "auto"
+    data_seed = cfg.seed + env.rank  # augmentation draws differ per rank
+    train_ds = make_dataset(cfg, "train", 0 if auto else cfg.in_pad, data_seed)
     in_chan, out_chan = sum(train_ds.in_chan), sum(train_ds.tgt_chan)
 
     # model: identical on every rank (same seed; DDP also broadcasts rank 0's)
-    torch.manual_seed(args.seed)
-    model = build_model(args.model, in_chan, out_chan, scale_factor=args.scale_factor, ndim=train_ds.ndim,
-                        kwargs=args.misc_kwargs, callback_at=args.callback_at)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, in_chan, out_chan, scale_factor=cfg.scale_factor, ndim=train_ds.ndim,
+                        kwargs=cfg.misc_kwargs, callback_at=cfg.callback_at)
     model.to(device)
-    in_pad: Any = args.in_pad
+    in_pad: Any = cfg.in_pad
     if auto:
-        in_pad = auto_pad(model, in_chan, train_ds.crop, train_ds.ndim, args.scale_factor, train_ds.tgt_pad)
-        say(f"--in-pad auto: {_pad_text(in_pad)}")
-        train_ds = make_dataset(args, "train", in_pad, data_seed)
-    stride, out_shape = check_geometry(model, train_ds)
-    val_ds = make_dataset(args, "val", in_pad, args.seed)
+        in_pad = modelfit.auto_pad(model, in_chan, train_ds.crop, train_ds.ndim, cfg.scale_factor,
+                                   train_ds.tgt_pad)
+        say(f"--in-pad auto: {modelfit.pad_text(in_pad)}")
+        train_ds = make_dataset(cfg, "train", in_pad, data_seed)
+    stride, out_shape = modelfit.check_geometry(model, in_chan, train_ds.crop, train_ds.grid.step,
+                                                train_ds.in_pad, train_ds.tgt_pad, train_ds.scale_factor)
+    val_ds = make_dataset(cfg, "val", in_pad, cfg.seed)
     if val_ds is not None and (val_ds.in_chan != train_ds.in_chan or val_ds.tgt_chan != train_ds.tgt_chan
                                or val_ds.crop != train_ds.crop):
         raise UserError(f"validation data (channels {val_ds.in_chan} -> {val_ds.tgt_chan}, crop "
@@ -587,93 +599,109 @@ def _data_and_model(args: Namespace, env: DistEnv, device: torch.device, say) ->
     return train_ds, val_ds, model, stride, out_shape
 
 
-def _describe(args: Namespace, env: DistEnv, device: torch.device, model: nn.Module, train_ds: FieldDataset,
+def _describe(cfg: TrainConfig, env: DistEnv, device: torch.device, model: nn.Module, train_ds: FieldDataset,
               val_ds: FieldDataset | None, stride: int, out_shape: Sequence[int]) -> list[str]:
     """What is about to be trained, on what (two lines for the log)."""
     in_chan, out_chan = sum(train_ds.in_chan), sum(train_ds.tgt_chan)
     nparam = sum(p.numel() for p in model.parameters())
-    return [f"model {args.model}: {nparam} parameters, total stride {stride}; input "
+    return [f"model {cfg.model}: {nparam} parameters, total stride {stride}; input "
             f"{[in_chan, *(c + lo + hi for c, (lo, hi) in zip(train_ds.crop, train_ds.in_pad))]} -> output "
-            f"{[out_chan, *out_shape]}, target crop {[out_chan, *(c * args.scale_factor for c in train_ds.crop)]}",
+            f"{[out_chan, *out_shape]}, target crop {[out_chan, *(c * cfg.scale_factor for c in train_ds.crop)]}",
             f"{len(train_ds)} training items ({train_ds.nsample} samples x {train_ds.ncrop} crops)"
             + (f", {len(val_ds)} validation items" if val_ds is not None else "")
-            + f"; {env.world_size} process(es) on {device.type}, batch size {args.batch_size} per process, "
-            f"{args.loader_workers} loader workers"]
+            + f"; {env.world_size} process(es) on {device.type}, batch size {cfg.batch_size} per process, "
+            f"{cfg.loader_workers} loader workers"]
 
 
-def _checkpoint_meta(args: Namespace, ds: FieldDataset, stride: int) -> dict[str, Any]:
-    """What inference needs to know about the trained model, saved with every checkpoint."""
-    return {"model": args.model, "in_chan": ds.in_chan, "tgt_chan": ds.tgt_chan,
-            "in_fields": args.in_fields, "tgt_fields": args.tgt_fields, "ndim": ds.ndim,
-            "crop": list(ds.crop), "in_pad": [list(p) for p in ds.in_pad],
-            "tgt_pad": [list(p) for p in ds.tgt_pad], "scale_factor": args.scale_factor,
-            "total_stride": stride, "in_norms": args.in_norms, "tgt_norms": args.tgt_norms,
-            "misc_kwargs": args.misc_kwargs, "callback_at": args.callback_at}
+def model_card(cfg: TrainConfig, ds: FieldDataset, stride: int) -> modelfit.ModelCard:
+    """The model card saved with every checkpoint: everything inference needs besides the weights."""
+    stores = [p for p in (cfg.train_data, cfg.val_data) if p]
+    stores = [os.path.abspath(p) for p in stores] or [*(cfg.train_in_patterns or ()), *(cfg.train_tgt_patterns or ())]
+    version = store.open_store(cfg.train_data).meta.get("format_version") if cfg.train_data else None
+    return modelfit.ModelCard(
+        model=cfg.model, in_chan=sum(ds.in_chan), out_chan=sum(ds.tgt_chan), scale_factor=cfg.scale_factor,
+        ndim=ds.ndim, model_kwargs=dict(cfg.misc_kwargs), callback_at=cfg.callback_at,
+        in_fields=tuple(cfg.in_fields) if cfg.in_fields and cfg.train_data else None,
+        tgt_fields=tuple(cfg.tgt_fields) if cfg.tgt_fields and cfg.train_data else None,
+        in_chans=tuple(ds.in_chan), tgt_chans=tuple(ds.tgt_chan),
+        in_norms=tuple(cfg.in_norms) if cfg.in_norms else None,
+        tgt_norms=tuple(cfg.tgt_norms) if cfg.tgt_norms else None, norm_kwargs=dict(cfg.misc_kwargs),
+        in_pad=tuple(tuple(p) for p in ds.in_pad), tgt_pad=tuple(tuple(p) for p in ds.tgt_pad),
+        total_stride=stride, crop=tuple(ds.crop), train_stores=tuple(stores), store_format_version=version,
+        map2map_version=__version__)
 
 
-def _log_epoch(writer: Any, record: dict[str, Any], stats: EpochStats, val_last: dict[str, torch.Tensor],
+def _log_epoch(writer: Any, record: EpochRecord, stats: EpochStats, val_last: dict[str, torch.Tensor],
                in_pad, boxsize: float | None) -> None:
     """Epoch scalars, image slices and power spectra to TensorBoard (rank 0)."""
-    step = record["epoch"]
-    writer.add_scalar("loss/epoch/train", record["train_loss"], global_step=step)
-    if record["val_loss"] is not None:
-        writer.add_scalar("loss/epoch/val", record["val_loss"], global_step=step)
-    writer.add_scalar("lr", record["lr"], global_step=step)
+    step = record.epoch
+    writer.add_scalar("loss/epoch/train", record.train_loss, global_step=step)
+    if record.val_loss is not None:
+        writer.add_scalar("loss/epoch/val", record.val_loss, global_step=step)
+    writer.add_scalar("lr", record.lr, global_step=step)
     log_images(writer, "train", stats.last, in_pad, step)
     log_images(writer, "val", val_last, in_pad, step)
     log_spectra(writer, "val" if val_last else "train", val_last or stats.last, step, boxsize)
     writer.flush()
 
 
-def _train(args: Namespace, env: DistEnv, device: torch.device, opened: dict[str, Any]) -> list[dict[str, Any]]:
+def _writer(run_dir: str):
+    """A TensorBoard writer in ``runs/`` of the run directory (one subdirectory per start, as torch names them)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    stamp = datetime.now().strftime("%b%d_%H-%M-%S")
+    return SummaryWriter(log_dir=os.path.join(run_dir, "runs", f"{stamp}_{socket.gethostname()}"))
+
+
+def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[str, Any]) -> TrainSummary:
     def say(msg: str) -> None:
         if env.is_main:
             print(msg, flush=True)
 
-    _check_args(args)
+    os.makedirs(cfg.run_dir, exist_ok=True)
     if env.is_main:
-        for name in ckpt.remove_stale("."):
+        for name in ckpt.remove_stale(cfg.run_dir):
             say(f"removed {name}, left by an interrupted checkpoint write")
-    train_ds, val_ds, model, stride, out_shape = _data_and_model(args, env, device, say)
+    train_ds, val_ds, model, stride, out_shape = _data_and_model(cfg, env, device, say)
 
-    criterion, optimizer, scheduler, notes = build_optim(args, model)
+    criterion, optimizer, scheduler, notes = build_optim(cfg, model)
     criterion.to(device)
     for n in notes:
         say(f"note: {n}")
-    start_epoch, min_loss = restore(args, model, optimizer, scheduler, env, say)
+    start_epoch, min_loss, losses = restore(cfg, model, optimizer, scheduler, env, say)
     if start_epoch == 0:  # per-rank streams from here on (e.g. dropout); a resumed run restored its own
-        ckpt.seed_all([args.seed, 0, env.rank])
+        ckpt.seed_all([cfg.seed, 0, env.rank])
 
     raw_model = model
     if env.distributed:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    train_loader, train_sampler = make_loader(train_ds, args, env, device, training=True)
+    train_loader, train_sampler = make_loader(train_ds, cfg, env, device, training=True)
     val_loader = val_sampler = None
     if val_ds is not None:
-        val_loader, val_sampler = make_loader(val_ds, args, env, device, training=False)
-    for line in _describe(args, env, device, raw_model, train_ds, val_ds, stride, out_shape):
+        val_loader, val_sampler = make_loader(val_ds, cfg, env, device, training=False)
+    for line in _describe(cfg, env, device, raw_model, train_ds, val_ds, stride, out_shape):
         say(line)
 
-    writer = None
-    if env.is_main:
-        from torch.utils.tensorboard import SummaryWriter
+    writer = opened["writer"] = _writer(cfg.run_dir) if env.is_main else None
+    boxsize = _crop_boxsize(cfg, train_ds, out_shape) if env.is_main else None
+    card = model_card(cfg, train_ds, stride).to_dict()
+    config = dataclasses.asdict(cfg)
 
-        writer = opened["writer"] = SummaryWriter()
-    boxsize = _crop_boxsize(args, train_ds, out_shape) if env.is_main else None
-    meta = _checkpoint_meta(args, train_ds, stride)
-
-    if start_epoch >= args.epochs:
-        say(f"already trained for {start_epoch} epochs (--epochs {args.epochs}); nothing to do")
-    history = []
-    for epoch in range(start_epoch, args.epochs):
+    summary = TrainSummary(run_dir=os.path.abspath(cfg.run_dir), start_epoch=start_epoch, epochs=[],
+                           in_pad=[list(p) for p in train_ds.in_pad], total_stride=stride,
+                           parameters=sum(p.numel() for p in raw_model.parameters()), world_size=env.world_size,
+                           device=str(device), checkpoint=None, seconds=0.0)
+    if start_epoch >= cfg.epochs:
+        say(f"already trained for {start_epoch} epochs (--epochs {cfg.epochs}); nothing to do")
+    for epoch in range(start_epoch, cfg.epochs):
         train_sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        bar = _bar(env, len(train_loader), epoch, args.epochs)
+        bar = _bar(env, len(train_loader), epoch, cfg.epochs)
         try:
-            stats = train_epoch(epoch, train_loader, model, criterion, optimizer, env, device, args,
+            stats = train_epoch(epoch, train_loader, model, criterion, optimizer, env, device, cfg,
                                 writer, bar)
         finally:
             bar.close()
@@ -688,22 +716,25 @@ def _train(args: Namespace, env: DistEnv, device: torch.device, opened: dict[str
         if min_loss is None or epoch_loss < min_loss:
             min_loss = epoch_loss
         rngs = gather_rng(env)
-        record = {"epoch": epoch + 1, "train_loss": stats.loss, "val_loss": val_loss, "lr": lr,
-                  "items_per_s": stats.items / max(stats.seconds, 1e-9),
-                  "data_wait": stats.wait / max(stats.seconds, 1e-9), "batch_losses": stats.batch_losses}
-        history.append(record)
+        record = EpochRecord(epoch=epoch + 1, train_loss=stats.loss, val_loss=val_loss, lr=lr,
+                             items_per_s=stats.items / max(stats.seconds, 1e-9),
+                             data_wait=stats.wait / max(stats.seconds, 1e-9), batch_losses=stats.batch_losses)
+        summary.epochs.append(record)
+        losses.append({"epoch": epoch + 1, "train": stats.loss, "val": val_loss, "lr": lr})
         if env.is_main:
             _log_epoch(writer, record, stats, val_last, train_ds.in_pad, boxsize)
             state = {"epoch": epoch + 1, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                     "rng": rngs, "min_loss": min_loss, "args": _plain(args), "meta": meta}
-            path = ckpt.save_state(state, ".")
+                     "rng": rngs, "min_loss": min_loss, "losses": losses, "config": json.loads(json.dumps(config, default=str)),
+                     "card": card}
+            path = ckpt.save_state(state, cfg.run_dir)
+            record.checkpoint = summary.checkpoint = str(path)
             val_text = f", val loss {val_loss:.4e}" if val_loss is not None else ""
-            say(f"epoch {epoch + 1}/{args.epochs}: train loss {stats.loss:.4e}{val_text}, lr {lr:.3g}, "
-                f"{record['items_per_s']:.1f} items/s, data wait {record['data_wait']:.1%}; saved {path.name}")
+            say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats.loss:.4e}{val_text}, lr {lr:.3g}, "
+                f"{record.items_per_s:.1f} items/s, data wait {record.data_wait:.1%}; saved {path.name}")
             new_lr = optimizer.param_groups[0]["lr"]
             if new_lr != lr:
                 say(f"learning rate reduced from {lr:.3g} to {new_lr:.3g}")
         if env.distributed:
             dist.barrier()
-    return history
+    return summary

@@ -17,6 +17,7 @@ from map2map.cli import main
 from map2map.models import G, VNet
 
 from conftest import run_m2m
+from stores import drop_completion_mark
 from test_infer import make_store, save_ckpt
 
 
@@ -61,10 +62,10 @@ def test_corrupt_checkpoints(setup, capsys, tmp_path):
     out = tmp_path / "o.zarr"
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(os.urandom(1000))
-    fails(capsys, infer_args(data, str(garbage), out), "cannot read checkpoint", "garbage.pt")
+    fails(capsys, infer_args(data, str(garbage), out), "garbage.pt is not a readable checkpoint", "torch.save")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(Path(ckpt).read_bytes()[:5000])
-    fails(capsys, infer_args(data, str(truncated), out), "cannot read checkpoint", "truncated.pt")
+    fails(capsys, infer_args(data, str(truncated), out), "truncated.pt is not a readable checkpoint", "cut short")
     empty = tmp_path / "empty.pt"
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, empty)
     fails(capsys, infer_args(data, str(empty), out), "holds no model state")
@@ -75,11 +76,11 @@ def test_checkpoint_that_does_not_fit_lists_keys(setup, capsys, tmp_path):
     root, data, _ = setup
     out = tmp_path / "o.zarr"
     wide = save_ckpt(VNet(3, 3, width=8), tmp_path / "wide.pt")
-    line = fails(capsys, infer_args(data, wide, out), "does not fit model VNet", "shape mismatches",
-                 "conv_l0.", "(8, 3, 3, 3, 3) vs model (4, 3, 3, 3, 3)")
-    assert "in all" in line  # long lists are cut short, with the count
+    line = fails(capsys, infer_args(data, wide, out), "does not fit the model", "model VNet with 3 input",
+                 "shape mismatch (checkpoint vs model): conv_l0.", "[8, 3, 3, 3, 3] vs [4, 3, 3, 3, 3]")
+    assert "more)" in line  # long lists are cut short, with the count
     other = save_ckpt(G(3, 3, width=4), tmp_path / "g.pt", wrap=False)
-    fails(capsys, infer_args(data, other, out), "missing keys: conv_l0.", "unexpected keys: head.0.weight")
+    fails(capsys, infer_args(data, other, out), "missing in checkpoint: conv_l0.", "not in model: head.0.weight")
     assert not out.exists()
 
 
@@ -91,7 +92,7 @@ def test_field_not_in_store_and_incomplete_store(setup, capsys, tmp_path):
     fails(capsys, argv, "no field 'velocity'", "it has disp, tgt")
     fails(capsys, infer_args(data, ckpt, out, "--tgt", "nope"), "no field 'nope'")
     broken = make_store(tmp_path, "broken", {"disp": np.zeros((1, 3, 16, 16, 16), np.float32)}, crop=8)
-    store.mark_incomplete(broken)
+    drop_completion_mark(broken)
     fails(capsys, infer_args(broken, ckpt, out), "incomplete")
     fails(capsys, infer_args(str(tmp_path / "absent.zarr"), ckpt, out), "does not exist")
     assert not out.exists()

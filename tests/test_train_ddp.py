@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from map2map import convert, synth
+from stores import za_lpt_store
 
 # A model that, at interpreter exit, saves its parameters and how many training
 # batches it saw, one file per rank: the only way to look inside every rank.
@@ -40,18 +39,9 @@ class Dumped(nn.Module):
 '''
 
 
-def _store(root: Path, name: str, nsamples: int, seed: int) -> Path:
-    synth.synthesize(root / f"{name}_npy", nsamples=nsamples, ngrid=16, seed=seed)
-    out = root / f"{name}.zarr"
-    convert.convert(convert.Options(output=str(out), fields=[f"za={root}/{name}_npy/*/dis_za.npy",
-                                                             f"lpt={root}/{name}_npy/*/dis_2lpt.npy"],
-                                    crop=[8], pad=2, progress=False))
-    return out
-
-
 @pytest.mark.parametrize("div_data", [False, True])
 def test_two_process_ddp_with_gloo(tmp_path, div_data):
-    train_store, val_store = _store(tmp_path, "train", 2, 1), _store(tmp_path, "val", 1, 2)
+    train_store, val_store = za_lpt_store(tmp_path, "train", 2, 1, boxsize=None), za_lpt_store(tmp_path, "val", 1, 2, boxsize=None)
     (tmp_path / "cb").mkdir()
     (tmp_path / "cb" / "nets.py").write_text(CALLBACKS)
     work = tmp_path / "work"
@@ -76,7 +66,7 @@ def test_two_process_ddp_with_gloo(tmp_path, div_data):
         assert torch.equal(value, ranks[1]["params"][key]), key
         assert torch.equal(value, saved["model"][f"net.{key.split('.', 1)[1]}"]), key
     assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])
-    assert saved["args"]["div_data"] is div_data
+    assert saved["config"]["div_data"] is div_data
 
     # only rank 0 printed, wrote checkpoints and wrote TensorBoard events
     assert out.count("saved state_1.pt") == 1 and out.count("saved state_2.pt") == 1

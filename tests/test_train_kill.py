@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from map2map import convert, synth
+from stores import za_lpt_store
 
 CALLBACKS = '''
 import time
@@ -46,11 +46,7 @@ class Heavy(Slow):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("kill")
-    synth.synthesize(root / "npy", nsamples=2, ngrid=16, seed=3)
-    st = root / "train.zarr"
-    convert.convert(convert.Options(output=str(st), fields=[f"za={root}/npy/*/dis_za.npy",
-                                                            f"lpt={root}/npy/*/dis_2lpt.npy"],
-                                    crop=[8], pad=2, progress=False))
+    st = za_lpt_store(root, "train", 2, 3, boxsize=None)
     (root / "cb").mkdir()
     (root / "cb" / "nets.py").write_text(CALLBACKS)
     return {"store": st, "cb": root / "cb"}

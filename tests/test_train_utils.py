@@ -12,6 +12,7 @@ from torch import nn
 
 from map2map.errors import UserError
 from map2map.utils import checkpoint as ckpt
+from map2map.modelfit import load_model_state
 from map2map.utils.distenv import DistEnv, dist_env, first_host
 
 
@@ -93,11 +94,15 @@ def test_missing_empty_and_dangling_states_mean_fresh_start(tmp_path):
 
 def test_corrupt_or_unsafe_state_is_a_user_error(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a torch file")
-    with pytest.raises(UserError, match="cannot read the state"):
+    with pytest.raises(UserError, match="bad.pt is not a readable checkpoint"):
         ckpt.read_state(tmp_path / "bad.pt")
     torch.save({"epoch": 1, "model": {}, "evil": nn.Linear(1, 1)}, tmp_path / "unsafe.pt")
-    with pytest.raises(UserError, match="cannot read the state"):
+    with pytest.raises(UserError, match="unsafe.pt is not a readable checkpoint") as err:
         ckpt.read_state(tmp_path / "unsafe.pt")
+    assert "weights_only" not in str(err.value)  # never torch's unsafe advice
+    (tmp_path / "text.pt").write_text("hello\n")
+    with pytest.raises(UserError, match="text.pt is not a readable checkpoint"):
+        ckpt.read_state(tmp_path / "text.pt")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="not a map2map training state"):
         ckpt.read_state(tmp_path / "other.pt")
@@ -140,11 +145,11 @@ def test_mismatched_model_state_lists_keys_or_loads_matching_ones():
     saved = nn.Sequential(nn.Conv3d(1, 4, 3), nn.Conv3d(4, 2, 1)).state_dict()
     model = nn.Sequential(nn.Conv3d(3, 4, 3), nn.Conv3d(4, 2, 1), nn.Conv3d(2, 2, 1))
     with pytest.raises(UserError) as err:
-        ckpt.load_model_state(model, saved, strict=True, source="state_1.pt")
+        load_model_state(model, saved, strict=True, source="state_1.pt")
     msg = str(err.value)
     assert "\n" not in msg and "state_1.pt" in msg
     assert "0.weight [4, 1, 3, 3, 3] vs [4, 3, 3, 3, 3]" in msg and "missing in checkpoint: 2.weight, 2.bias" in msg
-    notes = ckpt.load_model_state(model, saved, strict=False)
+    notes = load_model_state(model, saved, strict=False)
     assert notes and torch.equal(model[1].weight, saved["1.weight"])
 
 

@@ -1,6 +1,10 @@
-"""Command-line parsing for every `m2m` subcommand; the work happens in the modules it calls.
+"""Command-line parsing for every `m2m` subcommand: arguments become a stage's config, nothing else.
 
-Small subcommands are parsed here; `train_args` and `infer_args` hold the larger ones.
+Each subcommand's parser names its stage (``set_defaults(stage=...)``);
+`map2map.cli.configs` turns the parsed arguments into that stage's frozen
+config, `main` calls the stage's ``run(config)`` and prints the summary's
+lines.  Small subcommands are parsed here; the larger ones have a module of
+their own (`convert_args`, `synth_args`, `train_args`, `infer_args`).
 
 A `UserError` from any subcommand is printed as one line on stderr with exit
 status 2 and no traceback; argparse's own errors are shortened to one line too.
@@ -23,22 +27,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="describe a store: fields, shapes, chunks, sizes, completeness",
+    p = sub.add_parser("info", help="describe a store (fields, shapes, chunks, sizes, completeness) or a "
+                                    "checkpoint (model card, epoch, losses, parameters)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("store", help="path of the store")
-    p.set_defaults(run=_run_info)
-
-
-def _run_info(args: argparse.Namespace) -> None:
-    from map2map import info
-
-    print(info.describe(args.store))
+    p.add_argument("path", metavar="STORE|CHECKPOINT", help="path of a store or of a checkpoint file")
+    p.set_defaults(stage=("map2map.info", "InfoConfig"))
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from map2map.demo import DemoOptions
+    from map2map.demo import DemoConfig
 
-    d = DemoOptions()
+    d = DemoConfig()
     p = sub.add_parser("demo", help="run the whole pipeline on example data: synth, convert, train, infer, report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Synthesize 1LPT/2LPT displacement boxes, convert them, train a small V-Net, "
@@ -55,15 +54,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the data and the training")
     p.add_argument("--workers", type=int, default=d.workers, help="Dask workers for inference")
-    p.set_defaults(run=_run_demo)
-
-
-def _run_demo(args: argparse.Namespace) -> None:
-    from map2map import demo
-
-    opts = {k: getattr(args, k) for k in ("ngrid", "boxsize", "train_boxes", "crop", "width", "epochs",
-                                          "batch_size", "lr", "seed", "workers")}
-    demo.run(demo.DemoOptions(outdir=args.outdir, **opts))
+    p.set_defaults(stage=("map2map.demo", "DemoConfig"))
 
 
 def _subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
@@ -88,13 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if hasattr(args, "stage"):
-            module, config = stage_of(args)
-            summary = module.run(config)
-            for line in summary.lines():
-                print(line)
-        else:
-            args.run(args)
+        module, config = stage_of(args)
+        summary = module.run(config)
+        for line in summary.lines():
+            print(line)
     except UserError as exc:
         sys.stderr.write(f"m2m {args.command}: error: {exc}\n")
         return 2

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import os
 
 from map2map.cli.types import ints as _ints
 from map2map.cli.types import json_object as _json_dict
@@ -13,25 +13,28 @@ from map2map.cli.types import positive as _positive
 
 
 def _add_model_and_tiling(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="model name in map2map.models (e.g. UNet, VNet, G) or "
-                                                   "module.Name in --callback-at")
+    g = p.add_argument_group("model (default: the checkpoint's model card; options given here override it)")
     g.add_argument("--load-state", required=True, metavar="CKPT",
-                   help="checkpoint to load: a state_dict, or a dict with a 'model' state_dict (state_{epoch}.pt)")
-    g.add_argument("--misc-kwargs", type=_json_dict, default={}, metavar="JSON",
+                   help="checkpoint to load: a state from m2m train (its model card supplies the model, fields, "
+                        "norms and arguments), a state_dict, or a dict with a 'model' state_dict")
+    g.add_argument("--model", default=None, help="model name in map2map.models (e.g. UNet, VNet, G) or "
+                                                  "module.Name in --callback-at (needed for a checkpoint without "
+                                                  "a model card)")
+    g.add_argument("--misc-kwargs", type=_json_dict, default=None, metavar="JSON",
                    help="extra keyword arguments passed to the model and to the norms, as in m2m train, "
                         "e.g. '{\"width\": 32}' (scale_factor and dim are passed already)")
-    g.add_argument("--model-kwargs", type=_json_dict, default={}, metavar="JSON",
+    g.add_argument("--model-kwargs", type=_json_dict, default=None, metavar="JSON",
                    help="keyword arguments for the model only, on top of --misc-kwargs")
-    g.add_argument("--scale-factor", type=_positive, default=1,
-                   help="output grid is this many times finer than the input grid (super-resolution)")
-    g.add_argument("--callback-at", default=None, metavar="DIR",
+    g.add_argument("--scale-factor", type=_positive, default=None,
+                   help="output grid is this many times finer than the input grid (super-resolution; "
+                        "without a card: 1)")
+    g.add_argument("--callback-at", type=os.path.abspath, default=None, metavar="DIR",
                    help="directory of user modules for models, norms and criteria named module.Name")
     g.add_argument("--in-norms", type=_names, default=None, metavar="NORM[,NORM]",
                    help="norm of each input field (e.g. cosmology.dis), applied before the model")
     g.add_argument("--tgt-norms", type=_names, default=None, metavar="NORM[,NORM]",
                    help="norm of each target field; undone on the prediction before it is written")
-    g.add_argument("--norm-kwargs", type=_json_dict, default={}, metavar="JSON",
+    g.add_argument("--norm-kwargs", type=_json_dict, default=None, metavar="JSON",
                    help="keyword arguments for the norms only, on top of --misc-kwargs, e.g. '{\"z\": 0}'")
     g.add_argument("--criterion", default="MSELoss",
                    help="loss reported against the target (torch.nn name or module.Name), on normalized fields")
@@ -77,43 +80,6 @@ def _add_model_and_tiling(p: argparse.ArgumentParser) -> None:
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _options(args: argparse.Namespace, **extra: Any):
-    from map2map import infer
-
-    return infer.Options(
-        out=args.out, model=args.model, load_state=args.load_state, crop=args.crop, in_pad=args.in_pad,
-        scale_factor=args.scale_factor, in_norms=args.in_norms, tgt_norms=args.tgt_norms,
-        out_field=args.out_field, out_chan=args.out_chan, out_shard=args.out_shard, out_chunk=args.out_chunk,
-        model_kwargs={**args.misc_kwargs, **args.model_kwargs},
-        norm_kwargs={**args.misc_kwargs, **args.norm_kwargs}, callback_at=args.callback_at,
-        criterion=args.criterion, batch_size=args.batch_size, device=args.device, scheduler=args.scheduler,
-        scheduler_file=args.scheduler_file, workers=args.workers, threads_per_worker=args.threads_per_worker,
-        torch_threads=args.torch_threads, overwrite=args.overwrite, progress=not args.no_progress,
-        connect_timeout=args.connect_timeout, **extra)
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    for note in summary["notes"]:
-        print(f"note: {note}")
-    print(f"tiles: {summary['tiles']} ({summary['computed']} computed, {summary['skipped']} resumed), "
-          f"crop {summary['tile']}, pad {summary['pad']}, model stride {summary['stride']}")
-    if "tiles_s" in summary:
-        print(f"time: setup {summary['setup_s']:.2f} s, tiles {summary['tiles_s']:.2f} s, "
-              f"total {summary['total_s']:.2f} s on {summary['cluster']}")
-        w = summary.get("workers") or {}
-        if w:
-            parts = [f"{k} {sum(v.get(k + '_s', 0.0) for v in w.values()):.2f} s" for k in ("read", "model", "write")]
-            print("worker time (all workers): " + ", ".join(parts) + " (write: narrowing, norms, loss, zarr)")
-    if summary.get("loss") is not None:
-        for i, loss in enumerate(summary["loss"]):
-            print(f"sample {i}: {summary['criterion']} {loss:.6g}")
-    for path in summary.get("written", []):
-        print(f"wrote {path}")
-    if summary.get("output"):
-        print(f"{summary['output']}: field {summary['field']} {summary['out_shape']}, "
-              f"{summary['nsample']} samples, complete")
-
-
 def add_infer(sub: argparse._SubParsersAction) -> None:
     """Register `m2m infer`."""
     p = sub.add_parser("infer", help="predict whole boxes of a store, tile by tile on a Dask cluster",
@@ -123,19 +89,14 @@ def add_infer(sub: argparse._SubParsersAction) -> None:
                                    "coordinates; the result equals one pass over the periodically padded box. "
                                    "Rerunning an interrupted command resumes it.")
     p.add_argument("--data", required=True, metavar="STORE", help="input store (from m2m convert)")
-    p.add_argument("--in", dest="in_fields", type=_names, required=True, metavar="NAME[,NAME]",
-                   help="input field(s) of the store, concatenated along channels")
+    p.add_argument("--in", dest="in_fields", type=_names, default=None, metavar="NAME[,NAME]",
+                   help="input field(s) of the store, concatenated along channels (default: the model card's)")
     p.add_argument("--tgt", type=_names, default=None, metavar="NAME[,NAME]",
-                   help="target field(s) of the store: report the per-sample loss against them")
+                   help="target field(s) of the store: report the per-sample loss against them (default: the "
+                        "model card's, when the store has them)")
     p.add_argument("--out", required=True, metavar="OUTPUT", help="prediction store to write")
     _add_model_and_tiling(p)
-    p.set_defaults(run=_run_infer)
-
-
-def _run_infer(args: argparse.Namespace) -> None:
-    from map2map import infer
-
-    _print_summary(infer.run(_options(args, data=args.data, in_fields=args.in_fields, tgt=args.tgt)))
+    p.set_defaults(stage=("map2map.infer", "InferConfig"))
 
 
 def add_test(sub: argparse._SubParsersAction) -> None:
@@ -153,11 +114,4 @@ def add_test(sub: argparse._SubParsersAction) -> None:
                    help="also keep the predictions as a store here (default: a temporary store beside the "
                         "first target, removed at the end)%(default).0s")
     _add_model_and_tiling(p)
-    p.set_defaults(run=_run_test)
-
-
-def _run_test(args: argparse.Namespace) -> None:
-    from map2map import infer
-
-    _print_summary(infer.run_test(_options(args, in_patterns=args.test_in_patterns,
-                                           tgt_patterns=args.test_tgt_patterns)))
+    p.set_defaults(stage=("map2map.infer.npy", "InferConfig"))

@@ -32,9 +32,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a model on crops of input and target fields (one process, or DDP under torchrun/srun)",
         formatter_class=_Formatter,
-        description="Train a field-to-field emulator. Writes state_{epoch}.pt after every epoch, the "
-                    f"{CKPT_LINK} link to the latest, and TensorBoard logs under runs/, all in the working "
-                    "directory, and resumes from checkpoint.pt when it exists. Run under "
+        description="Train a field-to-field emulator. Writes state_{epoch}.pt after every epoch (with a "
+                    f"model card for m2m infer), the {CKPT_LINK} link to the latest, and TensorBoard logs under "
+                    "runs/, all in the run directory (--run-dir), and resumes from its checkpoint.pt when it "
+                    "exists. Run under "
                     "`torchrun --nproc-per-node N` or `srun` for N processes (gloo on CPU, nccl on GPU).")
 
     data = p.add_argument_group("data")
@@ -118,19 +119,15 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                                                              "up to this many)")
     run.add_argument("--seed", type=int, default=42,
                      help="seed of the model initialization, data order and augmentation")
-    run.add_argument("--load-state", default=CKPT_LINK, metavar="PATH",
-                     help="state to resume from (model, optimizer, RNG, epoch); training starts fresh when it is "
-                          "missing or empty, or when given ''")
+    run.add_argument("--run-dir", default=".", metavar="DIR",
+                     help="directory for checkpoints and TensorBoard logs (created if missing)")
+    run.add_argument("--load-state", default=None, metavar="PATH",
+                     help=f"state to resume from (model, optimizer, RNG, epoch); default: {CKPT_LINK} in the run "
+                          "directory, starting fresh when it is missing or empty; '' starts fresh")
     run.add_argument("--load-state-non-strict", dest="load_state_strict", action="store_false",
                      help="load only the model entries whose names and shapes match")
     run.add_argument("--dist-backend", choices=["gloo", "nccl", "mpi"], default=None,
                      help="torch.distributed backend (default: nccl on GPU, gloo on CPU)")
     run.add_argument("--log-interval", type=int, default=100, help="batches between logged training losses")
     run.add_argument("--detect-anomaly", action="store_true", help="enable autograd anomaly detection (slow)")
-    p.set_defaults(run=_run_train)
-
-
-def _run_train(args: argparse.Namespace) -> None:
-    from map2map import train
-
-    train.train(args)
+    p.set_defaults(stage=("map2map.train", "TrainConfig"))

@@ -7,11 +7,12 @@ submits one task per batch of tiles.  A task gets only small arguments (a
 `Job` of paths, names and the plan, a sample number and tile numbers); in its
 worker process it
 
-1. reads each tile's input window (tile + halo, periodic wrap) with
-   `map2map.data.windows.read_window`, the reader training uses, and applies
-   the input norms;
-2. runs the model, loaded once per worker process and cached there (eval mode,
-   inference mode, one forward pass per batch of tiles);
+1. reads each tile's input window (tile + halo, periodic wrap) through
+   `map2map.data.fieldio.FieldStack`, the layer training reads through, which
+   applies the input norms and stacks the fields along channels;
+2. runs the model, loaded once per worker process and kept in the worker's
+   `WorkerState` plugin (eval mode, inference mode, one forward pass per
+   batch of tiles);
 3. narrows the output to the tile (``scale_factor`` times finer), optionally
    scores it against the target field, undoes the target norms, and
 4. writes it into the tile's own output region, a union of whole output
@@ -25,20 +26,20 @@ same size whose origin differs from the whole-box window's by a multiple of
 the model's total stride, so the stitched result equals one forward pass over
 the whole periodically padded box.
 
-The package, in the order a run goes through it: `specs` (the options and
-the small specs every task gets), `inputs`, `model` and `planning` (checked
-on the client before any work), `output` (the prediction store), `cluster`
+The package, in the order a run goes through it: `specs` (the config and
+the small specs every task gets), `defaults` (the checkpoint's model card
+fills what the command leaves out), `inputs` and `planning` (checked on the
+client before any work), `output` (the prediction store), `cluster`
 (the Dask client and task submission), `worker` (the tasks), `markers`
 (finished tiles, for resuming), `engine` (`run`, i.e. `m2m infer`) and `npy`
 (`run_test`, i.e. `m2m test`).
 """
 
-from map2map.errors import UserError
-from map2map.infer.engine import run
+from map2map.infer.engine import InferSummary, run
 from map2map.infer.markers import mark_done, read_done
-from map2map.infer.model import load_model, load_state_dict, output_shape, read_checkpoint
-from map2map.infer.npy import out_npy_path, run_test, write_npy
-from map2map.infer.specs import DONE_DIR, PARTIAL, Options
+from map2map.infer.npy import out_npy_path, write_npy
+from map2map.infer.npy import run as run_test
+from map2map.infer.specs import DONE_DIR, PARTIAL, InferConfig
 
-__all__ = ["DONE_DIR", "PARTIAL", "Options", "UserError", "load_model", "load_state_dict", "mark_done",
-           "out_npy_path", "output_shape", "read_checkpoint", "read_done", "run", "run_test", "write_npy"]
+__all__ = ["DONE_DIR", "PARTIAL", "InferConfig", "InferSummary", "mark_done", "out_npy_path", "read_done", "run",
+           "run_test", "write_npy"]

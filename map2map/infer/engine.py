@@ -6,37 +6,67 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from map2map import store, tiles
 from map2map.errors import UserError
-from map2map.infer.cluster import cuda_count, dask_client, preload_all, submit_all, torch_threads
+from map2map.infer.cluster import collect_stats, cuda_count, dask_client, preload_all, submit_all, torch_threads
+from map2map.infer.defaults import check_channels, resolve
 from map2map.infer.inputs import Inputs, npy_inputs, store_inputs, target_box
 from map2map.infer.markers import read_done
-from map2map.infer.model import file_stamp, load_model
 from map2map.infer.output import check_output, create_output, sample_losses, settings_hash
 from map2map.infer.planning import Plan, make_plan
-from map2map.infer.specs import DONE_DIR, Job, ModelSpec, Options
-from map2map.infer.worker import worker_stats
+from map2map.infer.specs import DONE_DIR, InferConfig, Job
+from map2map.modelfit import ModelSpec, file_stamp
+from map2map.stage import Summary
 
 
-def _compare_training(meta: dict[str, Any], opts: Options) -> list[str]:
-    """Notes where the options differ from the settings the checkpoint was trained with."""
-    notes = []
-    given = {"model": opts.model, "scale_factor": opts.scale_factor,
-             "in_norms": list(opts.in_norms or []), "tgt_norms": list(opts.tgt_norms or [])}
-    for key, value in given.items():
-        if key in meta:
-            trained = meta[key] if meta[key] is not None else ([] if key.endswith("norms") else None)
-            if trained != value:
-                notes.append(f"the checkpoint was trained with {key} {trained!r}, this run uses {value!r}")
-    return notes
+@dataclass
+class InferSummary(Summary):
+    """What an `m2m infer` / `m2m test` run did."""
 
+    output: str | None
+    field: str
+    nsample: int
+    tiles: int
+    skipped: int
+    computed: int
+    tile: list[int]
+    pad: list[list[int]]
+    out_shape: list[int]
+    stride: int
+    overrides: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    criterion: str | None = None
+    loss: list[float | None] | None = None
+    cluster: str | None = None
+    threads_per_worker: int = 1
+    setup_s: float = 0.0
+    tiles_s: float | None = None
+    total_s: float = 0.0
+    workers: dict[str, dict[str, float]] = field(default_factory=dict)
+    written: list[str] = field(default_factory=list)
 
-def _check_out_name(name: str) -> None:
-    if not name.replace("_", "").replace("-", "").isalnum() or name.startswith(("source_", "sample", "channel_")):
-        raise UserError(f"--out-field {name!r}: use letters, digits, '_' or '-' (not 'sample', 'channel_*' "
-                        "or 'source_*')")
+    def lines(self) -> list[str]:
+        out = [f"note: {n}" for n in self.notes]
+        out += [f"override: {o}" for o in self.overrides]
+        out.append(f"tiles: {self.tiles} ({self.computed} computed, {self.skipped} resumed), crop {self.tile}, "
+                   f"pad {self.pad}, model stride {self.stride}")
+        if self.tiles_s is not None:
+            out.append(f"time: setup {self.setup_s:.2f} s, tiles {self.tiles_s:.2f} s, total {self.total_s:.2f} s "
+                       f"on {self.cluster}")
+            if self.workers:
+                parts = [f"{k} {sum(v.get(k + '_s', 0.0) for v in self.workers.values()):.2f} s"
+                         for k in ("read", "model", "write")]
+                out.append("worker time (all workers): " + ", ".join(parts)
+                           + " (write: narrowing, norms, loss, zarr)")
+        for i, loss in enumerate(self.loss or []):
+            out.append(f"sample {i}: {self.criterion} {loss:.6g}")
+        out += [f"wrote {path}" for path in self.written]
+        if self.output:
+            out.append(f"{self.output}: field {self.field} {self.out_shape}, {self.nsample} samples, complete")
+        return out
 
 
 def _resolve_local_device(device: str) -> str:
@@ -47,15 +77,15 @@ def _resolve_local_device(device: str) -> str:
     return device
 
 
-def _check_options(opts: Options) -> str:
+def _check_options(opts: InferConfig) -> str:
     """The absolute output path, after the checks that need no file."""
     if opts.batch_size < 1:
         raise UserError(f"--batch-size {opts.batch_size} must be positive")
-    if not isinstance(opts.scale_factor, int) or opts.scale_factor < 1:
+    if opts.scale_factor is not None and (not isinstance(opts.scale_factor, int) or opts.scale_factor < 1):
         raise UserError(f"--scale-factor {opts.scale_factor} must be a positive integer")
     if not opts.out:
         raise UserError("--out: give the path of the prediction store to write")
-    if not opts.data and not opts.in_patterns:
+    if not opts.data and not opts.test_in_patterns:
         raise UserError("--data: give the input store")
     out = os.path.abspath(opts.out)
     if opts.data and os.path.abspath(opts.data) == out:
@@ -63,25 +93,23 @@ def _check_options(opts: Options) -> str:
     return out
 
 
-def _model_spec(opts: Options, inp: Inputs) -> ModelSpec:
+def _model_spec(opts: InferConfig, inp: Inputs) -> ModelSpec:
     """The model to build on every worker: name, channels, checkpoint (with its stamp) and arguments."""
     out_chan = opts.out_chan or (sum(inp.tgt_chans) if inp.targets else sum(inp.in_chans))
     if opts.out_chan and inp.targets and opts.out_chan != sum(inp.tgt_chans):
         raise UserError(f"--out-chan {opts.out_chan} differs from the {sum(inp.tgt_chans)} channels of the target")
     checkpoint = os.path.abspath(opts.load_state)
-    if not os.path.isfile(checkpoint):
-        raise UserError(f"checkpoint {checkpoint} does not exist")
     return ModelSpec(opts.model, checkpoint, file_stamp(checkpoint), sum(inp.in_chans), out_chan,
                      opts.scale_factor, len(inp.box), json.dumps(opts.model_kwargs, sort_keys=True),
                      os.path.abspath(opts.callback_at) if opts.callback_at else None)
 
 
-def _check_norms_and_criterion(opts: Options, inp: Inputs, spec: ModelSpec) -> str | None:
+def _check_norms_and_criterion(opts: InferConfig, inp: Inputs, spec: ModelSpec) -> str | None:
     """Import the norms (and the criterion, when there is a target) now; returns the criterion name."""
-    from map2map.data.fields import _norms
+    from map2map.data.fieldio import lookup_norms
 
-    _norms(opts.in_norms, len(inp.inputs), "--in-norms", spec.callback_at)
-    _norms(opts.tgt_norms, len(inp.targets) or 1, "--tgt-norms", spec.callback_at)
+    lookup_norms(opts.in_norms, len(inp.inputs), "--in-norms", spec.callback_at)
+    lookup_norms(opts.tgt_norms, len(inp.targets) or 1, "--tgt-norms", spec.callback_at)
     if not inp.targets:
         return None
     from map2map.utils.imports import import_attr
@@ -90,14 +118,14 @@ def _check_norms_and_criterion(opts: Options, inp: Inputs, spec: ModelSpec) -> s
     return opts.criterion
 
 
-def _plan_settings(opts: Options, inp: Inputs, spec: ModelSpec, pl: Plan, out_field: str,
+def _plan_settings(opts: InferConfig, inp: Inputs, spec: ModelSpec, pl: Plan, out_field: str,
                    criterion: str | None) -> dict[str, Any]:
     """Everything the predicted values depend on: a resumed run must match it exactly."""
     return {
         "model": opts.model, "model_kwargs": opts.model_kwargs, "checkpoint": spec.checkpoint,
         "checkpoint_stamp": list(spec.stamp), "in_fields": list(opts.in_fields or []),
-        "tgt_fields": list(opts.tgt or []), "in_patterns": list(opts.in_patterns or []),
-        "tgt_patterns": list(opts.tgt_patterns or []), "input": inp.label, "input_identity": inp.identity,
+        "tgt_fields": list(opts.tgt or []), "in_patterns": list(opts.test_in_patterns or []),
+        "tgt_patterns": list(opts.test_tgt_patterns or []), "input": inp.label, "input_identity": inp.identity,
         "crop": list(pl.plan.tile), "in_pad": [list(p) for p in pl.plan.pad], "scale_factor": opts.scale_factor,
         "in_norms": list(opts.in_norms or []), "tgt_norms": list(opts.tgt_norms or []),
         "norm_kwargs": opts.norm_kwargs, "callback_at": spec.callback_at, "criterion": criterion,
@@ -130,21 +158,20 @@ def _finish(target: str, out: str, nsample: int, ntiles: int, criterion: str | N
     extra = {"loss": {"criterion": criterion, "per_sample": losses}} if criterion else {}
     store.mark_complete(target, nsample, **extra)
     if target != out:
-        trash = out + ".m2m-old"
-        os.replace(out, trash)
-        os.replace(target, out)
-        shutil.rmtree(trash)
+        store.swap_in(target, out)
     return losses
 
 
-def run(opts: Options) -> dict[str, Any]:
-    """Run `m2m infer` (or the engine under `m2m test`); returns a summary for printing.
+def run(config: InferConfig) -> InferSummary:
+    """Run `m2m infer` (or the engine under `m2m test`); returns its summary.
 
     Raises `UserError` for every bad input, before any worker starts when it can.
     """
     t_start = time.perf_counter()
-    notes: list[str] = []
-    out = _check_options(opts)
+    out = _check_options(config)
+    resolved = resolve(config)
+    opts = resolved.config
+    notes: list[str] = list(resolved.notes)
     inp = store_inputs(opts) if opts.data else npy_inputs(opts)
     target_box(inp, opts)
     device = _resolve_local_device(opts.device)
@@ -152,13 +179,12 @@ def run(opts: Options) -> dict[str, Any]:
     if device == "cuda" and not remote and not cuda_count():
         raise UserError("--device cuda: no CUDA device is available here")
     spec = _model_spec(opts, inp)
-    trained: dict[str, Any] = {}
-    pl = make_plan(load_model(spec, trained), opts, inp)
-    notes.extend(_compare_training(trained, opts))
+    check_channels(resolved, spec.in_chan, spec.out_chan)
+    pl = make_plan(spec.load(), opts, inp)
     criterion = _check_norms_and_criterion(opts, inp, spec)
 
     out_field = opts.out_field or (opts.tgt[0] if opts.tgt and len(opts.tgt) == 1 else "prediction")
-    _check_out_name(out_field)
+    store.check_field_name(out_field, "--out-field")
     layout = store.FieldLayout(out_field, spec.out_chan, pl.plan.out_box, pl.out_shard, pl.out_chunk)
     plan_settings = _plan_settings(opts, inp, spec, pl, out_field, criterion)
     digest = settings_hash(plan_settings)
@@ -177,10 +203,10 @@ def run(opts: Options) -> dict[str, Any]:
     total = ntiles * inp.nsample
     ndone_before = total - sum(len(ids) for _, ids in todo)
 
-    summary: dict[str, Any] = {"output": out, "field": out_field, "nsample": inp.nsample, "tiles": total,
-                               "skipped": ndone_before, "computed": 0, "notes": notes,
-                               "tile": list(pl.plan.tile), "pad": [list(p) for p in pl.plan.pad],
-                               "out_shape": list(pl.plan.out_box), "stride": pl.stride, "workers": {}}
+    summary = InferSummary(output=out, field=out_field, nsample=inp.nsample, tiles=total, skipped=ndone_before,
+                           computed=0, tile=list(pl.plan.tile), pad=[list(p) for p in pl.plan.pad],
+                           out_shape=list(pl.plan.out_box), stride=pl.stride, overrides=list(resolved.overrides),
+                           notes=notes)
     t_setup = time.perf_counter()
     if todo:
         with dask_client(opts, device) as (client, info):
@@ -192,18 +218,16 @@ def run(opts: Options) -> dict[str, Any]:
                       json.dumps(opts.norm_kwargs, sort_keys=True), spec, pl.plan, pl.offsets, pl.out_shape,
                       criterion, opts.device if remote else device,
                       torch_threads(opts, device, info.get("workers")))
-            summary["cluster"] = info["cluster"]
+            summary.cluster = info["cluster"]
+            summary.threads_per_worker = opts.threads_per_worker
             preload_all(client, job)
             t_tiles = time.perf_counter()
             results = submit_all(client, job, todo, total, ndone_before, opts.progress)
-            summary["tiles_s"] = time.perf_counter() - t_tiles
-            summary["computed"] = len(results)
-            try:
-                summary["workers"] = client.run(worker_stats, token)
-            except Exception:  # statistics only
-                pass
-    summary["loss"] = _finish(target, out, inp.nsample, ntiles, criterion)
-    summary["criterion"] = criterion
-    summary["setup_s"] = t_setup - t_start
-    summary["total_s"] = time.perf_counter() - t_start
+            summary.tiles_s = time.perf_counter() - t_tiles
+            summary.computed = len(results)
+            summary.workers = collect_stats(client, token)
+    summary.loss = _finish(target, out, inp.nsample, ntiles, criterion)
+    summary.criterion = criterion
+    summary.setup_s = t_setup - t_start
+    summary.total_s = time.perf_counter() - t_start
     return summary

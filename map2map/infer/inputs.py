@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from map2map import store
+from map2map.npyfile import glob_paired
 from map2map.errors import UserError
-from map2map.infer.model import file_stamp
-from map2map.infer.specs import Options, SourceSpec
+from map2map.infer.specs import InferConfig, SourceSpec
+from map2map.modelfit import file_stamp
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Inputs:
     identity: Any
 
 
-def store_inputs(opts: Options) -> Inputs:
+def store_inputs(opts: InferConfig) -> Inputs:
     path = os.path.abspath(opts.data)
     st = store.open_store(path)
     if not opts.in_fields:
@@ -56,24 +56,11 @@ def _same_box(arrays, names, what: str) -> tuple[int, ...]:
     return boxes.pop()
 
 
-def glob_fields(patterns: Sequence[str], what: str) -> list[list[str]]:
-    out = []
-    for p in patterns:
-        paths = sorted(glob.glob(os.path.expanduser(p)))
-        if not paths:
-            raise UserError(f"{what} pattern {p!r} matches no files")
-        out.append([os.path.abspath(q) for q in paths])
-    counts = [len(p) for p in out]
-    if len(set(counts)) > 1:
-        raise UserError(f"{what} patterns match different numbers of files: {counts}")
-    return out
-
-
-def npy_inputs(opts: Options) -> Inputs:
+def npy_inputs(opts: InferConfig) -> Inputs:
     from map2map import npyfile
 
-    ins = glob_fields(opts.in_patterns, "--test-in-patterns")
-    tgts = glob_fields(opts.tgt_patterns, "--test-tgt-patterns") if opts.tgt_patterns else []
+    ins = glob_paired(opts.test_in_patterns, "--test-in-patterns")
+    tgts = glob_paired(opts.test_tgt_patterns, "--test-tgt-patterns") if opts.test_tgt_patterns else []
     if tgts and len(tgts[0]) != len(ins[0]):
         raise UserError(f"input patterns match {len(ins[0])} files but target patterns {len(tgts[0])}")
     shapes = []
@@ -91,11 +78,11 @@ def npy_inputs(opts: Options) -> Inputs:
     stamp = [(p, file_stamp(p)) for paths in ins + tgts for p in paths]
     return Inputs(specs[:len(ins)], specs[len(ins):], [s[0] for s in shapes[:len(ins)]],
                   [s[0] for s in shapes[len(ins):]], boxes.pop(), len(ins[0]), None, None, ins[0],
-                  ",".join(opts.in_patterns), {"patterns": [list(opts.in_patterns), list(opts.tgt_patterns or [])],
+                  ",".join(opts.test_in_patterns), {"patterns": [list(opts.test_in_patterns), list(opts.test_tgt_patterns or [])],
                                                "stamp": stamp})
 
 
-def target_box(inp: Inputs, opts: Options) -> tuple[int, ...]:
+def target_box(inp: Inputs, opts: InferConfig) -> tuple[int, ...]:
     if not inp.targets:
         return tuple(n * opts.scale_factor for n in inp.box)
     boxes = set()

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from map2map.errors import UserError
-from map2map.infer.engine import run
-from map2map.infer.inputs import glob_fields
-from map2map.infer.specs import Options
+from map2map.infer import engine
+from map2map.infer.engine import InferSummary
+from map2map.npyfile import glob_paired
+from map2map.utils import durable
+from map2map.infer.specs import InferConfig
 
 
 def out_npy_path(target: str) -> str:
@@ -27,58 +29,49 @@ def write_npy(arr, sample: int, channels: slice, path: str, shard: Sequence[int]
     """Copy channels `channels` of `sample` of zarr array `arr` into a new .npy file, one shard-sized
     region at a time (never the whole box in memory), atomically (temporary name, then rename)."""
     shape = (channels.stop - channels.start,) + tuple(arr.shape[2:])
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(arr.dtype), shape=shape)
-    try:
+    with durable.atomic_path(path) as tmp:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(arr.dtype), shape=shape)
         axes = [range(0, n, s) for n, s in zip(shape[1:], shard)]
         for starts in np.ndindex(*[len(a) for a in axes]):
             region = tuple(slice(a[i], min(a[i] + s, n)) for a, i, s, n in zip(axes, starts, shard, shape[1:]))
             mm[(slice(None),) + region] = arr[(sample, channels) + region]
         mm.flush()
         del mm
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
-def run_test(opts: Options) -> dict[str, Any]:
+def run(config: InferConfig) -> InferSummary:
     """`m2m test`: predict each sample of .npy inputs with the same engine and write
     ``<target>_out.npy`` next to each target file.
 
-    Predictions go through a prediction store: `opts.out` if given (kept),
+    Predictions go through a prediction store: `config.out` if given (kept),
     else a hidden store in the first target file's directory named after the
     settings, so that a rerun after a crash resumes it; it is removed at the end.
     """
-    if not opts.in_patterns:
+    if not config.test_in_patterns:
         raise UserError("--test-in-patterns: give the .npy glob pattern(s) of the input fields")
-    if not opts.tgt_patterns:
+    if not config.test_tgt_patterns:
         raise UserError("--test-tgt-patterns: give the .npy glob pattern(s) of the target fields")
-    tgts = glob_fields(opts.tgt_patterns, "--test-tgt-patterns")
-    keep = opts.out is not None
+    tgts = glob_paired(config.test_tgt_patterns, "--test-tgt-patterns")
+    keep = config.out is not None
     if not keep:
-        key = json.dumps([list(opts.in_patterns), list(opts.tgt_patterns), opts.model,
-                          os.path.abspath(opts.load_state)])
+        key = json.dumps([list(config.test_in_patterns), list(config.test_tgt_patterns), config.model,
+                          os.path.abspath(config.load_state)])
         name = f".m2m-test-{hashlib.sha1(key.encode()).hexdigest()[:12]}.zarr"
-        opts.out = os.path.join(os.path.dirname(tgts[0][0]), name)
-        opts.overwrite = True
-    summary = run(opts)
+        config = dataclasses.replace(config, out=os.path.join(os.path.dirname(tgts[0][0]), name), overwrite=True)
+    summary = engine.run(config)
     import zarr
 
-    arr = zarr.open_group(summary["output"], mode="r", use_consolidated=False)[summary["field"]]
+    arr = zarr.open_group(summary.output, mode="r", use_consolidated=False)[summary.field]
     shard = tuple(arr.shards[2:]) if arr.shards else tuple(arr.chunks[2:])
-    written = []
-    for sample in range(summary["nsample"]):
+    for sample in range(summary.nsample):
         start = 0
         for paths in tgts:
             c = np.load(paths[sample], mmap_mode="r").shape[0]
             path = out_npy_path(paths[sample])
             write_npy(arr, sample, slice(start, start + c), path, shard)
-            written.append(path)
+            summary.written.append(path)
             start += c
     if not keep:
-        shutil.rmtree(summary["output"])
-        summary["output"] = None
-    summary["written"] = written
+        shutil.rmtree(summary.output)
+        summary.output = None
     return summary

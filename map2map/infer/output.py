@@ -15,7 +15,7 @@ from map2map import store
 from map2map.errors import UserError
 from map2map.infer.inputs import Inputs
 from map2map.infer.markers import read_done
-from map2map.infer.specs import DONE_DIR, PARTIAL
+from map2map.infer.specs import DONE_DIR
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -39,7 +39,7 @@ def check_output(out: str, digest: str, overwrite: bool, notes: list[str]) -> tu
         elif meta.get("complete"):
             if not overwrite:
                 raise UserError(f"{out} exists and is complete; pass --overwrite to replace it")
-            target = out + PARTIAL
+            target = store.staged_path(out)
     if os.path.exists(target):
         meta = store.read_meta(target)
         info = (meta or {}).get("infer") or {}

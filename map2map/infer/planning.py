@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from map2map import geometry, tiles
 from map2map.errors import UserError
 from map2map.infer.inputs import Inputs
-from map2map.infer.model import output_shape
-from map2map.infer.specs import Options
+from map2map.infer.specs import InferConfig
+from map2map.models.stride import output_shape, required_pad, total_stride
 
 
 def _default_crop(inp: Inputs, stride: int) -> tuple[int, ...]:
@@ -16,9 +16,7 @@ def _default_crop(inp: Inputs, stride: int) -> tuple[int, ...]:
     return tuple(max(stride, min(c, n) // stride * stride) for c, n in zip(base, inp.box))
 
 
-def _pads(model, opts: Options, in_chan: int, tile: tuple[int, ...], ndim: int) -> tuple[tuple[int, int], ...]:
-    from map2map.models import required_pad
-
+def _pads(model, opts: InferConfig, in_chan: int, tile: tuple[int, ...], ndim: int) -> tuple[tuple[int, int], ...]:
     if isinstance(opts.in_pad, str):
         if opts.in_pad != "auto":
             raise UserError(f"--in-pad {opts.in_pad!r}: expected 'auto' or integers")
@@ -40,10 +38,8 @@ class Plan:
     stride: int
 
 
-def make_plan(model, opts: Options, inp: Inputs) -> Plan:
+def make_plan(model, opts: InferConfig, inp: Inputs) -> Plan:
     """Tiles, pads and output chunking for `model` on the input grid, or a `UserError` that says why not."""
-    from map2map.models import total_stride
-
     ndim = len(inp.box)
     s = opts.scale_factor
     stride = total_stride(model)
@@ -57,6 +53,9 @@ def make_plan(model, opts: Options, inp: Inputs) -> Plan:
     pad = _pads(model, opts, sum(inp.in_chans), tile, ndim)
     plan = tiles.TilePlan(inp.box, tile, pad, s)
     out_shape = output_shape(model, sum(inp.in_chans), plan.window_shape)
+    if out_shape is None:
+        raise UserError(f"the model rejects an input window of {list(plan.window_shape)} voxels; choose another "
+                        "--crop or --in-pad")
     offsets = tiles.narrow_offsets(tile, pad, s, out_shape)
     if opts.out_chunk:
         chunk = geometry.as_tuple(list(opts.out_chunk), ndim, "--out-chunk")

@@ -1,41 +1,50 @@
-"""What `m2m infer` / `m2m test` are given (`Options`), and the small specs sent with every task."""
+"""What `m2m infer` / `m2m test` are given (`InferConfig`), and the small specs sent with every task."""
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping
 
-from map2map import tiles
+from map2map import store, tiles
+from map2map.modelfit import ModelSpec
 
 DONE_DIR = ".m2m-done"  # tile markers inside an output store while it is being written
-PARTIAL = ".m2m-partial"  # suffix of the store --overwrite builds beside the old one
+PARTIAL = store.PARTIAL  # suffix of the store --overwrite builds beside the old one
 
 
-@dataclass
-class Options:
-    """Everything `m2m infer` / `m2m test` take, as plain values (the CLI fills it)."""
+@dataclass(frozen=True)
+class InferConfig:
+    """Everything `m2m infer` / `m2m test` take; field names are the command line's option names.
 
-    out: str | None
-    model: str
+    Fields left None are filled from the checkpoint's model card
+    (`map2map.infer.defaults`), then from the defaults the help text states;
+    a value given explicitly overrides the card, and the run says so.
+    `misc_kwargs` (model and norms), `model_kwargs` and `norm_kwargs` add up
+    as on the command line: model arguments are the card's (or
+    ``misc_kwargs``), updated with ``model_kwargs``.
+    """
+
     load_state: str
+    out: str | None = None
     data: str | None = None
-    in_fields: Sequence[str] = ()
-    tgt: Sequence[str] | None = None
-    in_patterns: Sequence[str] | None = None
-    tgt_patterns: Sequence[str] | None = None
-    crop: Sequence[int] | None = None
-    in_pad: Sequence[int] | str = "auto"
-    scale_factor: int = 1
-    in_norms: Sequence[str] | None = None
-    tgt_norms: Sequence[str] | None = None
+    in_fields: tuple[str, ...] | None = None
+    tgt: tuple[str, ...] | None = None
+    test_in_patterns: tuple[str, ...] | None = None
+    test_tgt_patterns: tuple[str, ...] | None = None
+    model: str | None = None
+    crop: tuple[int, ...] | None = None
+    in_pad: Any = "auto"
+    scale_factor: int | None = None
+    in_norms: tuple[str, ...] | None = None
+    tgt_norms: tuple[str, ...] | None = None
     out_field: str | None = None
     out_chan: int | None = None
-    out_shard: Sequence[int] | None = None
-    out_chunk: Sequence[int] | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    norm_kwargs: dict[str, Any] = field(default_factory=dict)
+    out_shard: tuple[int, ...] | None = None
+    out_chunk: tuple[int, ...] | None = None
+    misc_kwargs: Mapping[str, Any] | None = None
+    model_kwargs: Mapping[str, Any] | None = None
+    norm_kwargs: Mapping[str, Any] | None = None
     callback_at: str | None = None
     criterion: str = "MSELoss"
     batch_size: int = 1
@@ -67,25 +76,6 @@ class SourceSpec:
         if self.kind == "zarr":
             return ZarrField(self.path, self.name, self.nsample)
         return NpyField(list(self.paths))
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model by name and constructor arguments, and the checkpoint it loads (with a stamp of the file)."""
-
-    name: str
-    checkpoint: str
-    stamp: tuple[int, int]
-    in_chan: int
-    out_chan: int
-    scale_factor: int
-    ndim: int
-    kwargs_json: str
-    callback_at: str | None
-
-    @property
-    def kwargs(self) -> dict[str, Any]:
-        return json.loads(self.kwargs_json)
 
 
 @dataclass(frozen=True)

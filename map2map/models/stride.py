@@ -79,15 +79,51 @@ def check_stride(crop: int | Sequence[int], step: int | Sequence[int] | None, st
                                   f"use e.g. {_nearest_multiples(value, stride)}")
 
 
-def _output_size(model: nn.Module, in_chan: int, size: int, dim: int) -> int | None:
-    """Spatial size of `model`'s output for a cubic zero input of `size`, or None if the model rejects it."""
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` on the 'meta' device (shapes only), made without copying any parameter data."""
+    memo: dict[int, object] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def _forward_shape(model: nn.Module, in_chan: int, shape: Sequence[int]) -> tuple[int, ...] | None:
+    """Spatial output shape of one pass of `model` (eval, no grad) on zeros of spatial `shape` on its
+    device, or None if the model rejects that size."""
     device = next(model.parameters(), torch.empty(0)).device
-    x = torch.zeros((1, in_chan) + (size,) * dim, device=device)
+    was_training = model.training
+    model.eval()
     try:
-        y = model(x)
-    except (RuntimeError, ValueError):
+        with torch.no_grad():
+            return tuple(model(torch.zeros((1, in_chan, *shape), device=device)).shape[2:])
+    except (RuntimeError, ValueError, NotImplementedError):
         return None
-    return y.shape[2]
+    finally:
+        model.train(was_training)
+
+
+def _shape_probe(model: nn.Module) -> nn.Module | None:
+    """A shape-only 'meta' copy of `model`, or None for a model that cannot be copied there."""
+    try:
+        return meta_copy(model)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+
+
+def output_shape(model: nn.Module, in_chan: int, shape: Sequence[int]) -> tuple[int, ...] | None:
+    """The spatial output shape of `model` for an input of spatial `shape`, or None if it rejects it.
+
+    This is the one output-shape probe of the package (training, inference
+    and the pad search use it).  The pass runs on a 'meta' copy of the model
+    (shapes only, no arithmetic, no parameter data), in eval mode without
+    gradients; a model with an operation that has no meta support gets a
+    real pass on zeros instead.  `model`'s training mode is left as it was.
+    """
+    probe = _shape_probe(model)
+    out = _forward_shape(probe, in_chan, shape) if probe is not None else None
+    return out if out is not None else _forward_shape(model, in_chan, shape)
 
 
 def _covers(out: int | None, target: int) -> bool:
@@ -99,9 +135,9 @@ def _search(model: nn.Module, in_chan: int, crop: int, dim: int, target: int,
     """The smallest pad up to `max_pad` whose output covers `target`, and whether any pass ran at all."""
     ran = False
     for pad in range(max_pad + 1):
-        out = _output_size(model, in_chan, crop + 2 * pad, dim)
+        out = _forward_shape(model, in_chan, (crop + 2 * pad,) * dim)
         ran = ran or out is not None
-        if _covers(out, target):
+        if _covers(out[0] if out else None, target):
             return pad, True
     return None, ran
 
@@ -109,9 +145,11 @@ def _search(model: nn.Module, in_chan: int, crop: int, dim: int, target: int,
 def _find_pad(model: nn.Module, in_chan: int, crop: int, dim: int, target: int, max_pad: int) -> int | None:
     """Search on a shape-only 'meta' copy of `model`; if no meta pass runs at all (an operation
     without meta support), search again with real passes."""
-    pad, meta_ran = _search(copy.deepcopy(model).to("meta"), in_chan, crop, dim, target, max_pad)
-    if meta_ran:
-        return pad
+    probe = _shape_probe(model)
+    if probe is not None:
+        pad, meta_ran = _search(probe, in_chan, crop, dim, target, max_pad)
+        if meta_ran:
+            return pad
     return _search(model, in_chan, crop, dim, target, max_pad)[0]
 
 
@@ -133,13 +171,7 @@ def required_pad(model: nn.Module, in_chan: int, crop: int, dim: int, scale_fact
     if not float(target).is_integer():
         raise StrideError(f"crop {crop} times scale_factor {scale_factor} is not a whole number of voxels")
     target = int(target)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            pad = _find_pad(model, in_chan, crop, dim, target, max_pad)
-    finally:
-        model.train(was_training)
+    pad = _find_pad(model, in_chan, crop, dim, target, max_pad)
     if pad is None:
         raise StrideError(f"no pad up to {max_pad} lets the model map a crop of {crop} onto "
                           f"{target} output voxels per axis; check the crop, scale factor and model")

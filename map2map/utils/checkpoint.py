@@ -8,9 +8,10 @@ A state is a dict of tensors and plain Python values only, so that
 * ``optimizer``, ``scheduler``: their ``state_dict`` (``scheduler`` may be None);
 * ``rng``: one entry per rank, each ``{"torch", "cuda", "numpy", "python"}`` (see `rng_state`);
 * ``min_loss``: the best epoch loss so far (validation if any, else training), or None;
-* ``args``: the command-line arguments as JSON-compatible values;
-* ``meta``: what inference needs to rebuild the model and its inputs (model name,
-  channels, pads, scale factor, norms, ...).
+* ``losses``: one ``{"epoch", "train", "val", "lr"}`` per epoch so far;
+* ``config``: the training config (`map2map.train.TrainConfig`) as JSON-compatible values;
+* ``card``: the model card (`map2map.modelfit.ModelCard.to_dict`): what inference needs
+  to rebuild the model and its inputs.
 
 Writing: the state goes to a hidden temporary file in the same directory,
 is flushed and fsynced, then renamed over ``state_{epoch}.pt``; then a
@@ -24,19 +25,17 @@ from __future__ import annotations
 import glob
 import os
 import random
-import secrets
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
-from torch import nn
 
 from map2map.errors import UserError
-from map2map.utils.durable import fsync_path
+from map2map.utils import durable
 
 CKPT_LINK = "checkpoint.pt"
-_TMP_PREFIX = ".m2m-tmp."
 
 
 def state_name(epoch: int) -> str:
@@ -46,32 +45,16 @@ def state_name(epoch: int) -> str:
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save` `obj` to `path` through a temporary file in the same directory, fsynced, then renamed."""
-    path = Path(path)
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # permissions follow the umask
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_path(path.parent)
-    return path
+    return Path(durable.atomic_write(path, lambda f: torch.save(obj, f)))
 
 
 def link_latest(target: str | os.PathLike, link: str | os.PathLike = CKPT_LINK) -> None:
     """Point the symlink `link` at `target` (a name in the same directory), replacing it atomically."""
     link = Path(link)
-    tmp = link.with_name(f"{_TMP_PREFIX}{link.name}.{os.getpid()}")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
+    tmp = durable.temporary_name(link)
     os.symlink(os.fspath(Path(target).name), tmp)
     os.replace(tmp, link)
-    fsync_path(link.parent)
+    durable.fsync_path(link.parent)
 
 
 def save_state(state: Mapping[str, Any], directory: str | os.PathLike = ".") -> Path:
@@ -85,7 +68,7 @@ def save_state(state: Mapping[str, Any], directory: str | os.PathLike = ".") -> 
 def remove_stale(directory: str | os.PathLike = ".") -> list[str]:
     """Delete temporary files left by a process killed while writing; returns their names."""
     removed = []
-    for tmp in glob.glob(os.path.join(os.fspath(directory), f"{_TMP_PREFIX}*")):
+    for tmp in glob.glob(os.path.join(os.fspath(directory), f"{durable.TMP_PREFIX}*")):
         try:
             os.unlink(tmp)
             removed.append(os.path.basename(tmp))
@@ -94,16 +77,31 @@ def remove_stale(directory: str | os.PathLike = ".") -> list[str]:
     return removed
 
 
+def load_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` (no arbitrary unpickling), with one-line errors for a
+    missing file and for a file that is not a checkpoint.  The one checkpoint reader of the package."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated, foreign or unsafe files
+        text = " ".join(str(exc).split())
+        if not zipfile.is_zipfile(path):
+            why = "not a file torch.save wrote, or cut short"
+        elif "weights_only" in text or "Unpickl" in type(exc).__name__:
+            why = "torch cannot load it safely: it holds objects other than tensors and plain values"
+        else:
+            why = f"{type(exc).__name__}: {text[:160]}"
+        raise UserError(f"{path} is not a readable checkpoint ({why})") from None
+
+
 def read_state(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any] | None:
-    """Load a state with ``weights_only=True``; None if `path` is missing, a dangling link, or empty."""
+    """Load a training state; None if `path` is missing, a dangling link, or empty (nothing to resume)."""
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return None
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # corrupt file, or objects a safe load refuses
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read the state {str(path)!r}: {msg}") from None
+    state = load_file(path, map_location)
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
         raise UserError(f"{str(path)!r} is not a map2map training state (needs 'model' and 'epoch')")
     return state
@@ -144,50 +142,3 @@ def seed_all(seed_words: list[int]) -> None:
     torch.manual_seed(int(words[0]) << 32 | int(words[1]))
     np.random.seed(int(words[2]))
     random.seed(int(words[3]))
-
-
-# ---------------------------------------------------------------- model states
-
-def _shape(v: Any) -> list[int] | None:
-    return list(v.shape) if isinstance(v, torch.Tensor) else None
-
-
-def _summarize(items: list[str], limit: int = 8) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
-
-
-def match_model_state(model: nn.Module, saved: Mapping[str, Any], strict: bool,
-                      source: str = "the state") -> tuple[dict[str, Any], list[str]]:
-    """Check `saved` against `model`'s state dict; return the entries to load and notes on the rest.
-
-    Strict: any missing key, unexpected key or shape mismatch raises one
-    `UserError` listing them.  Non-strict: only entries whose key and shape
-    match are returned, and the notes name what was skipped.
-    """
-    own = model.state_dict()
-    missing = [k for k in own if k not in saved]
-    unexpected = [k for k in saved if k not in own]
-    shapes = [f"{k} {_shape(saved[k])} vs {_shape(own[k])}" for k in own
-              if k in saved and _shape(saved[k]) != _shape(own[k])]
-    problems = []
-    if shapes:
-        problems.append(f"shape mismatch (checkpoint vs model): {_summarize(shapes)}")
-    if missing:
-        problems.append(f"missing in checkpoint: {_summarize(missing)}")
-    if unexpected:
-        problems.append(f"not in model: {_summarize(unexpected)}")
-    if problems and strict:
-        raise UserError(f"{source} does not fit the model: {'; '.join(problems)} "
-                        "(check --in/--tgt fields, --model and --misc-kwargs, or load the matching "
-                        "entries only with --load-state-non-strict)")
-    keep = {k: v for k, v in saved.items() if k in own and _shape(v) == _shape(own[k])}
-    return keep, problems
-
-
-def load_model_state(model: nn.Module, saved: Mapping[str, Any], strict: bool,
-                     source: str = "the state") -> list[str]:
-    """Load `saved` into `model` (see `match_model_state`); returns notes on skipped entries."""
-    keep, problems = match_model_state(model, saved, strict, source)
-    model.load_state_dict(keep, strict=not problems)
-    return problems
