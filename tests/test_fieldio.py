@@ -133,29 +133,39 @@ def test_check_index_refuses_ranges_past_the_file():
 # --------------------------------------------------------------------------- the inference worker's state
 
 
-FakeModel = namedtuple("FakeModel", "name callback_at")  # hashable, as the real ModelSpec
+class FakeModel(namedtuple("FakeModel", "name callback_at loaded")):
+    """Hashable, as the real `ModelSpec`; `load` records the name in the `loaded` list it was given."""
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.callback_at))
+
+    def __eq__(self, other) -> bool:
+        return (self.name, self.callback_at) == (other.name, other.callback_at)
+
+    def load(self):
+        self.loaded.append(self.name)
+        return torch.nn.Identity()
 
 
-def fake_job(token: str, model: str, source, norms=None) -> SimpleNamespace:
+def fake_job(token: str, model: str, source, norms=None, loaded: list | None = None) -> SimpleNamespace:
     """What `WorkerState` reads of a `Job`."""
     spec = SimpleNamespace(open=lambda: source)
-    return SimpleNamespace(token=token, model=FakeModel(model, None), device="cpu",
+    return SimpleNamespace(token=token, model=FakeModel(model, None, [] if loaded is None else loaded), device="cpu",
                            torch_threads=None, inputs=(spec,), in_norms=norms, targets=(), tgt_norms=None,
                            norm_kwargs_json="{}")
 
 
-def test_worker_state_keeps_two_models_and_this_runs_readers(two_fields, monkeypatch):
+def test_worker_state_keeps_two_models_and_this_runs_readers(two_fields):
     from map2map.infer import worker
 
     path, _ = two_fields
-    loaded = []
-    monkeypatch.setattr(worker, "load_model", lambda spec: loaded.append(spec.name) or torch.nn.Identity())
+    loaded: list[str] = []
     state = worker.WorkerState()
     state.setup(SimpleNamespace(name=0))
     source = ZarrField(path, "s", 2)
     for token, model in [("r1", "A"), ("r1", "A"), ("r2", "B"), ("r3", "A"), ("r4", "C"), ("r5", "B")]:
         state.begin(token)
-        state.model(fake_job(token, model, source))
+        state.model(fake_job(token, model, source, loaded=loaded))
     assert loaded == ["A", "B", "C", "B"]  # A kept across runs; B dropped once A and C were the latest two
     assert [state.run_stats(t)["model_loads"] for t in ("r1", "r2", "r3", "r4", "r5")] == [1, 1, 0, 1, 1]
     assert [k[0].name for k in state.models] == ["C", "B"]

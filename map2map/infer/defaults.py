@@ -56,14 +56,13 @@ def resolve(cfg: InferConfig) -> Resolved:
     """Read the checkpoint and fill `cfg` from its card; a checkpoint without a card needs the options."""
     ckpt = read_checkpoint(os.path.abspath(cfg.load_state))
     card = ckpt.card
-    model_kw = {**(cfg.misc_kwargs or {}), **(cfg.model_kwargs or {})}
-    norm_kw = {**(cfg.misc_kwargs or {}), **(cfg.norm_kwargs or {})}
     if card is None:
         if cfg.model is None:
             raise UserError(f"checkpoint {cfg.load_state} has no model card (it was not written by this m2m "
                             "train): give --model and the other options it was trained with")
-        filled = dataclasses.replace(cfg, scale_factor=cfg.scale_factor or 1, model_kwargs=model_kw,
-                                     norm_kwargs=norm_kw, misc_kwargs={})
+        filled = dataclasses.replace(cfg, scale_factor=cfg.scale_factor or 1, misc_kwargs={},
+                                     model_kwargs={**(cfg.misc_kwargs or {}), **(cfg.model_kwargs or {})},
+                                     norm_kwargs={**(cfg.misc_kwargs or {}), **(cfg.norm_kwargs or {})})
         return Resolved(filled, ckpt, (), ())
 
     overrides: list[str] = []
@@ -85,18 +84,17 @@ def resolve(cfg: InferConfig) -> Resolved:
     if cfg.callback_at is not None and card.callback_at is not None and \
             os.path.abspath(cfg.callback_at) != os.path.abspath(card.callback_at):
         overrides.append(f"--callback-at {cfg.callback_at} (the checkpoint's card says {card.callback_at})")
-    if cfg.misc_kwargs is None and cfg.model_kwargs is None:
-        model_kw = dict(card.model_kwargs)
-    else:
-        model_kw = {**(card.model_kwargs if cfg.misc_kwargs is None else {}), **model_kw}
-        if model_kw != dict(card.model_kwargs):
-            overrides.append(f"model arguments {model_kw} (the checkpoint's card says {dict(card.model_kwargs)})")
-    if cfg.misc_kwargs is None and cfg.norm_kwargs is None:
-        norm_kw = dict(card.norm_kwargs)
-    else:
-        norm_kw = {**(card.norm_kwargs if cfg.misc_kwargs is None else {}), **norm_kw}
-        if norm_kw != dict(card.norm_kwargs):
-            overrides.append(f"norm arguments {norm_kw} (the checkpoint's card says {dict(card.norm_kwargs)})")
+    def arguments(what: str, from_card: dict[str, Any], specific: dict[str, Any] | None) -> dict[str, Any]:
+        """--misc-kwargs replaces the card's arguments, the model's or norms' own option adds to them."""
+        if cfg.misc_kwargs is None and specific is None:
+            return from_card
+        merged = {**(from_card if cfg.misc_kwargs is None else cfg.misc_kwargs), **(specific or {})}
+        if merged != from_card:
+            overrides.append(f"{what} arguments {merged} (the checkpoint's card says {from_card})")
+        return merged
+
+    model_kw = arguments("model", dict(card.model_kwargs), cfg.model_kwargs)
+    norm_kw = arguments("norm", dict(card.norm_kwargs), cfg.norm_kwargs)
 
     tgt = cfg.tgt
     if tgt is None and card.tgt_fields and cfg.data:

@@ -8,7 +8,8 @@ from map2map import geometry, tiles
 from map2map.errors import UserError
 from map2map.infer.inputs import Inputs
 from map2map.infer.specs import InferConfig
-from map2map.models.stride import output_shape, required_pad, total_stride
+from map2map.modelfit import auto_pad
+from map2map.models.stride import output_shape, total_stride
 
 
 def _default_crop(inp: Inputs, stride: int) -> tuple[int, ...]:
@@ -20,8 +21,7 @@ def _pads(model, opts: InferConfig, in_chan: int, tile: tuple[int, ...], ndim: i
     if isinstance(opts.in_pad, str):
         if opts.in_pad != "auto":
             raise UserError(f"--in-pad {opts.in_pad!r}: expected 'auto' or integers")
-        found = {t: required_pad(model, in_chan, t, ndim, opts.scale_factor) for t in set(tile)}
-        return tuple((found[t], found[t]) for t in tile)
+        return tuple((p, p) for p in auto_pad(model, in_chan, tile, ndim, opts.scale_factor, ((0, 0),) * ndim))
     try:
         return geometry.parse_pad(list(opts.in_pad), ndim, "--in-pad")
     except ValueError as exc:
