@@ -547,7 +547,7 @@ def run(cfg: TrainConfig) -> TrainSummary:
         with torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
             summary = _train(cfg, env, device, opened)
     finally:
-        if "writer" in opened:
+        if opened.get("writer") is not None:
             opened["writer"].close()
         if env.distributed and dist.is_initialized():
             dist.destroy_process_group()
