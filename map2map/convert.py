@@ -5,7 +5,8 @@
 and sample i pairs the i-th file of every field (`map2map.npyfile.glob_paired`).
 Every name and header is checked before the output is touched.  Data then
 flows in *units*: shard-aligned blocks of one sample, read plane by plane
-through memory maps, converted to the stored dtype, checked for NaN/Inf and
+through memory maps, converted to the stored dtype, checked for values
+that are not finite once stored (NaN/Inf, or too large for the dtype) and
 written as whole shards.  A *task* is what one worker process does with one
 opening of the array: a unit, or a run of small units of one file up to
 about UNIT_BYTES together.  No unit holds more than a few shards, so memory
@@ -17,7 +18,10 @@ the end (`map2map.store.staged_path`, `map2map.store.swap_in`); ``--append``
 grows the arrays but moves the completion mark (the number of complete
 samples, with the consolidated metadata readers use) only when every new
 sample is written, so an interrupted append leaves the earlier samples
-readable.
+readable.  Every writer holds the output's writer lock
+(`map2map.utils.locks`) from its first look at the store to its last
+write, so two conversions into one store never interleave; an append
+takes the layout it does not name (crop, pad, chunk, ...) from the store.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import multiprocessing
+import os
 import sys
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -38,7 +43,9 @@ from tqdm import tqdm
 
 from map2map import geometry, npyfile, store
 from map2map.errors import UserError
+from map2map.utils.progress import advance
 from map2map.stage import Summary
+from map2map.utils.locks import writer_lock
 
 MAX_CHANNELS = 16
 UNIT_BYTES = 32 * 2**20
@@ -49,8 +56,10 @@ class ConvertConfig:
     """Everything `m2m convert` takes; field names are the command line's option names.
 
     `field` holds the ``NAME=PATTERN`` strings of ``--field``.  `crop`, `pad`
-    and `chunk` are in voxels of the first field's grid (None: the defaults
-    `plan_layouts` describes).
+    and `chunk` are in voxels of the first field's grid.  Layout options left
+    None (`crop`, `pad`, `chunk`, `shard_mult`, `dtype`, `compressor`) take
+    the defaults `plan_layouts` describes for a new store, and the store's
+    own values with `append`.
     """
 
     output: str
@@ -61,10 +70,11 @@ class ConvertConfig:
     overwrite: bool = False
     append: bool = False
     chunk: tuple[int, ...] | None = None
-    shard_mult: int = 1
-    dtype: str = "float32"
-    compressor: str = "none"
+    shard_mult: int | None = None
+    dtype: str | None = None
+    compressor: str | None = None
     allow_nonfinite: bool = False
+    clamp_crop: bool = False
     workers: int = 2
     progress: bool = True
 
@@ -75,6 +85,44 @@ class ConvertConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, int)):
                 object.__setattr__(self, name, tuple(value))
+
+
+DTYPES = ("float32", "float64")
+COMPRESSORS = ("none", "zstd", "blosc")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_config(config: ConvertConfig) -> None:
+    """Refuse options that are wrong whatever the files hold: a one-line `UserError` naming the option."""
+    if config.overwrite and config.append:
+        raise UserError("--overwrite and --append exclude each other")
+    if not config.output:
+        raise UserError("OUTPUT is empty; give the path of the store to write")
+    box = config.boxsize
+    if box is not None and not (isinstance(box, (int, float, np.number)) and not isinstance(box, bool)
+                                and math.isfinite(box) and box > 0):
+        raise UserError(f"--boxsize {box}: expected a finite positive box side length (e.g. 1000 for Mpc/h)")
+    if not _is_int(config.workers) or config.workers < 1:
+        raise UserError(f"--workers {config.workers}: expected a number of processes of at least 1")
+    if config.shard_mult is not None and (not _is_int(config.shard_mult) or config.shard_mult < 1):
+        raise UserError(f"--shard-mult {config.shard_mult}: expected a whole number of crops of at least 1")
+    if config.pad is not None and (not _is_int(config.pad) or config.pad < 0):
+        raise UserError(f"--pad {config.pad}: expected a whole number of voxels, 0 or more")
+    for option, value in (("--crop", config.crop), ("--chunk", config.chunk)):
+        values = (value,) if isinstance(value, int) else value
+        if values is not None and (not values or not all(_is_int(v) and v > 0 for v in values)):
+            raise UserError(f"{option} {list(values)}: expected positive whole numbers of voxels")
+    if config.dtype is not None and config.dtype not in DTYPES:
+        raise UserError(f"--dtype {config.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if config.compressor is not None and config.compressor not in COMPRESSORS:
+        raise UserError(f"--compressor {config.compressor!r}: expected one of {', '.join(COMPRESSORS)}")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 @dataclass
@@ -100,8 +148,8 @@ class ConvertSummary(Summary):
         for lay in self.layouts:
             out.append(f"{lay['name']}: {lay['channels']} x {tuple(lay['spatial'])}, shard {tuple(lay['shard'])}, "
                        f"inner chunk {tuple(lay['chunk'])}, {lay['dtype']}")
-        verb = "wrote" if self.appended is None else f"appended {self.appended} samples, now"
-        out.append(f"{self.output}: {verb} {self.nsample} samples, complete")
+        verb = "wrote" if self.appended is None else f"appended {_plural(self.appended, 'sample')}, now"
+        out.append(f"{self.output}: {verb} {_plural(self.nsample, 'sample')}, complete")
         return out
 
 
@@ -140,11 +188,35 @@ def _check_shape(header: npyfile.NpyHeader) -> None:
     shape = header.shape
     if len(shape) not in (3, 4):
         raise UserError(f"{header.path} has shape {shape}: expected channel-first (C, X, Y) or (C, X, Y, Z)")
+    if 0 in shape:
+        what = "no channels" if shape[0] == 0 else "an empty axis"
+        raise UserError(f"{header.path} has shape {shape}, with {what}: expected at least one channel "
+                        "and one voxel per axis")
     if shape[0] > MAX_CHANNELS or _looks_channel_last(shape):
         hint = (" it looks channel-last: move the channel axis first (np.moveaxis(a, -1, 0))"
                 if shape[-1] <= MAX_CHANNELS else
                 " a scalar field needs a leading channel axis of 1 (a[None])")
         raise UserError(f"{header.path} has shape {shape} with {shape[0]} channels on its first axis;{hint}")
+
+
+def check_grids(fields: Sequence[FieldInput]) -> None:
+    """Refuse grids that are not whole multiples of each other, whatever the order of the fields.
+
+    Every pair of fields must have the same number of axes, and the larger
+    grid must be the smaller one times the same whole number on every axis
+    (a target ``scale_factor`` times finer than its input, or equal).
+    """
+    ndims = {len(f.spatial) for f in fields}
+    if len(ndims) > 1:
+        raise UserError("fields mix 2D and 3D grids: " + ", ".join(f"{f.name}: {f.spatial}" for f in fields))
+    ordered = sorted(fields, key=lambda f: (math.prod(f.spatial), f.spatial, f.name))
+    for i, small in enumerate(ordered):
+        for large in ordered[i + 1:]:
+            whole = all(n % m == 0 for n, m in zip(large.spatial, small.spatial))
+            if not whole or len({n // m for n, m in zip(large.spatial, small.spatial)}) != 1:
+                raise UserError(f"--field {small.name} has grid {list(small.spatial)} and --field {large.name} "
+                                f"grid {list(large.spatial)}: a larger grid must be the smaller one times one "
+                                "whole number on every axis (e.g. 32 and 64 for 2x super-resolution)")
 
 
 def gather(specs: Sequence[str]) -> list[FieldInput]:
@@ -167,9 +239,7 @@ def gather(specs: Sequence[str]) -> list[FieldInput]:
                 raise UserError(f"--field {name}: {h.path} has shape {h.shape} but "
                                 f"{headers[0].path} has {headers[0].shape}")
         fields.append(FieldInput(name, pattern, headers))
-    ndims = {len(f.spatial) for f in fields}
-    if len(ndims) > 1:
-        raise UserError("fields mix 2D and 3D grids: " + ", ".join(f"{f.name}: {f.spatial}" for f in fields))
+    check_grids(fields)
     return fields
 
 
@@ -185,32 +255,80 @@ def default_pad(crop: Sequence[int]) -> int:
     return max(1, 3 * min(crop) // 8)
 
 
-def plan_layouts(fields: list[FieldInput], config: ConvertConfig) -> list[store.FieldLayout]:
+def _default_chunk(crop: int, pad: int, ndim: int, step: int) -> int:
+    """`geometry.choose_inner_chunk`, moved to a multiple of `step` (so coarser grids get whole chunks).
+
+    The smallest divisor of `crop` that is a multiple of `step` and at least
+    the chosen chunk, else the largest such divisor; the chosen chunk itself
+    when there is none (`plan_layouts` then names the field it cannot scale to).
+    """
+    chosen = geometry.choose_inner_chunk(crop, pad, ndim=ndim)
+    fits = [d for d in range(step, crop + 1, step) if crop % d == 0]
+    if chosen % step == 0 or not fits:
+        return chosen
+    larger = [d for d in fits if d >= chosen]
+    return min(larger) if larger else max(fits)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The layout of a conversion: crop, pad and shard multiple (reference grid voxels), each field's layout.
+
+    `notes` say what was decided that the user did not ask for exactly
+    (a crop clamped to the grid).
+    """
+
+    crop: tuple[int, ...]
+    pad: int
+    shard_mult: int
+    layouts: list[store.FieldLayout]
+    notes: tuple[str, ...] = ()
+
+
+def plan_layouts(fields: list[FieldInput], config: ConvertConfig) -> Plan:
     """Chunking for every field: shards = crop (times `shard_mult`), inner chunks chosen for the halo.
 
     Crop, pad and chunk are in voxels of the first field's grid; a field on a
     grid `r` times finer (or coarser) gets them scaled by `r`, so crop windows
-    of input and target cover the same shards.
+    of input and target cover the same shards.  The default crop is the grid,
+    up to 128 voxels per axis; a crop larger than the grid is refused unless
+    `clamp_crop` asks for the grid instead (said in a note).  The default pad
+    is `default_pad`, the default inner chunk the one `_default_chunk` picks,
+    the default shard multiple 1.  Shards larger than a grid (a large shard
+    multiple) end at the grid.
     """
     ref = fields[0].spatial
     ndim = len(ref)
+    notes: list[str] = []
     crop = _shape_option(config.crop if config.crop else [min(128, n) for n in ref], ndim, "--crop")
     if any(c <= 0 for c in crop):
         raise UserError(f"--crop {list(crop)} must be positive")
-    if config.shard_mult < 1:
-        raise UserError(f"--shard-mult {config.shard_mult} must be at least 1")
+    if any(c > n for c, n in zip(crop, ref)):
+        clamped = tuple(min(c, n) for c, n in zip(crop, ref))
+        if not config.clamp_crop:
+            raise UserError(f"--crop {list(crop)} is larger than the grid {list(ref)} of --field {fields[0].name}; "
+                            f"give a crop of at most the grid, or pass --clamp-crop to crop {list(clamped)}")
+        notes.append(f"--crop {list(crop)} clamped to the grid of {fields[0].name}: {list(clamped)}")
+        crop = clamped
+    shard_mult = 1 if config.shard_mult is None else config.shard_mult
+    if shard_mult < 1:
+        raise UserError(f"--shard-mult {shard_mult} must be at least 1")
     pad = config.pad if config.pad is not None else default_pad(crop)
     if pad < 0:
         raise UserError(f"--pad {pad} must not be negative")
+    dens = [geometry.grid_ratio(f.spatial, ref)[1] for f in fields]
     if config.chunk:
         chunk = _shape_option(config.chunk, ndim, "--chunk")
         if any(c <= 0 for c in chunk):
             raise UserError(f"--chunk {list(chunk)} must be positive")
     else:
-        chunk = tuple(geometry.choose_inner_chunk(c, pad, ndim=ndim) for c in crop)
-    shard = tuple(c * config.shard_mult for c in crop)
+        step = math.lcm(*dens)
+        chunk = tuple(_default_chunk(c, pad, ndim, step) for c in crop)
+    shard = tuple(c * shard_mult for c in crop)
     if any(s % c for s, c in zip(shard, chunk)):
         raise UserError(f"--chunk {list(chunk)} must divide the shard {list(shard)} (crop x shard multiple)")
+    dtype = config.dtype or DTYPES[0]
+    compressor = config.compressor or COMPRESSORS[0]
     layouts = []
     for f in fields:
         try:
@@ -218,14 +336,14 @@ def plan_layouts(fields: list[FieldInput], config: ConvertConfig) -> list[store.
             f_shard = geometry.scale_shape(shard, num, den, "shard")
             f_chunk = geometry.scale_shape(chunk, num, den, "chunk")
         except ValueError as exc:
-            raise UserError(f"--field {f.name} (grid {list(f.spatial)}): {exc}") from None
+            raise UserError(f"--field {f.name} (grid {list(f.spatial)}): {exc}; --crop, --chunk and --shard-mult "
+                            f"are in voxels of the first field's grid {list(ref)}") from None
         f_shard = tuple(min(s, n) for s, n in zip(f_shard, f.spatial))
         f_chunk = tuple(min(c, s) for c, s in zip(f_chunk, f_shard))
         if any(s % c for s, c in zip(f_shard, f_chunk)):
             f_chunk = f_shard
-        layouts.append(store.FieldLayout(f.name, f.channels, f.spatial, f_shard, f_chunk,
-                                         config.dtype, config.compressor))
-    return layouts
+        layouts.append(store.FieldLayout(f.name, f.channels, f.spatial, f_shard, f_chunk, dtype, compressor))
+    return Plan(crop, pad, shard_mult, layouts, tuple(notes))
 
 
 def units(layout: store.FieldLayout, itemsize: int) -> list[tuple[slice, ...]]:
@@ -278,19 +396,51 @@ def _tasks(fields: list[FieldInput], layouts: list[store.FieldLayout], first_sam
                 yield _Task(f.name, header, first_sample + i, tuple(group), nbytes)
 
 
-def _write_task(path: str, task: _Task, dtype: str, check_finite: bool) -> tuple[int, int]:
-    """Convert the units of one task; returns (bytes written, number of non-finite values found).
+@dataclass(frozen=True)
+class _Bad:
+    """Values of one source file that would not be stored finite: NaN/Inf in the file, or too large for the dtype."""
+
+    nonfinite: int = 0
+    overflow: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.nonfinite or self.overflow)
+
+    def __add__(self, other: "_Bad") -> "_Bad":
+        return _Bad(self.nonfinite + other.nonfinite, self.overflow + other.overflow)
+
+
+def _count_bad(header: npyfile.NpyHeader, region: tuple[slice, ...], buf: np.ndarray) -> _Bad:
+    """Count the non-finite values of `buf` (the region, converted); tell overflow in the cast from NaN/Inf.
+
+    Only a float source wider than the stored dtype can overflow; its region
+    is read again in its own dtype, and only when `buf` has non-finite values.
+    """
+    bad = int(buf.size - np.count_nonzero(np.isfinite(buf)))
+    if not bad or header.dtype.kind != "f" or header.dtype.itemsize <= buf.dtype.itemsize:
+        return _Bad(nonfinite=bad)
+    src = np.empty(buf.shape, dtype=header.dtype.newbyteorder("="))
+    npyfile.read_block(header, (slice(None),) + region, src)
+    genuine = int(src.size - np.count_nonzero(np.isfinite(src)))
+    return _Bad(nonfinite=genuine, overflow=bad - genuine)
+
+
+def _write_task(path: str, task: _Task, dtype: str, check_finite: bool) -> tuple[int, _Bad]:
+    """Convert the units of one task; returns (bytes written, the values that are not finite once stored).
 
     Opens the store's array for this task only: an array object caches the
     shape it was opened with, so none outlives the write it was opened for.
+    A cast that overflows is counted (unless `check_finite` is off), never
+    warned about.
     """
     arr = zarr.open_group(path, mode="r+", use_consolidated=False)[task.field]
-    nbytes = bad = 0
+    nbytes, bad = 0, _Bad()
     for region in task.regions:
         buf = np.empty((task.header.shape[0],) + tuple(s.stop - s.start for s in region), dtype=dtype)
-        npyfile.read_block(task.header, (slice(None),) + region, buf)
+        with np.errstate(over="ignore", invalid="ignore"):
+            npyfile.read_block(task.header, (slice(None),) + region, buf)
         if check_finite:
-            bad += int(buf.size - np.count_nonzero(np.isfinite(buf)))
+            bad = bad + _count_bad(task.header, region, buf)
         arr[(task.sample, slice(None)) + region] = buf
         nbytes += buf.nbytes
     return nbytes, bad
@@ -315,37 +465,49 @@ class _InlineExecutor(Executor):
         return fut
 
 
+def _bad_message(path: str, bad: _Bad, dtype: str) -> str:
+    parts = []
+    if bad.nonfinite:
+        parts.append(f"{bad.nonfinite} non-finite values (NaN/Inf)")
+    if bad.overflow:
+        parts.append(f"{bad.overflow} finite values too large for {dtype} (beyond +-{np.finfo(dtype).max:.3g}: "
+                     "stored they would be Inf)")
+    fix = "fix the data" if not bad.overflow else "rescale the data, or store it with --dtype float64,"
+    return f"{path} has {' and '.join(parts)}; {fix} or pass --allow-nonfinite to keep them"
+
+
 def write_samples(path: str, fields: list[FieldInput], layouts: list[store.FieldLayout], first_sample: int,
                   config: ConvertConfig) -> int:
     """Write every file of every field as samples ``first_sample, first_sample + 1, ...``; returns the bytes.
 
-    Stops early once a file is known to hold NaN/Inf (unless allowed), after
-    counting that file's values, and raises a UserError naming it.
+    Stops early once a file is known to hold values that would not be stored
+    finite (NaN/Inf, or too large for the stored dtype), unless allowed,
+    after counting that file's values, and raises a UserError naming it.
     """
-    itemsize = np.dtype(config.dtype).itemsize
+    dtype = layouts[0].dtype
+    itemsize = np.dtype(dtype).itemsize
     tasks = list(_tasks(fields, layouts, first_sample, itemsize))
     total = sum(t.nbytes for t in tasks)
     workers = min(config.workers, max(1, total // UNIT_BYTES), len(tasks))
-    bad: dict[str, int] = {}
+    bad: dict[str, _Bad] = {}
     written = 0
     with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not config.progress,
               file=sys.stderr) as bar, _pool(workers) as pool:
-        futures = [(t.header.path, pool.submit(_write_task, path, t, config.dtype, not config.allow_nonfinite))
+        futures = [(t.header.path, pool.submit(_write_task, path, t, dtype, not config.allow_nonfinite))
                    for t in tasks]
         for src, fut in futures:
             nbytes, nbad = fut.result()
             written += nbytes
-            bar.update(nbytes)
+            advance(bar, nbytes)
             if nbad:
-                bad[src] = bad.get(src, 0) + nbad
+                bad[src] = bad.get(src, _Bad()) + nbad
             elif bad and src not in bad:  # the bad file is fully counted: stop
                 for _, f in futures:
                     f.cancel()
                 break
     if bad:
         path0, count = next(iter(bad.items()))
-        raise UserError(f"{path0} has {count} non-finite values (NaN/Inf); "
-                        "fix the data or pass --allow-nonfinite to keep them")
+        raise UserError(_bad_message(path0, count, dtype))
     group = zarr.open_group(path, mode="r+", use_consolidated=False)
     for f in fields:
         src = group[store.source_name(f.name)]
@@ -354,76 +516,91 @@ def write_samples(path: str, fields: list[FieldInput], layouts: list[store.Field
     return written
 
 
-def _settings(fields: list[FieldInput], config: ConvertConfig, pad: int, crop: Sequence[int]) -> dict[str, Any]:
+def _settings(fields: list[FieldInput], config: ConvertConfig, plan: Plan) -> dict[str, Any]:
     out: dict[str, Any] = {
         f.name: {"pattern": f.pattern, "source_dtype": str(f.headers[0].dtype),
                  "allow_nonfinite": config.allow_nonfinite} for f in fields}
-    out.update(created_by="m2m convert", crop=list(crop), pad=pad, reference_field=fields[0].name)
+    out.update(created_by="m2m convert", crop=list(plan.crop), pad=plan.pad, shard_mult=plan.shard_mult,
+               reference_field=fields[0].name)
     return out
 
 
-def _refuse_existing(out: Path) -> None:
-    meta = store.read_meta(out)
-    if meta is None and out.exists():
-        raise UserError(f"{out} exists and is not a map2map store; choose another OUTPUT")
-    if meta is not None and meta.get("complete"):
-        raise UserError(f"{out} exists and is complete; pass --overwrite to replace it or --append to add samples")
-
-
-def _check_append(st: store.Store, layouts: list[store.FieldLayout]) -> None:
-    if sorted(st.field_names) != sorted(lay.name for lay in layouts):
-        raise UserError(f"--append: store {st.path} has fields {st.field_names}, "
-                        f"but --field gives {[lay.name for lay in layouts]}")
-    for lay in layouts:
-        arr = st.field(lay.name)
-        have = (arr.shape[1:], arr.dtype, arr.shards[2:] if arr.shards else arr.chunks[2:], arr.chunks[2:])
-        want = ((lay.channels,) + lay.spatial, np.dtype(lay.dtype), lay.shard, lay.chunk)
-        if have != want:
-            raise UserError(f"--append: field {lay.name} is stored as (channels+grid, dtype, shard, chunk) "
-                            f"{have}, the new files give {want}")
-
-
 def run(config: ConvertConfig) -> ConvertSummary:
-    """Run a conversion (see the module docstring).  Raises UserError on bad input, before writing anything."""
+    """Run a conversion (see the module docstring).  Raises UserError on bad input, before writing anything.
+
+    Options, input files and the output path are checked first
+    (`check_config`, `gather`, `map2map.store.check_output_path`); the
+    output is then written under its writer lock (`map2map.utils.locks`),
+    so a second conversion into the same store is refused.
+    """
     t0 = time.perf_counter()
-    if config.overwrite and config.append:
-        raise UserError("--overwrite and --append exclude each other")
+    check_config(config)
     fields = gather(config.field)
-    layouts = plan_layouts(fields, config)
-    crop = [layouts[0].shard[d] // config.shard_mult for d in range(len(fields[0].spatial))]
-    pad = config.pad if config.pad is not None else default_pad(crop)
     out = Path(config.output)
-    notes = [f"{f.name}: {f.headers[0].dtype} stored as {config.dtype}" for f in fields
-             if f.headers[0].dtype != np.dtype(config.dtype)]
-    if config.append:
-        old, written = _append(out, fields, layouts, config)
-        appended: int | None = len(fields[0].headers)
-        nsample = old + appended
-    else:
-        written = _create(out, fields, layouts, config, _settings(fields, config, pad, crop), notes)
-        appended, nsample = None, len(fields[0].headers)
-    return ConvertSummary(str(out), nsample, appended, [dataclasses.asdict(lay) for lay in layouts], notes,
+    store.check_output_path(out, inputs=[h.path for f in fields for h in f.headers])
+    plan = None if config.append else plan_layouts(fields, config)
+    with writer_lock(out, "m2m convert") as lock:
+        notes = [lock.note] if lock.note else []
+        if config.append:
+            fields, plan, old, written = _append(out, fields, config, notes)
+            appended: int | None = len(fields[0].headers)
+            nsample = old + appended
+        else:
+            assert plan is not None
+            notes += plan.notes
+            written = _create(out, fields, plan, config, notes)
+            appended, nsample = None, len(fields[0].headers)
+    return ConvertSummary(str(out), nsample, appended, [dataclasses.asdict(lay) for lay in plan.layouts], notes,
                           written, time.perf_counter() - t0)
 
 
-def _create(out: Path, fields: list[FieldInput], layouts: list[store.FieldLayout], config: ConvertConfig,
-            settings: dict[str, Any], notes: list[str]) -> int:
-    """Write a new store at `out` (built beside it and swapped in if it replaces one); returns the bytes."""
+def _dtype_notes(fields: list[FieldInput], dtype: str) -> list[str]:
+    return [f"{f.name}: {f.headers[0].dtype} stored as {dtype}" for f in fields
+            if f.headers[0].dtype != np.dtype(dtype)]
+
+
+def _check_foreign(out: Path, option: str) -> None:
+    """Refuse to delete a store directory holding anything that is not the store's own."""
+    foreign = store.foreign_entries(out)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise UserError(f"{option}: {out} holds {shown}, which {'is' if len(foreign) == 1 else 'are'} not part "
+                        "of the store; move it out first, nothing was deleted")
+
+
+def _create(out: Path, fields: list[FieldInput], plan: Plan, config: ConvertConfig, notes: list[str]) -> int:
+    """Write a new store at `out` (built beside it and swapped in if it replaces one); returns the bytes.
+
+    An existing `out` is replaced only if it is a map2map store holding
+    nothing foreign (`map2map.store.foreign_entries`): a complete one with
+    ``--overwrite``, an incomplete one (an interrupted run's) always.  Any
+    other existing file or non-empty directory is refused, with or without
+    ``--overwrite``; an empty directory may be replaced with ``--overwrite``.
+    """
     nnew = len(fields[0].headers)
     target = out
-    if out.exists() and not config.overwrite:
-        _refuse_existing(out)
+    if os.path.lexists(out) and not out.is_dir():
+        raise UserError(f"OUTPUT {out} exists and is not a directory (a store is one); choose another path")
+    meta = store.read_meta(out) if out.exists() else None
+    if out.exists() and meta is None and (not config.overwrite or any(out.iterdir())):
+        refusal = "refusing to delete it" if config.overwrite else "choose another OUTPUT"
+        raise UserError(f"{'--overwrite: ' if config.overwrite else ''}{out} exists and is not a map2map store; "
+                        f"{refusal}")
+    if meta is not None and meta.get("complete") and not config.overwrite:
+        raise UserError(f"{out} exists and is complete; pass --overwrite to replace it or --append to add samples")
+    if meta is not None:
+        _check_foreign(out, "--overwrite" if config.overwrite else "OUTPUT")
+    if meta is not None and not config.overwrite:
         notes.append(f"{out} is an incomplete store from an interrupted run: converting it again")
         store.remove(out)
     elif out.exists():
-        if store.read_meta(out) is None and any(out.iterdir()):
-            raise UserError(f"--overwrite: {out} is not a map2map store; refusing to delete it")
         target = Path(store.staged_path(out))
         if target.exists():
             store.remove(target)
-    store.create(target, layouts, nsample=nnew, boxsize=config.boxsize, settings=settings)
+    notes += _dtype_notes(fields, plan.layouts[0].dtype)
+    store.create(target, plan.layouts, nsample=nnew, boxsize=config.boxsize, settings=_settings(fields, config, plan))
     try:
-        written = write_samples(str(target), fields, layouts, 0, config)
+        written = write_samples(str(target), fields, plan.layouts, 0, config)
     except UserError:
         store.remove(target)
         raise
@@ -441,19 +618,91 @@ def _resize_samples(group: zarr.Group, nsample: int) -> None:
             arr.resize((nsample,) + arr.shape[1:])
 
 
-def _append(out: Path, fields: list[FieldInput], layouts: list[store.FieldLayout],
-            config: ConvertConfig) -> tuple[int, int]:
-    """Add the files as new samples of the complete store `out`; returns (samples before, bytes written)."""
+def _stored_shard_mult(meta: dict[str, Any]) -> int:
+    """The shard multiple a store was written with (recorded, or read off the reference field's shards)."""
+    if "shard_mult" in meta:
+        return int(meta["shard_mult"])
+    ref = meta["fields"].get(meta.get("reference_field", ""), {})
+    crop, shard = meta.get("crop"), ref.get("shard")
+    if not crop or not shard or any(s % c for s, c in zip(shard, crop)):
+        return 1
+    multiples = {s // c for s, c in zip(shard, crop)}
+    return multiples.pop() if len(multiples) == 1 else 1
+
+
+def append_config(config: ConvertConfig, meta: dict[str, Any]) -> ConvertConfig:
+    """`config` with each layout option it leaves None set to the store's (crop, pad, chunk, shard multiple, ...)."""
+    ref = meta["fields"].get(meta.get("reference_field", ""), next(iter(meta["fields"].values())))
+    fill: dict[str, Any] = {}
+    if config.crop is None and meta.get("crop"):
+        fill["crop"] = tuple(meta["crop"])
+    if config.pad is None and meta.get("pad") is not None:
+        fill["pad"] = int(meta["pad"])
+    if config.chunk is None and ref.get("chunk"):
+        fill["chunk"] = tuple(ref["chunk"])
+    if config.shard_mult is None:
+        fill["shard_mult"] = _stored_shard_mult(meta)
+    if config.dtype is None:
+        fill["dtype"] = ref.get("dtype", DTYPES[0])
+    if config.compressor is None:
+        fill["compressor"] = ref.get("compressor", COMPRESSORS[0])
+    return dataclasses.replace(config, **fill)
+
+
+def _check_append(st: store.Store, fields: list[FieldInput], config: ConvertConfig) -> list[FieldInput]:
+    """Check the new files against the store before planning; returns the fields, the store's reference first."""
+    names = [f.name for f in fields]
+    if sorted(st.field_names) != sorted(names):
+        raise UserError(f"--append: store {st.path} has fields {st.field_names}, but --field gives {names}")
+    for f in fields:
+        have = st.meta["fields"][f.name]
+        stored = [int(have["channels"]), *have["spatial"]]
+        if stored != [f.channels, *f.spatial]:
+            raise UserError(f"--append: field {f.name} is stored as (channels, grid) {stored}, but its new files "
+                            f"hold {[f.channels, *f.spatial]}")
+    box = st.boxsize
+    if config.boxsize is not None and (box is None or float(box) != float(config.boxsize)):
+        held = "no box size (coordinates in box fractions)" if box is None else f"box size {box}"
+        raise UserError(f"--append --boxsize {config.boxsize}: store {st.path} has {held}; leave --boxsize out "
+                        "to keep the store's")
+    ref = st.meta.get("reference_field")
+    return sorted(fields, key=lambda f: f.name != ref)
+
+
+def _compare_layouts(st: store.Store, plan: Plan) -> None:
+    """Refuse an append whose explicit layout options would write shards unlike the store's."""
+    for lay in plan.layouts:
+        have = st.meta["fields"][lay.name]
+        for what, mine, theirs in (("dtype", lay.dtype, have.get("dtype")),
+                                   ("compressor", lay.compressor, have.get("compressor")),
+                                   ("shard", list(lay.shard), have.get("shard")),
+                                   ("inner chunk", list(lay.chunk), have.get("chunk"))):
+            if mine != theirs:
+                raise UserError(f"--append: the options given make field {lay.name}'s {what} {mine}, but store "
+                                f"{st.path} has {theirs}; leave --crop, --pad, --chunk, --shard-mult, --dtype and "
+                                "--compressor out to use the store's")
+
+
+def _append(out: Path, fields: list[FieldInput], config: ConvertConfig,
+            notes: list[str]) -> tuple[list[FieldInput], Plan, int, int]:
+    """Add the files as new samples of the complete store `out`.
+
+    Returns the fields (the store's reference field first), the plan, the
+    number of samples before and the bytes written.
+    """
     st = store.open_store(out)
-    _check_append(st, layouts)
+    fields = _check_append(st, fields, config)
+    plan = plan_layouts(fields, append_config(config, st.meta))
+    _compare_layouts(st, plan)
+    notes += list(plan.notes) + _dtype_notes(fields, plan.layouts[0].dtype)
     old = st.nsample
     nnew = len(fields[0].headers)
     group = zarr.open_group(str(out), mode="r+", use_consolidated=False)
     _resize_samples(group, old + nnew)
     try:
-        written = write_samples(str(out), fields, layouts, old, config)
+        written = write_samples(str(out), fields, plan.layouts, old, config)
     except UserError:
         _resize_samples(group, old)
         raise
     store.mark_complete(out, old + nnew)
-    return old, written
+    return fields, plan, old, written

@@ -20,6 +20,11 @@ none of the store's own arrays (``sample``, ``source_<field>``, the
 dimension coordinates) can ever take.  Replacing a store is staged: the new
 one is built beside it (`staged_path`) and swapped in only when complete
 (`swap_in`), so a failure leaves the old store as it was.
+
+Output paths are the store's to rule too (`check_output_path`): an output
+is never an input, inside one or around one, never inside another store,
+and its parent must be creatable; `foreign_entries` says what in a store
+directory is not the store's own, so that no ``--overwrite`` deletes it.
 """
 
 from __future__ import annotations
@@ -278,6 +283,112 @@ def open_store(path: str | Path, *, allow_incomplete: bool = False) -> Store:
 def remove(path: str | Path) -> None:
     """Delete a local store directory (only ever called on map2map stores or our own temporaries)."""
     shutil.rmtree(path, ignore_errors=False)
+
+
+# ------------------------------------------------------------ output paths
+
+PSEUDO_FILE_SYSTEMS = frozenset({  # kernel views, not storage: nothing can be written there
+    "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "pstore",
+    "bpf", "configfs", "fusectl", "mqueue", "binfmt_misc", "efivarfs", "rpc_pipefs", "nsfs", "autofs"})
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    """`path` absolute, with every symlink of its existing part resolved (the missing rest kept as given)."""
+    return Path(os.path.realpath(os.path.abspath(os.path.expanduser(os.fspath(path)))))
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _file_system(path: Path) -> str | None:
+    """The type of the file system holding the existing `path` (from the mount table), or None if unknown."""
+    best, kind = "", None
+    try:
+        with open("/proc/self/mounts") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])
+        if _within(path, Path(point)) and len(point) >= len(best):
+            best, kind = point, parts[2]
+    return kind
+
+
+def _enclosing_store(path: Path) -> Path | None:
+    """The nearest existing directory above `path` that is a map2map store, or None."""
+    for parent in path.parents:
+        if (parent / "zarr.json").is_file() and read_meta(parent) is not None:
+            return parent
+    return None
+
+
+def check_output_path(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (),
+                      option: str = "OUTPUT") -> None:
+    """Refuse an output path that would overwrite or nest with its inputs, or that cannot be created.
+
+    A one-line `UserError` naming `option` when `out`, symlinks resolved,
+    equals one of `inputs` (input stores, input files, run directories),
+    lies inside one, or contains one (deleting or replacing `out` would take
+    the input with it); when it lies inside an existing map2map store (a
+    store's writers would take it for their own); or when its parent cannot
+    be created: the nearest existing ancestor must be a writable directory
+    on a file system that stores files (not ``/proc`` or another kernel
+    view).  Local paths only.  Whether an existing `out` may be replaced is
+    each writer's decision (its ``--overwrite`` rules), not this one's.
+    """
+    text = os.fspath(out)
+    if not text:
+        raise UserError(f"{option} is empty; give a path")
+    path = _resolved(text)
+    for item in inputs:
+        other = _resolved(item)
+        if path == other:
+            raise UserError(f"{option} {text} is the input {os.fspath(item)}; give another path for the output")
+        if _within(path, other):
+            raise UserError(f"{option} {text} is inside the input {os.fspath(item)}; write the output beside it")
+        if _within(other, path):
+            raise UserError(f"{option} {text} contains the input {os.fspath(item)}; replacing it would "
+                            "delete the input: give another path")
+    nest = _enclosing_store(path)
+    if nest is not None:
+        raise UserError(f"{option} {text} is inside the map2map store {nest}; write the output beside it")
+    ancestor = path.parent
+    while not os.path.lexists(ancestor):
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{option} {text} cannot be created: {ancestor} is a file, not a directory")
+    kind = _file_system(ancestor)
+    if kind in PSEUDO_FILE_SYSTEMS:
+        raise UserError(f"{option} {text} cannot be created: {ancestor} is on the kernel's {kind} file "
+                        "system, which stores no files; choose a directory on a disk")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {text} cannot be created: the directory {ancestor} is not writable")
+
+
+def foreign_entries(path: str | os.PathLike) -> list[str]:
+    """Names directly inside the store directory `path` that are not the store's own, sorted.
+
+    The store's own are its ``zarr.json``, the arrays of its group, and
+    names map2map writers keep there while they work (``.m2m-*``, e.g.
+    inference tile markers).  Anything else (a user's file, another store
+    nested in it) is foreign, and no ``--overwrite`` may delete it.
+    """
+    return sorted(name for name in os.listdir(path)
+                  if name != "zarr.json" and not name.startswith(".m2m-") and not _is_array(Path(path) / name))
+
+
+def _is_array(path: Path) -> bool:
+    """Whether `path` is a Zarr array's directory (its ``zarr.json`` says so), read without Zarr's warnings."""
+    try:
+        node = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(node, dict) and node.get("node_type") == "array"
 
 
 # ------------------------------------------------------- staged replacement

@@ -39,17 +39,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from map2map import store
 from map2map.cosmology import (Cosmology, eh_nowiggle_transfer, growth_factor, linear_power,
                                second_order_growth, sigma_r, tophat_window)
 from map2map.errors import UserError
 from map2map.stage import Summary
+from map2map.utils import durable
 from map2map.utils.durable import atomic_write
+from map2map.utils.locks import writer_lock
 
 __all__ = [
     "Cosmology",
@@ -68,10 +72,15 @@ __all__ = [
     "density_from_displacement",
     "sample_fields",
     "params_path",
+    "remove_earlier",
+    "check_config",
+    "check_resources",
     "SynthConfig",
     "SynthSummary",
     "run",
     "FIELDS",
+    "CHANNELS",
+    "field_names",
 ]
 
 #: field name -> what it holds; `run` writes ``<sample dir>/<name>.npy``.
@@ -81,6 +90,13 @@ FIELDS = {
     "dens_za": "CIC overdensity n/nbar - 1 of the 1LPT particles, shape (1, N, N, N)",
     "dens_2lpt": "CIC overdensity n/nbar - 1 of the 2LPT particles, shape (1, N, N, N)",
 }
+#: field name -> its number of channels (the first axis of its arrays).
+CHANNELS = {name: 3 if name.startswith("dis") else 1 for name in FIELDS}
+
+
+def field_names(density: bool) -> list[str]:
+    """The fields `run` writes: the displacements, and the densities with `density`."""
+    return [name for name in FIELDS if density or not name.startswith("dens")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +105,10 @@ class SynthConfig:
 
     Sample ``i`` goes to ``outdir/{prefix}{i:03d}/{name}.npy`` for the names
     in `FIELDS` (``dens_*`` only with `density`); `cosmology` has no option
-    on the command line (the defaults of `Cosmology`).
+    on the command line (the defaults of `Cosmology`).  An existing
+    non-empty `outdir` is written into only with `overwrite`, which first
+    removes what an earlier run with the same `prefix` wrote there
+    (`remove_earlier`).
     """
 
     outdir: str
@@ -100,6 +119,7 @@ class SynthConfig:
     redshift: float = 0.0
     density: bool = False
     prefix: str = ""
+    overwrite: bool = False
     cosmology: Cosmology = Cosmology()
 
 
@@ -111,9 +131,12 @@ class SynthSummary(Summary):
     paths: dict[str, list[str]]
     params: str
     seconds: float
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def lines(self) -> list[str]:
-        return [f"{name}: {len(files)} files, e.g. {files[0]}" for name, files in self.paths.items()]
+        counted = [f"{name}: {len(files)} file{'' if len(files) == 1 else 's'}, e.g. {files[0]}"
+                   for name, files in self.paths.items()]
+        return [f"note: {note}" for note in self.notes] + counted
 
 
 # ----------------------------------------------------------- Gaussian field
@@ -276,57 +299,224 @@ def sample_fields(rng: np.random.Generator, ngrid: int, boxsize: float, redshift
     return {name: a.astype(np.float32) for name, a in out.items()}
 
 
-def _check_config(config: SynthConfig) -> None:
+# Peak bytes of memory per voxel while one sample is made (`sample_fields`), without and with densities:
+# measured with tracemalloc at several grid sizes (it does not depend on the size), plus a tenth for margin.
+PEAK_BYTES_PER_VOXEL = {False: 120, True: 256}
+
+
+def check_config(config: SynthConfig) -> None:
+    """Refuse options out of range (a one-line `UserError` naming the option); `check_resources` checks sizes."""
     for name, low in (("num_samples", 1), ("ngrid", 2), ("seed", 0)):
         value = getattr(config, name)
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            raise UserError(f"{name}={value!r}: expected an integer >= {low}")
+            raise UserError(f"--{name.replace('_', '-')} {value!r}: expected a whole number >= {low}")
     boxsize, redshift = config.boxsize, config.redshift
     if not (isinstance(boxsize, (int, float)) and np.isfinite(boxsize) and boxsize > 0):
-        raise UserError(f"boxsize={boxsize!r}: expected a positive number (Mpc/h)")
+        raise UserError(f"--boxsize {boxsize!r}: expected a finite positive box side (Mpc/h)")
     if not (isinstance(redshift, (int, float)) and np.isfinite(redshift) and redshift > -1):
-        raise UserError(f"redshift={redshift!r}: expected a number > -1")
+        raise UserError(f"--redshift {redshift!r}: expected a finite number > -1")
     if not isinstance(config.cosmology, Cosmology):
         raise UserError(f"cosmology={config.cosmology!r}: expected a map2map.cosmology.Cosmology")
+    prefix = config.prefix
+    if not isinstance(prefix, str) or any(sep in prefix for sep in {"/", os.sep, os.altsep or "/", "\0"}):
+        raise UserError(f"--prefix {prefix!r}: a prefix of sample directory names may not contain '/' (nor "
+                        "leave the output directory); give the directory as OUTDIR instead")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process may still take: MemAvailable, less if a cgroup limit is lower (Linux)."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            limits += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        limits = []  # no such file (not Linux) or not in the expected form: unknown
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f1, open(usage_file) as f2:
+                limit, usage = f1.read().strip(), int(f2.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():
+            limits.append(max(0, int(limit) - usage))
+    return min(limits) if limits else None
+
+
+def _size(nbytes: float) -> str:
+    """`nbytes` in binary units, e.g. ``1.5 GiB``."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    power = 0
+    while nbytes >= 1024 and power < len(units) - 1:
+        nbytes /= 1024
+        power += 1
+    return f"{nbytes:.3g} {units[power]}"
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not os.path.lexists(path):
+        path = path.parent
+    return path
+
+
+def check_resources(config: SynthConfig) -> None:
+    """Refuse a run that cannot fit: one sample's peak memory, or all the files on the disk."""
+    voxels = config.ngrid ** 3
+    need = PEAK_BYTES_PER_VOXEL[bool(config.density)] * voxels
+    have = available_memory()
+    if have is not None and need > have:
+        raise UserError(f"--ngrid {config.ngrid}: making one sample needs about {_size(need)} of memory, "
+                        f"{_size(have)} is available; use a smaller --ngrid")
+    channels = sum(CHANNELS[name] for name in field_names(config.density))
+    files = config.num_samples * channels * voxels * np.dtype(np.float32).itemsize
+    free = shutil.disk_usage(_nearest_existing(Path(config.outdir))).free
+    if files > free:
+        raise UserError(f"{config.outdir}: {config.num_samples} samples of {config.ngrid}^3 need about "
+                        f"{_size(files)} on disk, {_size(free)} is free; use fewer or smaller samples")
 
 
 def params_path(outdir: str | os.PathLike, prefix: str = "") -> Path:
-    """Where `run` writes the JSON record of its parameters."""
+    """Where `run` writes the JSON record of its parameters (and of the files it writes)."""
     return Path(outdir) / f"{prefix}synth.json"
+
+
+def _written_by(record: dict) -> list[Path]:
+    """The files a record says its run wrote (or was about to write), relative to the output directory."""
+    names = record.get("fields", {})
+    return [Path(s["dir"]) / f"{name}.npy" for s in record.get("samples", []) for name in names
+            if isinstance(s, dict) and isinstance(s.get("dir"), str)]
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("generator") == "map2map.synth" else None
+
+
+def remove_earlier(outdir: Path, prefix: str) -> int:
+    """Delete what an earlier `run` into `outdir` with `prefix` wrote, per its record; returns the files removed.
+
+    Only the files the record names (and the temporaries of them a killed
+    run left), then their sample directories if that left them empty, then
+    the record itself: never any other file.  A sample directory named in
+    the record must be a plain name inside `outdir`.
+    """
+    record_path = params_path(outdir, prefix)
+    record = _read_record(record_path)
+    if record is None:
+        return 0
+    removed = 0
+    dirs = []
+    for rel in _written_by(record):
+        if rel.parent.name != str(rel.parent) or rel.parent.name in ("", ".", ".."):
+            continue  # not a plain sample directory name: not ours to touch
+        target = outdir / rel
+        dirs.append(target.parent)
+        if target.is_file() and not target.is_symlink():
+            target.unlink()
+            removed += 1
+        if target.parent.is_dir():
+            for leftover in target.parent.iterdir():
+                if leftover.name.startswith(f"{durable.TMP_PREFIX}{rel.name}."):
+                    leftover.unlink()
+    for d in dict.fromkeys(dirs):
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+    record_path.unlink()
+    return removed
+
+
+def _check_outdir(config: SynthConfig, *, emptiness: bool) -> None:
+    """The output directory: creatable, a directory, and (`emptiness`) empty unless `overwrite`."""
+    outdir = Path(config.outdir)
+    store.check_output_path(outdir, option="OUTDIR")
+    if os.path.lexists(outdir) and not outdir.is_dir():
+        raise UserError(f"OUTDIR {outdir} exists and is not a directory; choose another path")
+    if emptiness and outdir.is_dir() and any(outdir.iterdir()) and not config.overwrite:
+        earlier = _read_record(params_path(outdir, config.prefix))
+        what = ("an earlier m2m synth's files" if earlier is not None else "files m2m synth did not write")
+        raise UserError(f"OUTDIR {outdir} is not empty (it holds {what}); pass --overwrite to replace what "
+                        "m2m synth wrote there before (other files are kept), or choose an empty directory")
 
 
 def run(config: SynthConfig) -> SynthSummary:
     """Write `config.num_samples` simulated samples of 1LPT and 2LPT displacements (and densities) as .npy.
 
-    Every file is written atomically and durably (`map2map.utils.durable`).
-    Sample i's random stream is
+    Everything is checked first (options, the output directory, memory and
+    disk space).  Every file is written atomically and durably
+    (`map2map.utils.durable`).  Sample i's random stream is
     ``numpy.random.default_rng(SeedSequence([seed, i]))``, so each sample is
     reproducible on its own and independent of the number of samples.  The
-    parameters go to `params_path(outdir, prefix)`, written last.
+    record of the parameters and files (`params_path(outdir, prefix)`) is
+    written first, marked incomplete, and rewritten complete last: so a
+    later ``--overwrite`` removes exactly what this run wrote, even if it
+    was killed.  If the run fails, what it wrote is removed again.  The
+    output directory is written under its writer lock
+    (`map2map.utils.locks`); a file this run would write that no earlier
+    run's record lists is refused, never replaced.
     """
     t0 = time.perf_counter()
-    _check_config(config)
+    check_config(config)
+    _check_outdir(config, emptiness=False)
+    check_resources(config)
+    with writer_lock(config.outdir, "m2m synth") as lock:
+        _check_outdir(config, emptiness=True)
+        summary = _write(config)
+    summary.notes[:0] = [lock.note] if lock.note else []
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _write(config: SynthConfig) -> SynthSummary:
+    """`run`'s work, once everything is checked and the output directory locked."""
+    t0 = time.perf_counter()
     c = config.cosmology
     outdir = Path(config.outdir)
     nsamples, seed = config.num_samples, config.seed
     boxsize, redshift = float(config.boxsize), float(config.redshift)
     width = max(3, len(str(nsamples - 1)))
-    paths: dict[str, list[str]] = {}
-    samples = []
-    for i in range(nsamples):
-        rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
-        sample_dir = outdir / f"{config.prefix}{i:0{width}d}"
-        sample_dir.mkdir(parents=True, exist_ok=True)
-        for name, array in sample_fields(rng, config.ngrid, boxsize, redshift, c, config.density).items():
-            path = atomic_write(sample_dir / f"{name}.npy", lambda f, a=array: np.save(f, a))
-            paths.setdefault(name, []).append(str(path))
-        samples.append({"dir": sample_dir.name, "seed_sequence": [seed, i]})
+    names = field_names(config.density)
+    samples = [{"dir": f"{config.prefix}{i:0{width}d}", "seed_sequence": [seed, i]} for i in range(nsamples)]
     d1 = growth_factor(redshift, c.omega_m)
     record = {
-        "generator": "map2map.synth", "ngrid": config.ngrid, "boxsize": boxsize, "seed": seed,
+        "generator": "map2map.synth", "complete": False, "ngrid": config.ngrid, "boxsize": boxsize, "seed": seed,
         "redshift": redshift, "cosmology": dataclasses.asdict(c), "growth_D1": d1,
         "growth_D2": second_order_growth(d1), "sigma8_at_z": c.sigma8 * d1, "units": "Mpc/h, h/Mpc",
-        "fields": {name: FIELDS[name] for name in paths}, "samples": samples,
+        "fields": {name: FIELDS[name] for name in names}, "samples": samples,
     }
-    params = atomic_write(params_path(outdir, config.prefix), json.dumps(record, indent=2) + "\n")
+    earlier = _read_record(params_path(outdir, config.prefix)) if config.overwrite else None
+    ours = (set(_written_by(earlier)) | {params_path("", config.prefix)}) if earlier is not None else set()
+    if os.path.lexists(params_path(outdir, config.prefix)) and not ours:
+        raise UserError(f"OUTDIR {outdir} already holds {params_path('', config.prefix)}, which is no record of "
+                        "m2m synth; move it away or choose another directory")
+    for rel in _written_by(record):
+        for part in (rel.parent, rel):
+            if os.path.lexists(outdir / part) and part not in ours and (part == rel or not (outdir / part).is_dir()):
+                raise UserError(f"OUTDIR {outdir} already holds {part}, which no earlier m2m synth there wrote "
+                                "(no synth.json lists it); move it away or choose another directory")
+    if earlier is not None:
+        remove_earlier(outdir, config.prefix)
+    created = not outdir.exists()
+    outdir.mkdir(parents=True, exist_ok=True)
+    params = params_path(outdir, config.prefix)
+    paths: dict[str, list[str]] = {}
+    try:
+        atomic_write(params, json.dumps(record, indent=2) + "\n")
+        for i, sample in enumerate(samples):
+            rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
+            sample_dir = outdir / sample["dir"]
+            sample_dir.mkdir(exist_ok=True)
+            for name, array in sample_fields(rng, config.ngrid, boxsize, redshift, c, config.density).items():
+                path = atomic_write(sample_dir / f"{name}.npy", lambda f, a=array: np.save(f, a))
+                paths.setdefault(name, []).append(str(path))
+        atomic_write(params, json.dumps(dict(record, complete=True), indent=2) + "\n")
+    except BaseException:
+        remove_earlier(outdir, config.prefix)
+        if created and not any(outdir.iterdir()):
+            outdir.rmdir()
+        raise
     return SynthSummary(str(outdir), paths, str(params), time.perf_counter() - t0)

@@ -31,3 +31,15 @@ def za_lpt_store(root: Path, name: str, nsamples: int, seed: int, *, ngrid: int 
                                       crop=None if crop is None else (crop,), pad=pad, boxsize=boxsize,
                                       progress=False))
     return out
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file and directory under `root` (relative path -> sha256 of the content, or "dir"): equal
+    digests before and after a refused command mean it changed nothing there, not even created a file."""
+    import hashlib
+
+    out = {}
+    for path in sorted(Path(root).rglob("*")):
+        rel = str(path.relative_to(root))
+        out[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return out

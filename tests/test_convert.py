@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from conftest import save_fields
 from map2map import convert as convert_stage
 from map2map import store
 from map2map.cli import main
+from stores import tree_digest
 
 
 def convert(*args: str) -> int:
@@ -210,7 +212,7 @@ def test_stage_summary_is_what_the_cli_prints(tmp_path, capsys):
                                                    for line in summary.lines()]
     more = convert_stage.run(dataclasses.replace(config, field=(f"disp={tmp_path}/b/f_*.npy",), append=True))
     assert (more.nsample, more.appended) == (3, 1) and more.notes == []
-    assert more.lines()[-1] == f"{out}: appended 1 samples, now 3 samples, complete"
+    assert more.lines()[-1] == f"{out}: appended 1 sample, now 3 samples, complete"
 
 
 def test_interrupted_overwrite_keeps_the_old_store_and_is_redone(tmp_path, monkeypatch):
@@ -333,8 +335,8 @@ def test_tools_script_runs_the_same_program(tmp_path):
     assert np.array_equal(store.open_store(tmp_path / "s.zarr").field("f")[0], a[0])
 
 
-def _start_and_kill(args: list[str], out: Path, field: str) -> None:
-    """Start `m2m convert` in a subprocess and SIGKILL it once it has written some shards of `field`."""
+def _start_and_kill(args: list[str], out: Path, field: str) -> int:
+    """Start `m2m convert` in a subprocess and SIGKILL it once it has written some shards of `field`; its pid."""
     proc = subprocess.Popen([sys.executable, "-m", "map2map.cli", "convert", *args, "--no-progress",
                              "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -347,6 +349,7 @@ def _start_and_kill(args: list[str], out: Path, field: str) -> None:
     assert proc.poll() is None, "conversion finished before it could be killed: make the input larger"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    return proc.pid
 
 
 def test_killed_conversion_is_refused_then_redone(tmp_path, capsys):
@@ -389,3 +392,217 @@ def test_killed_append_keeps_earlier_samples(tmp_path):
     # running the append again completes it
     assert convert(*proc_args) == 0
     assert store.open_store(out).nsample == 26
+
+
+# ------------------------------------------------- issue 16: refusals leave everything as it was
+
+
+
+def _one_line_refusal(capsys, root: Path, args: list[str], message: str) -> str:
+    """Run `m2m convert ARGS`: exit 2, one stderr line holding `message`, and nothing under `root` changed."""
+    before = tree_digest(root)
+    capsys.readouterr()
+    assert convert(*args) == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.count("\n") == 1 and err.startswith("m2m convert: error: ") and message in err, err
+    assert captured.out == ""
+    assert tree_digest(root) == before
+    return err
+
+
+@pytest.fixture
+def existing(tmp_path):
+    """A complete store s.zarr of 3D 16^3 data (box 100), input files of every kind, and more data to append."""
+    save_fields(tmp_path / "a", "f", (1, 16, 16, 16), 2, seed=1)
+    save_fields(tmp_path / "b", "f", (1, 16, 16, 16), 1, seed=2)
+    save_fields(tmp_path / "g15", "f", (1, 15, 15, 15), 1)
+    save_fields(tmp_path / "g16", "f", (1, 16, 16, 16), 1)
+    (tmp_path / "z").mkdir()
+    np.save(tmp_path / "z" / "f_0.npy", np.zeros((0, 8, 8, 8), "f4"))
+    (tmp_path / "e").mkdir()
+    np.save(tmp_path / "e" / "f_0.npy", np.zeros((1, 8, 0, 8), "f4"))
+    (tmp_path / "file").write_text("not a directory")
+    assert convert(str(tmp_path / "s.zarr"), f"--field=f={tmp_path}/a/f_*.npy", "--crop", "8", "--boxsize",
+                   "100") == 0
+    return tmp_path
+
+
+REFUSALS = {  # name -> (arguments after OUTPUT (s.zarr unless the first is "OUT=path"), message)
+    "crop of 2 values on 3D data": (["--field=f={d}/b/f_*.npy", "--crop", "16,16"], "--crop needs 1 or 3 values"),
+    "shard multiple 0": (["--field=f={d}/b/f_*.npy", "--shard-mult", "0"], "--shard-mult 0"),
+    "chunk 0": (["--field=f={d}/b/f_*.npy", "--chunk", "0"], "--chunk [0]"),
+    "chunk 0 of 3": (["--field=f={d}/b/f_*.npy", "--chunk", "8,0,8"], "--chunk [8, 0, 8]"),
+    "zero channels": (["--field=f={d}/z/f_*.npy"], "with no channels"),
+    "empty axis": (["--field=f={d}/e/f_*.npy"], "with an empty axis"),
+    "negative box": (["--field=f={d}/b/f_*.npy", "--boxsize", "-5"], "--boxsize -5.0: expected a finite positive"),
+    "nan box": (["--field=f={d}/b/f_*.npy", "--boxsize", "nan"], "--boxsize nan"),
+    "inf box": (["--field=f={d}/b/f_*.npy", "--boxsize", "inf"], "--boxsize inf"),
+    "zero box": (["--field=f={d}/b/f_*.npy", "--boxsize", "0"], "--boxsize 0.0"),
+    "append another box": (["--field=f={d}/b/f_*.npy", "--append", "--boxsize", "999"],
+                           "--append --boxsize 999.0: store"),
+    "crop beyond the grid": (["--field=f={d}/b/f_*.npy", "--crop", "64"],
+                             "--crop [64, 64, 64] is larger than the grid [16, 16, 16]"),
+    "no workers": (["--field=f={d}/b/f_*.npy", "--workers", "0"], "--workers 0"),
+    "negative workers": (["--field=f={d}/b/f_*.npy", "--workers", "-1"], "--workers -1"),
+    "negative pad": (["--field=f={d}/b/f_*.npy", "--pad", "-1"], "--pad -1"),
+    "append another grid": (["--field=f={d}/g15/f_*.npy", "--append"],
+                            "--append: field f is stored as (channels, grid) [1, 16, 16, 16], but its new files "
+                            "hold [1, 15, 15, 15]"),
+    "append another crop": (["--field=f={d}/b/f_*.npy", "--append", "--crop", "16"],
+                            "--append: the options given make field f's shard [16, 16, 16], but store"),
+    "append another dtype": (["--field=f={d}/b/f_*.npy", "--append", "--dtype", "float64"],
+                             "field f's dtype float64, but store"),
+    "complete store": (["--field=f={d}/b/f_*.npy"], "exists and is complete; pass --overwrite"),
+    "output is an input file": (["OUT={d}/b/f_00.npy", "--field=f={d}/b/f_*.npy"], "is the input"),
+    "output contains the inputs": (["OUT={d}/b", "--field=f={d}/b/f_*.npy"], "contains the input"),
+    "output inside a store": (["OUT={d}/s.zarr/new.zarr", "--field=f={d}/b/f_*.npy"],
+                              "is inside the map2map store"),
+    "output under a file": (["OUT={d}/file/new.zarr", "--field=f={d}/b/f_*.npy"], "is a file, not a directory"),
+    "output in /proc": (["OUT=/proc/x.zarr", "--field=f={d}/b/f_*.npy"], "proc file system"),
+    "output is a file": (["OUT={d}/file", "--field=f={d}/b/f_*.npy", "--overwrite"], "is not a directory"),
+    "overwrite a foreign directory": (["OUT={d}/a", "--field=f={d}/b/f_*.npy", "--overwrite"],
+                                      "is not a map2map store; refusing to delete it"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_refusals_are_one_line_and_change_nothing(existing, capsys, case):
+    args, message = REFUSALS[case]
+    args = [a.format(d=existing) for a in args]
+    out = args.pop(0)[4:] if args[0].startswith("OUT=") else str(existing / "s.zarr")
+    _one_line_refusal(capsys, existing, [out, *args], message)
+    assert store.open_store(existing / "s.zarr").nsample == 2
+
+
+def test_grids_that_are_not_multiples_are_refused_in_either_order(existing, capsys):
+    """15^3 and 16^3: the same answer whichever field comes first (it used to depend on the order)."""
+    one = _one_line_refusal(capsys, existing, [str(existing / "n.zarr"), f"--field=a={existing}/g15/f_*.npy",
+                                               f"--field=b={existing}/g16/f_*.npy"], "whole number on every axis")
+    two = _one_line_refusal(capsys, existing, [str(existing / "n.zarr"), f"--field=b={existing}/g16/f_*.npy",
+                                               f"--field=a={existing}/g15/f_*.npy"], "whole number on every axis")
+    assert one == two
+
+
+def test_values_too_large_for_float32_are_named_so_without_warnings(tmp_path, m2m):
+    big = np.ones((1, 8, 8, 8))
+    big[0, :2] = 1e39  # finite in float64, Inf in float32
+    big[0, 7, 7, 7] = np.nan
+    np.save(tmp_path / "f_0.npy", big)
+    res = m2m("convert", str(tmp_path / "s.zarr"), f"--field=f={tmp_path}/f_*.npy", "--no-progress",
+              "--workers", "1")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "1 non-finite values (NaN/Inf) and 128 finite values too large for float32" in res.stderr
+    assert "--dtype float64" in res.stderr and "RuntimeWarning" not in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f_0.npy"]
+    res = m2m("convert", str(tmp_path / "s.zarr"), f"--field=f={tmp_path}/f_*.npy", "--no-progress",
+              "--dtype", "float64")  # fits float64: only the NaN is left to refuse
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "has 1 non-finite values (NaN/Inf); fix the data" in res.stderr and "too large" not in res.stderr
+    res = m2m("convert", str(tmp_path / "u.zarr"), f"--field=f={tmp_path}/f_*.npy", "--no-progress",
+              "--allow-nonfinite")
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    got = store.open_store(tmp_path / "u.zarr").field("f")[0]
+    assert np.isposinf(got[0, :2]).all() and np.isnan(got[0, 7, 7, 7])
+
+
+def test_clamp_crop_on_request_with_a_note(tmp_path, capsys):
+    save_fields(tmp_path, "f", (1, 32, 32, 32), 1)
+    out = tmp_path / "s.zarr"
+    assert convert(str(out), f"--field=f={tmp_path}/f_*.npy", "--crop", "64,16,16", "--clamp-crop") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "note: --crop [64, 16, 16] clamped to the grid of f: [32, 16, 16]"
+    assert lines[-1] == f"{out}: wrote 1 sample, complete"
+    meta = store.open_store(out).meta
+    assert meta["crop"] == [32, 16, 16] and meta["fields"]["f"]["shard"] == [32, 16, 16]
+
+
+def test_append_takes_the_stores_layout(tmp_path, capsys):
+    """--append without layout options reuses the store's crop, pad, chunk, shard multiple and dtype."""
+    a = save_fields(tmp_path / "a", "f", (2, 32, 32), 1, seed=1)
+    b = save_fields(tmp_path / "b", "f", (2, 32, 32), 2, seed=2)
+    hr = save_fields(tmp_path / "a", "h", (1, 64, 64), 1, seed=3)
+    hr += save_fields(tmp_path / "b", "h", (1, 64, 64), 2, seed=4)
+    out = tmp_path / "s.zarr"
+    assert convert(str(out), f"--field=f={tmp_path}/a/f_*.npy", f"--field=h={tmp_path}/a/h_*.npy", "--crop", "8",
+                   "--pad", "2", "--chunk", "4", "--shard-mult", "2", "--dtype", "float64", "--boxsize", "10") == 0
+    before = zarr.open_group(str(out), mode="r")
+    layout = {name: (before[name].shards, before[name].chunks, before[name].dtype) for name in ("f", "h")}
+    capsys.readouterr()
+    # the fields in the other order, the same box size: both fine
+    assert convert(str(out), f"--field=h={tmp_path}/b/h_*.npy", f"--field=f={tmp_path}/b/f_*.npy", "--append",
+                   "--boxsize", "10") == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"{out}: appended 2 samples, now 3 samples, complete"
+    st = store.open_store(out)
+    after = zarr.open_group(str(out), mode="r")
+    assert {name: (after[name].shards, after[name].chunks, after[name].dtype) for name in ("f", "h")} == layout
+    assert st.nsample == 3 and st.meta["crop"] == [8, 8] and st.meta["pad"] == 2
+    for i, want in enumerate(a + b):
+        assert np.array_equal(st.field("f")[i], want)
+    for i, want in enumerate(hr):
+        assert np.array_equal(st.field("h")[i], want)
+    # explicit options equal to the store's are fine too
+    assert convert(str(out), f"--field=f={tmp_path}/b/f_*.npy", f"--field=h={tmp_path}/b/h_*.npy", "--append",
+                   "--crop", "8", "--chunk", "4", "--shard-mult", "2", "--dtype", "float64") == 0
+    assert store.open_store(out).nsample == 5
+
+
+def test_overwrite_refuses_a_store_holding_foreign_files(existing, capsys):
+    """An output once written inside a store (the old bug) is never deleted by --overwrite of that store."""
+    pred = existing / "s.zarr" / "pred.zarr"
+    store.create(pred, [store.FieldLayout("p", 1, (4, 4), (4, 4), (2, 2))], nsample=0, boxsize=None, settings={})
+    store.mark_complete(pred, 0)
+    _one_line_refusal(capsys, existing, [str(existing / "s.zarr"), f"--field=f={existing}/b/f_*.npy",
+                                         "--overwrite"], "holds pred.zarr, which is not part of the store")
+    assert store.open_store(pred).nsample == 0
+
+
+# ------------------------------------------------------------------- locks with real processes
+
+# `m2m convert ARGS...` in a process that waits, after its imports, until the file GO exists: processes
+# started together then reach the store at the same moment, whatever their start-up times.
+AT_ONCE = ("import os, sys, time\n"
+           "from map2map.cli import main\n"
+           "while not os.path.exists(sys.argv[1]):\n"
+           "    time.sleep(0.001)\n"
+           "sys.exit(main(['convert', *sys.argv[2:]]))\n")
+
+
+def test_two_appends_at_once_one_wins_one_is_refused(tmp_path):
+    first = save_fields(tmp_path / "a", "f", (1, 32, 32, 32), 1, seed=1)
+    save_fields(tmp_path / "b", "f", (1, 32, 32, 32), 4, seed=2)
+    out = tmp_path / "s.zarr"
+    assert convert(str(out), f"--field=f={tmp_path}/a/f_*.npy", "--crop", "8") == 0
+    go = tmp_path / "go"
+    args = [str(out), f"--field=f={tmp_path}/b/f_*.npy", "--append", "--no-progress", "--workers", "1"]
+    procs = [subprocess.Popen([sys.executable, "-c", AT_ONCE, str(go), *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    time.sleep(0.5)
+    go.touch()
+    outputs = [p.communicate(timeout=300) for p in procs]
+    results = [(p.pid, p.returncode, o, e) for p, (o, e) in zip(procs, outputs)]
+    assert sorted(r[1] for r in results) == [0, 2], results
+    (winner, _, won, _), = [r for r in results if r[1] == 0]
+    (_, _, _, err), = [r for r in results if r[1] == 2]
+    assert won.splitlines()[-1] == f"{out}: appended 4 samples, now 5 samples, complete"
+    assert err.count("\n") == 1 and f"is being written by m2m convert (host {socket.gethostname()}, pid {winner}, " \
+        "started " in err, err
+    st = store.open_store(out)
+    assert st.nsample == 5 and np.array_equal(st.field("f")[0], first[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "go", "s.zarr"]  # the lock file is gone too
+
+
+def test_lock_of_a_killed_conversion_is_taken_over_with_a_note(tmp_path, capsys):
+    save_fields(tmp_path / "in", "f", (1, 64, 64, 64), 8)
+    out = tmp_path / "s.zarr"
+    args = [str(out), f"--field=f={tmp_path}/in/f_*.npy", "--crop", "8"]
+    pid = _start_and_kill(args, out, "f")
+    assert (tmp_path / ".s.zarr.m2m-lock").exists()  # left by the killed writer
+    capsys.readouterr()
+    assert convert(*args) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert notes[0].startswith(f"note: took over the lock on {out} left by m2m convert (host "
+                               f"{socket.gethostname()}, pid {pid}, started ")
+    assert "incomplete store from an interrupted run" in notes[1]
+    assert store.open_store(out).nsample == 8
+    assert not (tmp_path / ".s.zarr.m2m-lock").exists()

@@ -255,3 +255,73 @@ def test_glob_paired_errors_name_the_patterns(tmp_path):
         npyfile.glob_paired([f"{tmp_path}/a_*.npy", f"{tmp_path}/b_*.npy"], "--field")
     assert str(err.value) == (f"--field patterns match different numbers of files: '{tmp_path}/a_*.npy': 1, "
                               f"'{tmp_path}/b_*.npy': 2")
+
+
+# ------------------------------------------------------------------ output paths
+
+def _refusal(out, inputs=(), match=""):
+    with pytest.raises(UserError, match=match) as err:
+        store.check_output_path(out, inputs=inputs, option="--out")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("--out ")
+    return message
+
+
+def test_output_may_not_be_an_input_inside_one_or_around_one(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.npy").write_bytes(b"x")
+    _store(tmp_path / "in.zarr", 1.0)
+    inputs = [data / "a.npy", tmp_path / "in.zarr"]
+    _refusal(tmp_path / "in.zarr", inputs, "is the input")
+    _refusal(data / "a.npy", inputs, "is the input")
+    _refusal(tmp_path / "in.zarr" / "pred.zarr", inputs, "inside the input")
+    _refusal(data, inputs, "contains the input")
+    _refusal(tmp_path, inputs, "contains the input")
+    (tmp_path / "link").symlink_to(tmp_path / "in.zarr")  # another name for the input
+    _refusal(tmp_path / "link", inputs, "is the input")
+    _refusal(str(tmp_path / "data") + "/../in.zarr/x", inputs, "inside the input")
+    for fine in (tmp_path / "out.zarr", data / "b.npy", tmp_path / "in.zarr.bak", tmp_path / "new" / "deep" / "o"):
+        store.check_output_path(fine, inputs=inputs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "in.zarr", "link"]  # it checks, never creates
+
+
+def test_output_inside_any_map2map_store_is_refused(tmp_path):
+    _store(tmp_path / "s.zarr", 1.0)
+    _refusal(tmp_path / "s.zarr" / "pred.zarr", (), "inside the map2map store")
+    _refusal(tmp_path / "s.zarr" / "x" / "y", (), "inside the map2map store")
+    store.check_output_path(tmp_path / "s.zarr")  # replacing the store itself is each writer's decision
+    (tmp_path / "plain").mkdir()
+    store.check_output_path(tmp_path / "plain" / "o.zarr")
+
+
+def test_parent_must_be_creatable(tmp_path):
+    (tmp_path / "file").write_text("x")
+    message = _refusal(tmp_path / "file" / "o.zarr", (), "is a file")
+    assert str(tmp_path / "file") in message
+    _refusal(tmp_path / "file" / "a" / "b", (), "is a file")
+    _refusal("/proc/x.zarr", (), "proc file system")
+    _refusal("/sys/x", (), "sysfs")
+    _refusal("", (), "empty")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any directory")
+def test_unwritable_parent_is_refused(tmp_path):
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        _refusal(locked / "o.zarr", (), "not writable")
+    finally:
+        locked.chmod(0o755)
+
+
+def test_foreign_entries_name_what_is_not_the_stores_own(tmp_path):
+    path = tmp_path / "s.zarr"
+    _store(path, 1.0)
+    assert store.foreign_entries(path) == []
+    (path / ".m2m-done").mkdir()  # a writer's own working files
+    assert store.foreign_entries(path) == []
+    _store(path / "pred.zarr", 2.0)
+    (path / "notes.txt").write_text("mine")
+    assert store.foreign_entries(path) == ["notes.txt", "pred.zarr"]

@@ -14,6 +14,7 @@ from map2map import cosmology, synth
 from map2map.analysis import correlation, power_spectrum
 from map2map.cli import main
 from map2map.errors import UserError
+from stores import tree_digest
 
 N, L = 32, 128.0  # grid cells per side, box side [Mpc/h]
 
@@ -284,3 +285,123 @@ def test_cli_prints_the_summary_lines(tmp_path, capsys):
     as_json = json.loads(direct.dumps())
     assert as_json["paths"]["dis_za"] == [str(tmp_path / "t" / f"p00{i}" / "dis_za.npy") for i in range(2)]
     assert as_json["params"] == str(tmp_path / "t" / "psynth.json") and as_json["seconds"] >= 0
+
+
+# ------------------------------------------- issue 16: existing directories, paths, ranges, memory
+
+
+
+def refused(capsys, root: Path, args: list[str], message: str) -> None:
+    """`m2m synth ARGS`: exit 2, one stderr line holding `message`, nothing under `root` changed or created."""
+    before = tree_digest(root)
+    capsys.readouterr()
+    assert main(["synth", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith("m2m synth: error: "), captured.err
+    assert message in captured.err and captured.out == "", captured.err
+    assert tree_digest(root) == before
+
+
+def test_existing_directory_refused_then_overwrite_removes_only_its_own(tmp_path, capsys):
+    out = tmp_path / "sims"
+    assert main(["synth", str(out), "--num-samples", "3", "--ngrid", "8", "--density"]) == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "000" / "mine.npy").write_bytes(b"also mine")
+    refused(capsys, tmp_path, [str(out), "--ngrid", "4"], "is not empty (it holds an earlier m2m synth's files)")
+    assert main(["synth", str(out), "--ngrid", "4", "--overwrite"]) == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "000", "000/dis_2lpt.npy", "000/dis_za.npy", "000/mine.npy", "notes.txt", "synth.json"]
+    assert np.load(out / "000" / "dis_za.npy").shape == (3, 4, 4, 4)  # no mix of old and new grids
+    assert (out / "notes.txt").read_text() == "mine" and (out / "000" / "mine.npy").read_bytes() == b"also mine"
+    record = json.loads(synth.params_path(out).read_text())
+    assert record["complete"] and record["ngrid"] == 4 and [s["dir"] for s in record["samples"]] == ["000"]
+
+
+def test_overwrite_never_replaces_files_it_did_not_write(tmp_path, capsys):
+    foreign = tmp_path / "f"
+    (foreign / "000").mkdir(parents=True)
+    (foreign / "000" / "dis_za.npy").write_bytes(b"user data")
+    refused(capsys, tmp_path, [str(foreign)], "is not empty (it holds files m2m synth did not write)")
+    refused(capsys, tmp_path, [str(foreign), "--overwrite"], "already holds 000/dis_za.npy")
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "synth.json").write_text("{}")
+    refused(capsys, tmp_path, [str(tmp_path / "g"), "--overwrite"], "already holds synth.json, which is no record")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prefix", "../x"], "--prefix '../x': a prefix of sample directory names may not contain '/'"),
+    (["--prefix", "a/b"], "may not contain '/'"),
+    (["--num-samples", "0"], "--num-samples 0: expected a whole number >= 1"),
+    (["--ngrid", "1"], "--ngrid 1: expected a whole number >= 2"),
+    (["--seed", "-1"], "--seed -1"),
+    (["--boxsize", "0"], "--boxsize 0.0: expected a finite positive"),
+    (["--boxsize", "-5"], "--boxsize -5.0"),
+    (["--boxsize", "nan"], "--boxsize nan"),
+    (["--boxsize", "inf"], "--boxsize inf"),
+    (["--redshift", "-1"], "--redshift -1.0: expected a finite number > -1"),
+    (["--redshift", "nan"], "--redshift nan"),
+    (["--ngrid", "100000"], "--ngrid 100000: making one sample needs about"),
+])
+def test_bad_options_refused_before_anything_is_written(tmp_path, capsys, args, message):
+    refused(capsys, tmp_path, [str(tmp_path / "new" / "sims"), "--ngrid", "4", *args], message)
+
+
+def test_memory_and_disk_are_checked_up_front(tmp_path, monkeypatch):
+    monkeypatch.setattr(synth, "available_memory", lambda: 100 * 8 ** 3)
+    config = synth.SynthConfig(outdir=str(tmp_path / "s"), ngrid=8)
+    with pytest.raises(UserError, match="needs about 60 KiB of memory, 50 KiB is available"):
+        synth.run(config)
+    monkeypatch.setattr(synth, "available_memory", lambda: None)  # unknown: not refused
+    synth.check_resources(config)
+    huge = synth.SynthConfig(outdir=str(tmp_path / "s"), ngrid=512, num_samples=10 ** 6)
+    with pytest.raises(UserError, match="on disk"):
+        synth.check_resources(huge)
+    assert list(tmp_path.iterdir()) == []
+    assert synth.available_memory() is None or synth.available_memory() > 0
+
+
+@pytest.mark.parametrize("where,message", [
+    ("file", "OUTDIR {d}/file exists and is not a directory"),
+    ("file/sims", "{d}/file is a file, not a directory"),
+    ("/proc/x", "proc file system"),
+    ("s.zarr/sims", "is inside the map2map store"),
+])
+def test_output_paths_that_cannot_be_written(tmp_path, capsys, where, message):
+    (tmp_path / "file").write_text("x")
+    from map2map import store
+
+    store.create(tmp_path / "s.zarr", [store.FieldLayout("f", 1, (4, 4), (4, 4), (2, 2))], nsample=0, boxsize=None,
+                 settings={})
+    path = where if where.startswith("/") else str(tmp_path / where)
+    refused(capsys, tmp_path, [path, "--ngrid", "4"], message.format(d=tmp_path))
+
+
+def test_a_failing_run_removes_what_it_wrote(tmp_path, monkeypatch):
+    """Interrupted after its first sample: nothing of this run is left, the files of others are kept."""
+    fields = synth.sample_fields
+    calls = []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return fields(*args, **kwargs)
+
+    monkeypatch.setattr(synth, "sample_fields", second_fails)
+    with pytest.raises(KeyboardInterrupt):
+        synth.run(synth.SynthConfig(outdir=str(tmp_path / "new"), num_samples=3, ngrid=4))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        synth.run(synth.SynthConfig(outdir=str(tmp_path / "kept"), num_samples=3, ngrid=4, overwrite=True))
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]
+
+
+def test_second_writer_of_one_directory_is_refused(tmp_path):
+    from map2map.utils.locks import writer_lock
+
+    with writer_lock(tmp_path / "sims", "m2m synth"):
+        with pytest.raises(UserError, match=f"being written by m2m synth .*pid {os.getpid()}"):
+            synth.run(synth.SynthConfig(outdir=str(tmp_path / "sims"), ngrid=4))

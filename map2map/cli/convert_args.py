@@ -16,24 +16,35 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--field", action="append", required=True, metavar="NAME=PATTERN",
                    help="a field and the glob pattern of its .npy files (sorted by path; the i-th files of "
                         "all fields form sample i); repeat for more fields")
-    p.add_argument("--crop", type=_ints, default=None,
-                   help="training crop size N or N,N,N in voxels of the first field's grid "
-                        "(default: min(128, grid)); shards equal the crop")
-    p.add_argument("--pad", type=int, default=None,
-                   help="halo pad the crops will be read with; sets the inner chunk (default: 3/8 of the crop)")
+    keep = argparse.SUPPRESS  # left out: None in the config (the defaults for a new store, the store's on --append)
+    p.add_argument("--crop", type=_ints, default=keep,
+                   help="training crop size N or N,N,N in voxels of the first field's grid (default: min(128, "
+                        "grid), or the store's with --append); shards equal the crop")
+    p.add_argument("--clamp-crop", action="store_true",
+                   help="use the whole grid on axes where --crop is larger than the grid (refused otherwise)")
+    p.add_argument("--pad", type=int, default=keep,
+                   help="halo pad the crops will be read with; sets the inner chunk (default: 3/8 of the crop, "
+                        "or the store's with --append)")
     p.add_argument("--boxsize", type=float, default=None,
-                   help="box side length (e.g. Mpc/h); coordinates are cell centres in this unit")
+                   help="box side length (e.g. Mpc/h), finite and positive; coordinates are cell centres in this "
+                        "unit (with --append it must equal the store's, or be left out)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--overwrite", action="store_true", help="replace an existing store (swapped in at the end)")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="replace an existing map2map store (built beside it and swapped in at the end)")
     mode.add_argument("--append", action="store_true", help="add the files as new samples to a complete store")
-    p.add_argument("--chunk", type=_ints, default=None,
+    p.add_argument("--chunk", type=_ints, default=keep,
                    help="inner chunk N or N,N,N (must divide the shard; default: the largest divisor of the "
-                        "crop that keeps read amplification of a crop+pad window at or below 1.5)")
-    p.add_argument("--shard-mult", type=int, default=1, help="shards are this many crops wide per axis")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="stored dtype")
-    p.add_argument("--compressor", choices=["none", "zstd", "blosc"], default="none",
-                   help="lossless codec (saves little on these fields and slows reads; see README)")
-    p.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf values instead of refusing them")
-    p.add_argument("--workers", type=int, default=2, help="processes converting shards in parallel")
+                        "crop that keeps read amplification of a crop+pad window at or below 1.5, or the store's "
+                        "with --append)")
+    p.add_argument("--shard-mult", type=int, default=keep,
+                   help="shards are this many crops wide per axis (default: 1, or the store's with --append)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=keep,
+                   help="stored dtype (default: float32, or the store's with --append)")
+    p.add_argument("--compressor", choices=["none", "zstd", "blosc"], default=keep,
+                   help="lossless codec (saves little on these fields and slows reads; see README) "
+                        "(default: none, or the store's with --append)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="keep NaN/Inf values (and values too large for the dtype, as Inf) instead of refusing them")
+    p.add_argument("--workers", type=int, default=2, help="processes converting shards in parallel (at least 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(stage=("map2map.convert", "ConvertConfig"))

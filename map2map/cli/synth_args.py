@@ -11,12 +11,15 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
                        description="Write Gaussian-random-field initial conditions evolved to 1LPT (input) and "
                                    "2LPT (target) displacements as channel-first .npy files, one directory "
                                    "per sample, deterministically from the seed.")
-    p.add_argument("outdir", help="directory to write the samples into")
-    p.add_argument("--num-samples", type=int, default=1, help="number of boxes")
-    p.add_argument("--ngrid", type=int, default=32, help="grid cells per side")
-    p.add_argument("--boxsize", type=float, default=128.0, help="box side in Mpc/h")
-    p.add_argument("--seed", type=int, default=0, help="random seed; sample i uses (seed, i)")
-    p.add_argument("--redshift", type=float, default=0.0, help="redshift of the fields")
+    p.add_argument("outdir", help="directory to write the samples into (new or empty, unless --overwrite)")
+    p.add_argument("--num-samples", type=int, default=1, help="number of boxes (at least 1)")
+    p.add_argument("--ngrid", type=int, default=32, help="grid cells per side (at least 2)")
+    p.add_argument("--boxsize", type=float, default=128.0, help="box side in Mpc/h (finite, positive)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0 or more); sample i uses (seed, i)")
+    p.add_argument("--redshift", type=float, default=0.0, help="redshift of the fields (finite, > -1)")
     p.add_argument("--density", action="store_true", help="also write CIC-painted overdensities")
-    p.add_argument("--prefix", default="", help="prefix of the sample directory names")
+    p.add_argument("--prefix", default="", help="prefix of the sample directory names (and of synth.json); no '/'")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty OUTDIR: first remove what an earlier m2m synth with this --prefix "
+                        "wrote there (as its synth.json lists), never other files")
     p.set_defaults(stage=("map2map.synth", "SynthConfig"))
