@@ -85,13 +85,23 @@ def m2m():
 
 
 def local_cluster():
-    """A LocalCluster of two worker processes, as `m2m infer` starts by default."""
-    import logging
+    """A LocalCluster of two worker processes, started as `m2m infer` starts its own."""
+    from map2map.infer.cluster import local_cluster as start
 
-    from distributed import LocalCluster
+    return start(2, 1)
 
-    return LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                        silence_logs=logging.ERROR)
+
+@pytest.fixture(scope="session", autouse=True)
+def crash_logs_in_a_temporary_directory(tmp_path_factory):
+    """Crash logs of internal errors (`m2m` writes them under $XDG_STATE_HOME) stay out of the user's home,
+    also for the `m2m` subprocesses the tests start."""
+    old = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = old
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,35 @@
 """The client side: a Dask client (given scheduler or local cluster), the workers' state, model preloading,
-task submission and the workers' statistics."""
+task submission and the workers' statistics.
+
+A client that fails to connect is closed before the error leaves (no
+``Client.__del__`` traceback later), and a client that was connected is
+closed on the way out whatever happened; the local cluster starts without
+a dashboard, its HTTP server on a free port, so a busy port 8787 costs
+nothing and says nothing.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
+import signal
 import sys
+import threading
 from typing import Any, Iterator
 
-from map2map.errors import UserError
+from distributed import Client
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from map2map.errors import UserError, describe, one_line
 from map2map.infer.specs import InferConfig, Job
 from map2map.infer.worker import WorkerState, preload, run_tiles, stats_of
+from map2map.utils.progress import advance
+
+CLOSE_TIMEOUT = 10.0  # seconds a client or local cluster gets to shut down
+ADDRESS_HELP = "expected a scheduler address such as tcp://host:8786"
 
 
 def cuda_count() -> int:
@@ -20,50 +38,152 @@ def cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def positive_seconds(value: float, option: str) -> float:
+    """`value` if it is a finite positive number of seconds, else a `UserError` naming `option`."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise UserError(f"{option} {value}: expected a positive number of seconds")
+    return float(value)
+
+
+def scheduler_address(opts: InferConfig) -> tuple[str, str]:
+    """(address, how errors name it) of the scheduler `--scheduler` or `--scheduler-file` gives.
+
+    The scheduler file is read here, once, as the JSON a Dask scheduler
+    writes (``"address"`` is what is needed); an address with no host or port
+    is a `UserError` before any connection is tried.
+    """
+    if opts.scheduler:
+        address, what = opts.scheduler, opts.scheduler
+    else:
+        path = opts.scheduler_file
+        if not os.path.isfile(path):
+            raise UserError(f"--scheduler-file {path} does not exist")
+        try:
+            with open(path, encoding="utf-8") as f:
+                info = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"--scheduler-file {path} is not a Dask scheduler file ({describe(exc)}); expected "
+                            f"the JSON a scheduler writes with --scheduler-file") from None
+        if not isinstance(info, dict) or not isinstance(info.get("address"), str):
+            raise UserError(f"--scheduler-file {path} is not a Dask scheduler file: no \"address\" in it; "
+                            f"expected the JSON a scheduler writes with --scheduler-file")
+        address, what = info["address"], f"{info['address']} (from --scheduler-file {path})"
+    from distributed.comm import get_address_host_port, parse_address
+
+    option = "--scheduler" if opts.scheduler else f"the address in --scheduler-file {opts.scheduler_file}"
+    scheme, _ = parse_address(address, strict=False)
+    if scheme in ("tcp", "tls", "ws", "wss"):  # the schemes with a host and a port (others, e.g. ucx: as given)
+        try:
+            _, port = get_address_host_port(address)
+        except ValueError as exc:
+            raise UserError(f"{option} {address!r} is not a Dask address ({one_line(exc)}); {ADDRESS_HELP}") \
+                from None
+        if not 0 < port < 65536:
+            raise UserError(f"{option} {address!r}: port {port} is not a port (1 to 65535); {ADDRESS_HELP}")
+    return address, what
+
+
+class ClosingClient(Client):
+    """A `Client` that closes itself, event-loop thread included, when it cannot start, before the error
+    leaves its constructor: otherwise `Client.__del__` closes it later and, its loop gone by then, prints
+    a timeout traceback at interpreter exit."""
+
+    def start(self, **kwargs: Any) -> None:
+        try:
+            super().start(**kwargs)
+        except BaseException:
+            self.close(timeout=CLOSE_TIMEOUT)
+            runner = getattr(self, "_loop_runner", None)  # close() leaves it running when the failed
+            if runner is not None:                         # start already marked the client closed
+                runner.stop()
+            raise
+
+
+class IgnoreInterrupt(WorkerPlugin):
+    """Worker processes of the local cluster ignore Ctrl-C.  A terminal sends SIGINT to the whole process
+    group; the client alone stops the run (closing the cluster) and says so in one line, where each worker
+    would print a traceback of its own."""
+
+    name = "m2m-ignore-interrupt"
+
+    def setup(self, worker) -> None:
+        if threading.current_thread() is threading.main_thread():  # where a nanny's worker runs its loop
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def connect(address: str, what: str, timeout: float):
+    """A client of the scheduler at `address` (`what` names it in errors), or a one-line `UserError`."""
+    try:
+        return ClosingClient(address, timeout=timeout, set_as_default=False)
+    except OSError as exc:  # refused, unreachable, timed out
+        raise UserError(f"cannot reach the Dask scheduler at {what} within {timeout:g} s "
+                        f"({describe(exc)[:200]})") from None
+    except Exception:  # something answered, not in Dask's protocol: whatever decoding it failed (even a
+        # MemoryError, from a message length read off another protocol) means only that
+        raise UserError(f"{what} answered, but not as a Dask scheduler (another program listens there?); "
+                        f"{ADDRESS_HELP}") from None
+
+
+def local_cluster(workers: int, threads_per_worker: int):
+    """A `LocalCluster` of `workers` processes on this machine, quiet: no dashboard, and the scheduler's
+    HTTP server (health, metrics) on a free loopback port instead of 8787, which another cluster may hold;
+    worker logs only at CRITICAL, since a failed task comes back to the client as its exception."""
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
+                        dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+                        silence_logs=logging.CRITICAL)
+
+
+def _shut_down(client, cluster) -> None:
+    """Close `client`, then `cluster` (ours, when there is one)."""
+    try:
+        if client is not None:
+            client.close(timeout=CLOSE_TIMEOUT)
+    finally:
+        if cluster is not None:
+            cluster.close(timeout=CLOSE_TIMEOUT)
+
+
 @contextlib.contextmanager
 def dask_client(opts: InferConfig, device: str) -> Iterator[tuple[Any, dict[str, Any]]]:
     """A Dask client: to `--scheduler` / `--scheduler-file`, or to a local cluster of worker processes."""
-    from distributed import Client, LocalCluster
-
-    timeout = f"{opts.connect_timeout}s"
-    cluster = None
+    timeout = positive_seconds(opts.connect_timeout, "--connect-timeout")
+    wait = positive_seconds(opts.wait_workers, "wait_workers")
+    client = cluster = None
     info: dict[str, Any] = {}
     if opts.scheduler or opts.scheduler_file:
-        what = opts.scheduler or f"the scheduler file {opts.scheduler_file}"
-        if opts.scheduler_file and not os.path.isfile(opts.scheduler_file):
-            raise UserError(f"--scheduler-file {opts.scheduler_file} does not exist")
-        try:
-            if opts.scheduler:
-                client = Client(opts.scheduler, timeout=timeout, set_as_default=False)
-            else:
-                client = Client(scheduler_file=opts.scheduler_file, timeout=timeout, set_as_default=False)
-        except Exception as exc:
-            msg = " ".join(str(exc).split())[:200]
-            raise UserError(f"cannot reach the Dask scheduler at {what} within {opts.connect_timeout:g} s "
-                            f"({type(exc).__name__}: {msg})") from None
+        address, what = scheduler_address(opts)
+        client = connect(address, what, timeout)
         info["cluster"] = opts.scheduler or opts.scheduler_file
-        try:
-            client.wait_for_workers(1, timeout=opts.wait_workers)
-        except Exception:
-            client.close()
-            raise UserError(f"the Dask scheduler at {what} has no workers after {opts.wait_workers:g} s") from None
     else:
         workers = opts.workers
         if workers is None:
             workers = max(1, cuda_count()) if device == "cuda" else min(2, os.cpu_count() or 1)
         if workers < 1 or opts.threads_per_worker < 1:
             raise UserError(f"--workers {workers} and --threads-per-worker {opts.threads_per_worker} must be positive")
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=opts.threads_per_worker, processes=True,
-                               dashboard_address=None, silence_logs=logging.ERROR)
-        client = Client(cluster, set_as_default=False)
+        cluster = local_cluster(workers, opts.threads_per_worker)
         info["cluster"] = f"local, {workers} worker processes x {opts.threads_per_worker} threads"
         info["workers"] = workers
     try:
-        yield client, info
-    finally:
-        client.close()
         if cluster is not None:
-            cluster.close()
+            client = Client(cluster, set_as_default=False)
+            client.register_plugin(IgnoreInterrupt())
+        else:
+            try:
+                client.wait_for_workers(1, timeout=wait)
+            except OSError:  # TimeoutError included
+                raise UserError(f"the Dask scheduler at {what} has no workers after {wait:g} s") from None
+        yield client, info
+    except BaseException as exc:
+        try:
+            _shut_down(client, cluster)
+        except OSError as err:  # the failure being raised is the news; a slow shutdown after it is not
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"closing the Dask client afterwards failed too: {describe(err)}")
+        raise
+    else:
+        _shut_down(client, cluster)
 
 
 def torch_threads(opts: InferConfig, device: str, workers: int | None) -> int | None:
@@ -120,7 +240,7 @@ def submit_all(client, job: Job, todo: list[tuple[int, list[int]]], total: int, 
                 except Exception as exc:
                     raise RuntimeError(f"tile task {fut.key} failed: {type(exc).__name__}: {exc}") from exc
                 results.extend((sample, t, loss, n) for t, loss, n in res)
-                bar.update(len(res))
+                advance(bar, len(res))
         finally:
             for f in futures:
                 f.cancel()
