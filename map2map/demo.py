@@ -8,20 +8,26 @@ spectra, T(k), r(k), a table and a plain verdict.
 
 Each stage is called directly with its config (`run(config) -> summary`);
 the equivalent `m2m` command is printed before it, so every step can be
-repeated by hand.
+repeated by hand.  Every option is checked before the first step (`check`,
+then each stage's own config checks), so a demo that cannot finish fails in
+a moment with one line.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from map2map import convert, infer, synth, train
+from map2map.errors import UserError
 from map2map.stage import Summary
+
+VNET_STRIDE = 4  # total stride of map2map.models.VNet (two 2x downsamplings): crops are multiples of it
 
 
 @dataclass(frozen=True)
@@ -74,38 +80,109 @@ def _print(summary: Summary) -> None:
         print(line, flush=True)
 
 
-def run(config: DemoConfig) -> DemoSummary:
-    """Run every stage in `config.outdir`."""
-    out = Path(config.outdir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    stages: dict[str, Any] = {}
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
-    _stage("1/5 synthesize 1LPT (input) and 2LPT (target) displacement fields")
-    for split, n, seed in (("train", config.train_boxes, config.seed), ("val", 1, config.seed + 1000),
-                           ("test", 1, config.seed + 2000)):
-        cfg = synth.SynthConfig(outdir=str(out / "sims" / split), num_samples=n, ngrid=config.ngrid,
-                                boxsize=config.boxsize, seed=seed)
-        _show("synth", cfg.outdir, "--num-samples", str(n), "--ngrid", str(config.ngrid), "--boxsize",
-              str(config.boxsize), "--seed", str(seed))
-        _print(synth.run(cfg))
 
-    _stage("2/5 convert .npy files into crop-aligned Zarr stores")
-    for split in ("train", "val", "test"):
-        fields = (f"za={out}/sims/{split}/*/dis_za.npy", f"lpt2={out}/sims/{split}/*/dis_2lpt.npy")
-        cfg = convert.ConvertConfig(output=str(out / f"{split}.zarr"), field=fields, crop=(config.crop,),
-                                    boxsize=config.boxsize, overwrite=True, progress=False)
-        _show("convert", cfg.output, "--overwrite", "--no-progress", *(f"--field={f}" for f in fields),
-              "--crop", str(config.crop), "--boxsize", str(config.boxsize))
-        _print(convert.run(cfg))
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
-    _stage("3/5 train a small V-Net: ZA displacement -> 2LPT displacement")
+
+@dataclass(frozen=True)
+class _Plan:
+    """The configs of every step, built (and checked) before the first one runs."""
+
+    synth: tuple[Any, ...]
+    convert: tuple[Any, ...]
+    train: Any
+    infer: Any
+
+
+def _plan(config: DemoConfig, out: Path) -> _Plan:
+    from map2map import convert, infer, synth, train
+
+    synths = tuple(synth.SynthConfig(outdir=str(out / "sims" / split), num_samples=n, ngrid=config.ngrid,
+                                     boxsize=config.boxsize, seed=seed, overwrite=True)
+                   for split, n, seed in (("train", config.train_boxes, config.seed),
+                                          ("val", 1, config.seed + 1000), ("test", 1, config.seed + 2000)))
+    converts = tuple(convert.ConvertConfig(
+        output=str(out / f"{split}.zarr"),
+        field=(f"za={out}/sims/{split}/*/dis_za.npy", f"lpt2={out}/sims/{split}/*/dis_2lpt.npy"),
+        crop=(config.crop,), boxsize=config.boxsize, overwrite=True, progress=False)
+        for split in ("train", "val", "test"))
     tcfg = train.TrainConfig(
         model="VNet", lr=config.lr, train_data=str(out / "train.zarr"), val_data=str(out / "val.zarr"),
         in_fields=("za",), tgt_fields=("lpt2",), in_norms=("cosmology.dis",), tgt_norms=("cosmology.dis",),
         crop=(config.crop,), in_pad="auto", misc_kwargs={"width": config.width}, augment=True,
         batch_size=config.batch_size, epochs=config.epochs, seed=config.seed, loader_workers=1, log_interval=10,
         run_dir=str(out / "run"))
+    icfg = infer.InferConfig(load_state=str(out / "run" / "checkpoint.pt"), data=str(out / "test.zarr"),
+                             out=str(out / "pred.zarr"), overwrite=True, workers=config.workers)
+    return _Plan(synths, converts, tcfg, icfg)
+
+
+def check(config: DemoConfig) -> None:
+    """Refuse a demo that could not finish, before its first step: a one-line `UserError` naming the option."""
+    for option, value, what in (("--train-boxes", config.train_boxes, "training boxes"),
+                                ("--width", config.width, "channels of the V-Net model's first level"),
+                                ("--epochs", config.epochs, "epochs: the prediction needs a trained checkpoint"),
+                                ("--batch-size", config.batch_size, "crops per training batch"),
+                                ("--workers", config.workers, "Dask workers for inference"),
+                                ("--crop", config.crop, "voxels per side of a crop"),
+                                ("--ngrid", config.ngrid, "voxels per side of a box")):
+        if not _whole(value) or value < 1:
+            raise UserError(f"{option} {value!r}: expected a whole number of at least 1 ({what})")
+    if not _whole(config.seed) or config.seed < 0:
+        raise UserError(f"--seed {config.seed!r}: expected a whole number, 0 or more")
+    for option, value in (("--boxsize", config.boxsize), ("--lr", config.lr)):
+        if not _positive(value):
+            raise UserError(f"{option} {value!r}: expected a finite positive number")
+    stride = VNET_STRIDE
+    if config.crop % stride:
+        raise UserError(f"--crop {config.crop}: the V-Net takes crops of a multiple of {stride} voxels; use e.g. "
+                        f"{max(stride, config.crop // stride * stride)}")
+    if config.ngrid < config.crop or config.ngrid % config.crop:
+        raise UserError(f"--ngrid {config.ngrid}: the box must be a whole number of --crop {config.crop} crops "
+                        f"per side; use e.g. --ngrid {max(1, round(config.ngrid / config.crop)) * config.crop}")
+    from map2map import store  # the options above fail fast: nothing heavy is imported before them
+
+    outdir = Path(config.outdir)
+    store.check_output_path(outdir, option="OUTDIR")
+    if os.path.lexists(outdir) and not outdir.is_dir():
+        raise UserError(f"OUTDIR {outdir} exists and is not a directory; choose another path")
+
+
+def run(config: DemoConfig) -> DemoSummary:
+    """Run every stage in `config.outdir`, once every option is checked (`check`)."""
+    check(config)
+    from map2map import convert, infer, synth, train
+
+    out = Path(config.outdir).resolve()
+    plan = _plan(config, out)
+    for cfg in plan.synth:
+        synth.check_config(cfg)
+        synth.check_resources(cfg)
+    for ccfg in plan.convert:
+        convert.check_config(ccfg)
+    train.check_config(plan.train)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    stages: dict[str, Any] = {}
+
+    _stage("1/5 synthesize 1LPT (input) and 2LPT (target) displacement fields")
+    for cfg in plan.synth:
+        _show("synth", cfg.outdir, "--num-samples", str(cfg.num_samples), "--ngrid", str(config.ngrid),
+              "--boxsize", str(config.boxsize), "--seed", str(cfg.seed), "--overwrite")
+        _print(synth.run(cfg))
+
+    _stage("2/5 convert .npy files into crop-aligned Zarr stores")
+    for ccfg in plan.convert:
+        _show("convert", ccfg.output, "--overwrite", "--no-progress", *(f"--field={f}" for f in ccfg.field),
+              "--crop", str(config.crop), "--boxsize", str(config.boxsize))
+        _print(convert.run(ccfg))
+
+    _stage("3/5 train a small V-Net: ZA displacement -> 2LPT displacement")
+    tcfg = plan.train
     _show("train", "--train-data", tcfg.train_data, "--val-data", tcfg.val_data, "--in", "za", "--tgt", "lpt2",
           "--in-norms", "cosmology.dis", "--tgt-norms", "cosmology.dis", "--crop", str(config.crop),
           "--in-pad", "auto", "--model", "VNet", "--misc-kwargs", json.dumps({"width": config.width}), "--augment",
@@ -115,8 +192,7 @@ def run(config: DemoConfig) -> DemoSummary:
     stages["train"] = trained.to_json()
 
     _stage("4/5 tiled inference on the held-out box with Dask (model, fields and norms from the model card)")
-    icfg = infer.InferConfig(load_state=str(out / "run" / "checkpoint.pt"), data=str(out / "test.zarr"),
-                             out=str(out / "pred.zarr"), overwrite=True, workers=config.workers)
+    icfg = plan.infer
     _show("infer", "--load-state", icfg.load_state, "--data", icfg.data, "--out", icfg.out, "--overwrite",
           "--workers", str(config.workers))
     predicted = infer.run(icfg)

@@ -271,45 +271,64 @@ def auto_pad(model, in_chan: int, crop: Sequence[int], ndim: int, scale_factor: 
     return pads
 
 
-def _suggest(model, in_chan: int, crop, ndim: int, scale_factor: int, tgt_pad) -> str:
+def _misfit(model, in_chan: int, crop: Sequence[int], in_pad, tgt_pad, scale_factor: int,
+            stride: int) -> tuple[str | None, tuple[int, ...] | None]:
+    """(why the model does not fit crop and pads, or None; the output shape) for `check_geometry`."""
+    from map2map.models.stride import output_shape
+
+    window = tuple(c + lo + hi for c, (lo, hi) in zip(crop, in_pad))
+    if any(n % stride for n in window):
+        return (f"crop + in-pad = {list(window)} voxels per axis is not a multiple of the model's total "
+                f"stride {stride}"), None
+    out = output_shape(model, in_chan, window)
+    tgt_crop = [c * scale_factor for c in crop]
+    tgt = [c + lo + hi for c, (lo, hi) in zip(tgt_crop, tgt_pad)]
+    where = f"with crop {list(crop)} and --in-pad {pad_text(in_pad)} the model"
+    if out is None or len(out) != len(crop):
+        return (f"{where} cannot run an input of {list(window)} voxels per axis (it rejects that size or shrinks "
+                "it to nothing)"), None
+    if any(o < c or (o - t) % 2 for o, c, t in zip(out, tgt_crop, tgt)):
+        return (f"{where} maps an input of {list(window)} voxels to {list(out)}, which does not cover the "
+                f"target crop {tgt_crop} (target window {tgt}) with an even margin"), out
+    return None, out
+
+
+def _remedy(model, in_chan: int, crop, ndim: int, scale_factor: int, in_pad, tgt_pad, stride: int,
+            auto: bool) -> str:
+    """What would fit instead: a pad `auto_pad` finds and that passes the check, or why none does."""
     from map2map.models.stride import StrideError
 
+    odd = [d for d, (lo, hi) in enumerate(tgt_pad) if (lo + hi) % 2]
+    if odd:
+        return (f"--tgt-pad adds an odd number of voxels on axis {odd[0]}, which no pad on both sides of the "
+                "input matches; give an even total --tgt-pad per axis, or --in-pad per side (lo0,hi0,...)")
     try:
-        return f"--in-pad {pad_text(auto_pad(model, in_chan, crop, ndim, scale_factor, tgt_pad))} would " \
-               "(or use --in-pad auto)"
+        pad = auto_pad(model, in_chan, crop, ndim, scale_factor, tgt_pad)
     except StrideError as exc:
         return f"no --in-pad fixes it: {exc}"
+    pairs = tuple((p, p) for p in pad)
+    if auto or pairs == tuple(tuple(p) for p in in_pad) or \
+            _misfit(model, in_chan, crop, pairs, tgt_pad, scale_factor, stride)[0] is not None:
+        return "no --in-pad fixes it; choose another --crop or model"
+    return f"--in-pad {pad_text(pad)} would (or use --in-pad auto)"
 
 
 def check_geometry(model, in_chan: int, crop: Sequence[int], step: Sequence[int], in_pad, tgt_pad,
-                   scale_factor: int) -> tuple[int, tuple[int, ...]]:
+                   scale_factor: int, auto: bool = False) -> tuple[int, tuple[int, ...]]:
     """Check crops, steps and pads against the model; return (total stride, output shape).
 
     Crop sizes and steps must be multiples of the total stride (the model is
     translation-equivariant only for such shifts), so must crop + pads, and
     the output must cover the target crop so it narrows symmetrically onto it.
+    `auto`: `in_pad` came from `auto_pad` (``--in-pad auto``), so the message
+    of a misfit suggests no other pad.
     """
-    from map2map.models.stride import StrideError, check_stride, output_shape, total_stride
+    from map2map.models.stride import check_stride, total_stride
 
-    ndim = len(crop)
     stride = total_stride(model)
     check_stride(list(crop), list(step), stride)
-    window = tuple(c + lo + hi for c, (lo, hi) in zip(crop, in_pad))
-
-    def hint() -> str:
-        return _suggest(model, in_chan, crop, ndim, scale_factor, tgt_pad)
-
-    if any(n % stride for n in window):
-        raise StrideError(f"crop + in-pad = {list(window)} voxels per axis is not a multiple of the model's "
-                          f"total stride {stride}; {hint()}")
-    out = output_shape(model, in_chan, window)
-    tgt_crop = [c * scale_factor for c in crop]
-    tgt = [c + lo + hi for c, (lo, hi) in zip(tgt_crop, tgt_pad)]
-    where = f"with crop {list(crop)} and --in-pad {pad_text(in_pad)} the model"
-    if out is None or len(out) != ndim:
-        raise UserError(f"{where} cannot run an input of {list(window)} voxels per axis (it rejects that "
-                        f"size or shrinks it to nothing); {hint()}")
-    if any(o < c or (o - t) % 2 for o, c, t in zip(out, tgt_crop, tgt)):
-        raise UserError(f"{where} maps an input of {list(window)} voxels to {list(out)}, which does not cover "
-                        f"the target crop {tgt_crop} (target window {tgt}) with an even margin; {hint()}")
+    problem, out = _misfit(model, in_chan, crop, in_pad, tgt_pad, scale_factor, stride)
+    if problem is not None:
+        remedy = _remedy(model, in_chan, crop, len(crop), scale_factor, in_pad, tgt_pad, stride, auto)
+        raise UserError(f"{'--in-pad auto: ' if auto else ''}{problem}; {remedy}")
     return stride, out

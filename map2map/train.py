@@ -2,6 +2,7 @@
 
 The flow, top to bottom in `run` (a `TrainConfig` in, a `TrainSummary` out):
 
+0. Options out of range are refused (`check_config`) before anything else.
 1. Where am I: rank, local rank and world size from torchrun's or SLURM's
    variables (`map2map.utils.distenv`); the process group is created only
    when there are several processes (gloo on CPU, nccl on GPU, one GPU per
@@ -9,10 +10,14 @@ The flow, top to bottom in `run` (a `TrainConfig` in, a `TrainSummary` out):
 2. Data: a `FieldDataset` per split, a `DistFieldSampler` over its crops
    (disjoint per rank, reshuffled from (seed, epoch)), a `DataLoader`.
 3. Model, found by name and built as ``Model(in_chan, out_chan,
-   scale_factor=..., **misc_kwargs)``; its total stride is checked against the
-   crops, and its output against the target crop (``--in-pad auto`` finds the
-   smallest pad that covers it).
+   scale_factor=..., **misc_kwargs)`` (keys neither the model nor a norm
+   takes are refused, `map2map.models.build`); its total stride is checked
+   against the crops, and its output against the target crop (``--in-pad
+   auto`` finds the smallest pad that covers it).
 4. Criterion, optimizer and the optional ReduceLROnPlateau scheduler.
+   Nothing is written before here: a bad option leaves no trace.  Then rank 0
+   takes the run directory's writer lock (`map2map.utils.locks`) and holds
+   it to the end, so a second training in the same directory is refused.
 5. State: ``--load-state`` (default ``checkpoint.pt`` in the run directory)
    restores model, optimizer, scheduler and RNG states, or training starts fresh.
 6. Epochs: train, validate, step the scheduler, log, write ``state_{epoch}.pt``
@@ -27,6 +32,7 @@ uninterrupted one (bit-identical on CPU with one process).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -53,6 +59,7 @@ from map2map.models import build_model, narrow_cast
 from map2map.stage import Summary
 from map2map.utils import checkpoint as ckpt
 from map2map.utils.distenv import DistEnv, dist_env
+from map2map.utils.locks import writer_lock
 from map2map.utils.imports import import_attr
 
 
@@ -209,8 +216,12 @@ def _json_dict(value: Any, option: str) -> dict[str, Any]:
 _DATASET_KEYS = set(inspect.signature(FieldDataset.__init__).parameters) - {"self", "kwargs"}
 
 
-def make_dataset(cfg: TrainConfig, split: str, in_pad: Any, seed: int) -> FieldDataset | None:
-    """The training or validation dataset from a store (``--train-data``) or .npy globs; None for no val."""
+def make_dataset(cfg: TrainConfig, split: str, in_pad: Any, seed: int, fields_only: bool = False
+                 ) -> FieldDataset | None:
+    """The training or validation dataset from a store (``--train-data``) or .npy globs; None for no val.
+
+    `fields_only`: whole fields, no pads or crop options (which are per axis),
+    to learn the data's dimension first."""
     path = getattr(cfg, f"{split}_data")
     in_patterns = getattr(cfg, f"{split}_in_patterns")
     tgt_patterns = getattr(cfg, f"{split}_tgt_patterns")
@@ -237,9 +248,10 @@ def make_dataset(cfg: TrainConfig, split: str, in_pad: Any, seed: int) -> FieldD
     return FieldDataset(
         store=path, in_fields=cfg.in_fields if path else None, tgt_fields=cfg.tgt_fields if path else None,
         in_patterns=in_patterns, tgt_patterns=tgt_patterns,
-        crop=cfg.crop, crop_start=cfg.crop_start, crop_stop=cfg.crop_stop, crop_step=cfg.crop_step,
-        in_pad=in_pad, tgt_pad=cfg.tgt_pad, scale_factor=cfg.scale_factor,
-        augment=cfg.augment and training, aug_shift=cfg.aug_shift if training else None,
+        **({} if fields_only else dict(crop=cfg.crop, crop_start=cfg.crop_start, crop_stop=cfg.crop_stop,
+                                       crop_step=cfg.crop_step, in_pad=in_pad, tgt_pad=cfg.tgt_pad)),
+        scale_factor=cfg.scale_factor,
+        augment=cfg.augment and training, aug_shift=cfg.aug_shift if training and not fields_only else None,
         aug_add=cfg.aug_add if training else None, aug_mul=cfg.aug_mul if training else None,
         in_norms=cfg.in_norms, tgt_norms=cfg.tgt_norms, callback_at=cfg.callback_at, seed=seed,
         **norm_kwargs)
@@ -316,9 +328,6 @@ def restore(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer
     run); an explicitly named state must exist.
     """
     path = cfg.state_path
-    if cfg.load_state and not os.path.exists(cfg.load_state):
-        raise UserError(f"--load-state {cfg.load_state} does not exist (leave the option out to resume from "
-                        f"{ckpt.CKPT_LINK} in the run directory, or give '' to start fresh)")
     # loaded on the CPU: load_state_dict copies onto the model's device, and RNG states stay CPU tensors
     state = ckpt.read_state(path, map_location="cpu") if path else None
     if state is None:
@@ -540,30 +549,57 @@ def _bar(env: DistEnv, total: int, epoch: int, epochs: int):
 def run(cfg: TrainConfig) -> TrainSummary:
     """Run `m2m train`; returns the summary on every rank (rank 0 alone printed and wrote files)."""
     t0 = time.perf_counter()
-    _check_config(cfg)
+    check_config(cfg)
     env, device = setup_processes(cfg.dist_backend)
     opened: dict[str, Any] = {}
     try:
-        with torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
-            summary = _train(cfg, env, device, opened)
+        with contextlib.ExitStack() as stack, torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
+            opened["stack"] = stack  # the run directory's lock, released last
+            try:
+                summary = _train(cfg, env, device, opened)
+            finally:
+                if opened.get("writer") is not None:
+                    opened["writer"].close()
     finally:
-        if opened.get("writer") is not None:
-            opened["writer"].close()
         if env.distributed and dist.is_initialized():
             dist.destroy_process_group()
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _check_config(cfg: TrainConfig) -> None:
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse option values out of range, before any work starts (one line each)."""
+    if cfg.epochs < 0:
+        raise UserError(f"--epochs must be 0 or more (the total number of epochs), got {cfg.epochs}")
+    if not _positive_number(cfg.lr):
+        raise UserError(f"--lr must be a positive finite number, got {cfg.lr}")
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.loader_workers < 0:
         raise UserError(f"--loader-workers must be 0 or more, got {cfg.loader_workers}")
     if cfg.log_interval < 1:
         raise UserError(f"--log-interval must be at least 1, got {cfg.log_interval}")
+    if not isinstance(cfg.scale_factor, int) or cfg.scale_factor < 1:
+        raise UserError(f"--scale-factor must be a positive integer, got {cfg.scale_factor}")
+    shifts = [cfg.aug_shift] if isinstance(cfg.aug_shift, int) else list(cfg.aug_shift or ())
+    if any(v < 0 for v in shifts):  # (crop sizes and steps are checked with the data's size)
+        raise UserError(f"--aug-shift must be 0 or more voxels per axis, got {','.join(map(str, shifts))}")
+    for option, value in (("--aug-add", cfg.aug_add), ("--aug-mul", cfg.aug_mul),
+                          ("--init-weight-std", cfg.init_weight_std)):
+        if value is not None and not (_positive_number(value) or value == 0):
+            raise UserError(f"{option} must be a finite standard deviation of 0 or more, got {value}")
+    if not (math.isfinite(cfg.div_shuffle_dist) and cfg.div_shuffle_dist >= 0):
+        raise UserError(f"--div-shuffle-dist must be 0 or more, got {cfg.div_shuffle_dist}")
     if os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
         raise UserError(f"--run-dir {cfg.run_dir} exists and is not a directory")
+    if cfg.load_state and not os.path.isfile(cfg.load_state):
+        why = "is a directory" if os.path.isdir(cfg.load_state) else "does not exist"
+        raise UserError(f"--load-state {cfg.load_state} {why} (leave the option out to resume from "
+                        f"{ckpt.CKPT_LINK} in the run directory, or give '' to start fresh)")
 
 
 def _data_and_model(cfg: TrainConfig, env: DistEnv, device: torch.device, say) -> tuple[Any, ...]:
@@ -580,22 +616,30 @@ def _data_and_model(cfg: TrainConfig, env: DistEnv, device: torch.device, say) -
     # model: identical on every rank (same seed; DDP also broadcasts rank 0's)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, in_chan, out_chan, scale_factor=cfg.scale_factor, ndim=train_ds.ndim,
-                        kwargs=cfg.misc_kwargs, callback_at=cfg.callback_at)
+                        kwargs=cfg.misc_kwargs, callback_at=cfg.callback_at,
+                        norms=[*train_ds.in_norms, *train_ds.tgt_norms])
     model.to(device)
     in_pad: Any = cfg.in_pad
     if auto:
         in_pad = modelfit.auto_pad(model, in_chan, train_ds.crop, train_ds.ndim, cfg.scale_factor,
                                    train_ds.tgt_pad)
-        say(f"--in-pad auto: {modelfit.pad_text(in_pad)}")
         train_ds = make_dataset(cfg, "train", in_pad, data_seed)
     stride, out_shape = modelfit.check_geometry(model, in_chan, train_ds.crop, train_ds.grid.step,
-                                                train_ds.in_pad, train_ds.tgt_pad, train_ds.scale_factor)
-    val_ds = make_dataset(cfg, "val", in_pad, cfg.seed)
+                                                train_ds.in_pad, train_ds.tgt_pad, train_ds.scale_factor,
+                                                auto=auto)
+    val_ds = make_dataset(cfg, "val", 0, cfg.seed, fields_only=True)  # crops and pads are per axis
+    if val_ds is not None and val_ds.ndim != train_ds.ndim:
+        raise UserError(f"validation data is {val_ds.ndim}D, training data is {train_ds.ndim}D; validate on "
+                        "fields of the training fields' dimension")
+    if val_ds is not None:
+        val_ds = make_dataset(cfg, "val", in_pad, cfg.seed)
     if val_ds is not None and (val_ds.in_chan != train_ds.in_chan or val_ds.tgt_chan != train_ds.tgt_chan
                                or val_ds.crop != train_ds.crop):
         raise UserError(f"validation data (channels {val_ds.in_chan} -> {val_ds.tgt_chan}, crop "
                         f"{list(val_ds.crop)}) differ from training data (channels {train_ds.in_chan} -> "
                         f"{train_ds.tgt_chan}, crop {list(train_ds.crop)})")
+    if auto:  # only once the pad it found fits and the data agree
+        say(f"--in-pad auto: {modelfit.pad_text(in_pad)}")
     return train_ds, val_ds, model, stride, out_shape
 
 
@@ -658,16 +702,20 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
         if env.is_main:
             print(msg, flush=True)
 
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    if env.is_main:
-        for name in ckpt.remove_stale(cfg.run_dir):
-            say(f"removed {name}, left by an interrupted checkpoint write")
+    # everything is checked before the run directory is touched: a bad option writes nothing
     train_ds, val_ds, model, stride, out_shape = _data_and_model(cfg, env, device, say)
-
     criterion, optimizer, scheduler, notes = build_optim(cfg, model)
     criterion.to(device)
     for n in notes:
         say(f"note: {n}")
+
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    if env.is_main:  # one training per run directory: rank 0 holds its lock until the run ends
+        lock = opened["stack"].enter_context(writer_lock(cfg.run_dir, "m2m train", inside=True))
+        if lock.note:
+            say(f"note: {lock.note}")
+        for name in ckpt.remove_stale(cfg.run_dir):
+            say(f"removed {name}, left by an interrupted checkpoint write")
     start_epoch, min_loss, losses = restore(cfg, model, optimizer, scheduler, env, say)
     if start_epoch == 0:  # per-rank streams from here on (e.g. dropout); a resumed run restored its own
         ckpt.seed_all([cfg.seed, 0, env.rank])

@@ -10,6 +10,7 @@ from map2map.cli.types import json_object as _json_dict
 from map2map.cli.types import names as _names
 from map2map.cli.types import pad as _pad
 from map2map.cli.types import positive as _positive
+from map2map.cli.types import positive_float as _positive_float
 
 
 def _add_model_and_tiling(p: argparse.ArgumentParser) -> None:
@@ -75,7 +76,7 @@ def _add_model_and_tiling(p: argparse.ArgumentParser) -> None:
     c.add_argument("--torch-threads", type=_positive, default=None,
                    help="torch threads per worker (default on a local CPU cluster: cores / (workers x threads); "
                         "an existing cluster keeps its own)%(default).0s")
-    c.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS",
+    c.add_argument("--connect-timeout", type=_positive_float, default=5.0, metavar="SECONDS",
                    help="give up on an unreachable --scheduler after this long")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -113,5 +114,7 @@ def add_test(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, metavar="OUTPUT",
                    help="also keep the predictions as a store here (default: a temporary store beside the "
                         "first target, removed at the end)%(default).0s")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="predict inputs with NaN/Inf values instead of refusing them (as m2m convert)")
     _add_model_and_tiling(p)
     p.set_defaults(stage=("map2map.infer.npy", "InferConfig"))

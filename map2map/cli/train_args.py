@@ -109,18 +109,21 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                        help="initialize weights from N(0, std) (norm scales from N(1, std)) instead of the "
                             "model's own initialization")
     model.add_argument("--misc-kwargs", type=_json_object, default={}, metavar="JSON",
-                       help="extra keyword arguments passed to the model and to the norms, e.g. '{\"width\": 8}'")
+                       help="extra keyword arguments passed to the model and to the norms, e.g. '{\"width\": 8}'; "
+                            "a key that neither the model nor a norm names is refused (unless your model "
+                            "takes **kwargs)")
     model.add_argument("--callback-at", type=os.path.abspath, metavar="DIR",
                        help="directory of your own models, criteria, optimizers and norms, named module.Name; "
                             "searched after the default places")
 
     run = p.add_argument_group("run")
     run.add_argument("--epochs", type=int, default=128, help="total number of epochs (a resumed run continues "
-                                                             "up to this many)")
+                                                             "up to this many; 0 or fewer than done: nothing to do)")
     run.add_argument("--seed", type=int, default=42,
                      help="seed of the model initialization, data order and augmentation")
     run.add_argument("--run-dir", default=".", metavar="DIR",
-                     help="directory for checkpoints and TensorBoard logs (created if missing)")
+                     help="directory for checkpoints and TensorBoard logs (created if missing); one training "
+                          "at a time: a second one in the same directory is refused")
     run.add_argument("--load-state", default=None, metavar="PATH",
                      help=f"state to resume from (model, optimizer, RNG, epoch); default: {CKPT_LINK} in the run "
                           "directory, starting fresh when it is missing or empty; '' starts fresh")

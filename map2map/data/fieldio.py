@@ -28,25 +28,33 @@ from map2map import geometry
 from map2map.data import augment
 from map2map.data.windows import FieldSource, ReadStats, read_window
 from map2map.errors import UserError
-from map2map.utils.imports import import_attr
+from map2map.utils.imports import check_call, import_attr
 
 Norm = Callable[..., Any]
 NO_NORM = ("", "none", "None")
 
 
 def lookup_norms(names: Sequence[str] | None, nfields: int, what: str,
-                 callback_at: str | None = None) -> list[Norm | None]:
+                 callback_at: str | None = None, kwargs: Mapping[str, Any] | None = None) -> list[Norm | None]:
     """The norm of each of `nfields` fields (None: no norm); no `names` means no norms at all.
 
     `what` names the option in errors (e.g. ``in_norms``); a count other than
-    `nfields` or an unknown name is a `UserError`.
+    `nfields` or an unknown name is a `UserError`.  With `kwargs` (the norm
+    arguments), each norm's signature is checked to take ``norm(x, undo=...,
+    **kwargs)`` now, so a user's norm with the wrong parameters is named (file
+    and line) before any work, not from inside a worker.
     """
     if not names:
         return [None] * nfields
     if len(names) != nfields:
         raise UserError(f"{what} lists {len(names)} norms for {nfields} fields; give one per field")
-    return [None if n in NO_NORM else import_attr(n, ["map2map.data.norms"], callback_at, what="norm")
-            for n in names]
+    norms = [None if n in NO_NORM else import_attr(n, ["map2map.data.norms"], callback_at, what="norm")
+             for n in names]
+    if kwargs is not None:
+        for name, norm in zip(names, norms):
+            if norm is not None:
+                check_call(norm, name, "norm", None, undo=False, **kwargs)
+    return norms
 
 
 def apply_norm(norm: Norm, x, undo: bool = False, **kwargs: Any) -> None:

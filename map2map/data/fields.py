@@ -84,8 +84,8 @@ class FieldDataset(Dataset):
             raise UserError(str(exc)) from None
         self.augment = augment
         self.aug_add, self.aug_mul = aug_add, aug_mul
-        self.in_norms = lookup_norms(in_norms, len(self.inputs), "in_norms", callback_at)
-        self.tgt_norms = lookup_norms(tgt_norms, len(self.targets), "tgt_norms", callback_at)
+        self.in_norms = lookup_norms(in_norms, len(self.inputs), "in_norms", callback_at, kwargs)
+        self.tgt_norms = lookup_norms(tgt_norms, len(self.targets), "tgt_norms", callback_at, kwargs)
         self.norm_kwargs = kwargs
         self.in_stack = FieldStack(self.inputs, self.in_norms, kwargs)
         self.tgt_stack = FieldStack(self.targets, self.tgt_norms, kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -11,15 +12,17 @@ from typing import Any
 
 from map2map import store, tiles
 from map2map.errors import UserError
-from map2map.infer.cluster import collect_stats, cuda_count, dask_client, preload_all, submit_all, torch_threads
+from map2map.infer.cluster import (collect_stats, cuda_count, dask_client, preload_all, scheduler_address,
+                                   submit_all, torch_threads)
 from map2map.infer.defaults import check_channels, resolve
-from map2map.infer.inputs import Inputs, npy_inputs, store_inputs, target_box
+from map2map.infer.inputs import Inputs, check_finite, npy_inputs, store_inputs, target_box
 from map2map.infer.markers import read_done
 from map2map.infer.output import check_output, create_output, sample_losses, settings_hash
 from map2map.infer.planning import Plan, make_plan
 from map2map.infer.specs import DONE_DIR, InferConfig, Job
 from map2map.modelfit import ModelSpec, file_stamp
 from map2map.stage import Summary
+from map2map.utils.locks import writer_lock
 
 
 @dataclass
@@ -78,7 +81,7 @@ def _resolve_local_device(device: str) -> str:
 
 
 def _check_options(opts: InferConfig) -> str:
-    """The absolute output path, after the checks that need no file."""
+    """The absolute output path, after the checks that need no file but the paths themselves."""
     if opts.batch_size < 1:
         raise UserError(f"--batch-size {opts.batch_size} must be positive")
     if opts.scale_factor is not None and (not isinstance(opts.scale_factor, int) or opts.scale_factor < 1):
@@ -87,20 +90,38 @@ def _check_options(opts: InferConfig) -> str:
         raise UserError("--out: give the path of the prediction store to write")
     if not opts.data and not opts.test_in_patterns:
         raise UserError("--data: give the input store")
-    out = os.path.abspath(opts.out)
-    if opts.data and os.path.abspath(opts.data) == out:
-        raise UserError("--out must differ from --data")
-    return out
+    inputs = [opts.data] if opts.data else sorted(
+        {p for pattern in [*(opts.test_in_patterns or ()), *(opts.test_tgt_patterns or ())]
+         for p in glob.glob(pattern)})
+    store.check_output_path(opts.out, inputs=[*inputs, opts.load_state], option="--out")
+    if opts.scheduler or opts.scheduler_file:
+        scheduler_address(opts)  # a malformed address or scheduler file fails now, before the model loads
+    return os.path.abspath(opts.out)
 
 
-def _model_spec(opts: InferConfig, inp: Inputs) -> ModelSpec:
+def _model_arguments(given: InferConfig, opts: InferConfig, inp: Inputs) -> dict[str, Any]:
+    """The model's keyword arguments (`map2map.models.build.model_kwargs`): keys the model and the norms do
+    not take are refused when given on the command line, and dropped when they came from the model card."""
+    from map2map.data.fieldio import lookup_norms
+    from map2map.models.build import model_kwargs
+    from map2map.utils.imports import import_attr
+
+    cls = import_attr(opts.model, ["map2map.models"], opts.callback_at, what="model")
+    norms = [*lookup_norms(opts.in_norms, len(inp.inputs), "--in-norms", opts.callback_at),
+             *lookup_norms(opts.tgt_norms, len(inp.targets) or 1, "--tgt-norms", opts.callback_at)]
+    option = "--model-kwargs" if given.model_kwargs is not None else "--misc-kwargs"
+    explicit = given.model_kwargs is not None or given.misc_kwargs is not None
+    return model_kwargs(cls, opts.model, dict(opts.model_kwargs or {}), norms, option, strict=explicit)
+
+
+def _model_spec(given: InferConfig, opts: InferConfig, inp: Inputs) -> ModelSpec:
     """The model to build on every worker: name, channels, checkpoint (with its stamp) and arguments."""
     out_chan = opts.out_chan or (sum(inp.tgt_chans) if inp.targets else sum(inp.in_chans))
     if opts.out_chan and inp.targets and opts.out_chan != sum(inp.tgt_chans):
         raise UserError(f"--out-chan {opts.out_chan} differs from the {sum(inp.tgt_chans)} channels of the target")
     checkpoint = os.path.abspath(opts.load_state)
     return ModelSpec(opts.model, checkpoint, file_stamp(checkpoint), sum(inp.in_chans), out_chan,
-                     opts.scale_factor, len(inp.box), json.dumps(opts.model_kwargs, sort_keys=True),
+                     opts.scale_factor, len(inp.box), json.dumps(_model_arguments(given, opts, inp), sort_keys=True),
                      os.path.abspath(opts.callback_at) if opts.callback_at else None)
 
 
@@ -108,8 +129,8 @@ def _check_norms_and_criterion(opts: InferConfig, inp: Inputs, spec: ModelSpec) 
     """Import the norms (and the criterion, when there is a target) now; returns the criterion name."""
     from map2map.data.fieldio import lookup_norms
 
-    lookup_norms(opts.in_norms, len(inp.inputs), "--in-norms", spec.callback_at)
-    lookup_norms(opts.tgt_norms, len(inp.targets) or 1, "--tgt-norms", spec.callback_at)
+    lookup_norms(opts.in_norms, len(inp.inputs), "--in-norms", spec.callback_at, opts.norm_kwargs or {})
+    lookup_norms(opts.tgt_norms, len(inp.targets) or 1, "--tgt-norms", spec.callback_at, opts.norm_kwargs or {})
     if not inp.targets:
         return None
     from map2map.utils.imports import import_attr
@@ -162,10 +183,30 @@ def _finish(target: str, out: str, nsample: int, ntiles: int, criterion: str | N
     return losses
 
 
-def run(config: InferConfig) -> InferSummary:
-    """Run `m2m infer` (or the engine under `m2m test`); returns its summary.
+@dataclass
+class Prepared:
+    """A checked `m2m infer` run, ready to write its output (see `prepare`)."""
 
-    Raises `UserError` for every bad input, before any worker starts when it can.
+    opts: InferConfig
+    out: str
+    inp: Inputs
+    spec: ModelSpec
+    plan: Plan
+    criterion: str | None
+    device: str
+    remote: bool
+    layout: store.FieldLayout
+    settings: dict[str, Any]
+    digest: str
+    overrides: tuple[str, ...]
+    notes: list[str]
+    t_start: float
+
+
+def prepare(config: InferConfig) -> Prepared:
+    """Check everything that needs no output: options, checkpoint, inputs, model fit, norms, tiles.
+
+    Raises `UserError` for every bad input; writes nothing.
     """
     t_start = time.perf_counter()
     out = _check_options(config)
@@ -178,22 +219,34 @@ def run(config: InferConfig) -> InferSummary:
     remote = bool(opts.scheduler or opts.scheduler_file)
     if device == "cuda" and not remote and not cuda_count():
         raise UserError("--device cuda: no CUDA device is available here")
-    spec = _model_spec(opts, inp)
+    spec = _model_spec(config, opts, inp)
     check_channels(resolved, spec.in_chan, spec.out_chan)
     pl = make_plan(spec.load(), opts, inp)
     criterion = _check_norms_and_criterion(opts, inp, spec)
+    if not opts.data and not opts.allow_nonfinite:  # a store was checked when it was converted
+        check_finite(inp)
 
     out_field = opts.out_field or (opts.tgt[0] if opts.tgt and len(opts.tgt) == 1 else "prediction")
     store.check_field_name(out_field, "--out-field")
     layout = store.FieldLayout(out_field, spec.out_chan, pl.plan.out_box, pl.out_shard, pl.out_chunk)
     plan_settings = _plan_settings(opts, inp, spec, pl, out_field, criterion)
-    digest = settings_hash(plan_settings)
     settings = {
         out_field: {"model": opts.model, "checkpoint": spec.checkpoint, "input": inp.label},
         "created_by": "m2m infer", "model": opts.model, "checkpoint": spec.checkpoint, "input_store": inp.label,
         "infer": plan_settings,
     }
-    target, token = check_output(out, digest, opts.overwrite, notes)
+    return Prepared(opts, out, inp, spec, pl, criterion, device, remote, layout, settings,
+                    settings_hash(plan_settings), resolved.overrides, notes, t_start)
+
+
+def execute(prep: Prepared) -> InferSummary:
+    """Create or resume the output of a prepared run, run its tiles and mark it complete.
+
+    The caller holds the writer lock of `prep.out` (`map2map.utils.locks.writer_lock`).
+    """
+    opts, inp, spec, pl, notes = prep.opts, prep.inp, prep.spec, prep.plan, prep.notes
+    out, criterion, device, remote = prep.out, prep.criterion, prep.device, prep.remote
+    target, token = check_output(out, prep.digest, opts.overwrite, notes)
 
     if token:  # resuming (its marker directory is gone only if it died while finishing: redo all)
         os.makedirs(os.path.join(target, DONE_DIR), exist_ok=True)
@@ -203,16 +256,16 @@ def run(config: InferConfig) -> InferSummary:
     total = ntiles * inp.nsample
     ndone_before = total - sum(len(ids) for _, ids in todo)
 
-    summary = InferSummary(output=out, field=out_field, nsample=inp.nsample, tiles=total, skipped=ndone_before,
-                           computed=0, tile=list(pl.plan.tile), pad=[list(p) for p in pl.plan.pad],
-                           out_shape=list(pl.plan.out_box), stride=pl.stride, overrides=list(resolved.overrides),
-                           notes=notes)
+    summary = InferSummary(output=out, field=prep.layout.name, nsample=inp.nsample, tiles=total,
+                           skipped=ndone_before, computed=0, tile=list(pl.plan.tile),
+                           pad=[list(p) for p in pl.plan.pad], out_shape=list(pl.plan.out_box), stride=pl.stride,
+                           overrides=list(prep.overrides), notes=notes)
     t_setup = time.perf_counter()
     if todo:
         with dask_client(opts, device) as (client, info):
             if token is None:  # only once the cluster is there: a failed start leaves nothing behind
-                token = create_output(target, layout, inp, settings, digest)
-            job = Job(token, target, out_field, tuple(inp.inputs), tuple(inp.targets), tuple(inp.in_chans),
+                token = create_output(target, prep.layout, inp, prep.settings, prep.digest)
+            job = Job(token, target, prep.layout.name, tuple(inp.inputs), tuple(inp.targets), tuple(inp.in_chans),
                       tuple(inp.tgt_chans), tuple(opts.in_norms) if opts.in_norms else None,
                       tuple(opts.tgt_norms) if opts.tgt_norms else None,
                       json.dumps(opts.norm_kwargs, sort_keys=True), spec, pl.plan, pl.offsets, pl.out_shape,
@@ -228,6 +281,20 @@ def run(config: InferConfig) -> InferSummary:
             summary.workers = collect_stats(client, token)
     summary.loss = _finish(target, out, inp.nsample, ntiles, criterion)
     summary.criterion = criterion
-    summary.setup_s = t_setup - t_start
-    summary.total_s = time.perf_counter() - t_start
+    summary.setup_s = t_setup - prep.t_start
+    summary.total_s = time.perf_counter() - prep.t_start
     return summary
+
+
+def run(config: InferConfig) -> InferSummary:
+    """Run `m2m infer` (or the engine under `m2m test`); returns its summary.
+
+    Raises `UserError` for every bad input, before anything is written; the
+    output is written under its writer lock, so a second writer of the same
+    output is refused with one line naming this one.
+    """
+    prep = prepare(config)
+    with writer_lock(prep.out, "m2m infer") as lock:
+        if lock.note:
+            prep.notes.append(lock.note)
+        return execute(prep)

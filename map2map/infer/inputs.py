@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from map2map import store
 from map2map.npyfile import glob_paired
 from map2map.errors import UserError
@@ -94,3 +96,38 @@ def target_box(inp: Inputs, opts: InferConfig) -> tuple[int, ...]:
         raise UserError(f"target grid {sorted(boxes)} is not --scale-factor {opts.scale_factor} times the input "
                         f"grid {list(inp.box)}")
     return want
+
+
+CHECK_CHUNK = 2**24  # values per read when scanning an input file for non-finite values (64 MiB of float32)
+
+
+def count_nonfinite(path: str) -> tuple[int, int]:
+    """(NaN/Inf values, finite values too large for float32) in the .npy file `path`, read in chunks
+    of `CHECK_CHUNK` values through a memory map (the reader casts to float32)."""
+    data = np.load(path, mmap_mode="r")
+    if not np.issubdtype(data.dtype, np.floating):
+        return 0, 0
+    flat = data.reshape(-1, order="A")  # a view of the map in its storage order, C or Fortran
+    big = float(np.finfo(np.float32).max)
+    nonfinite = overflow = 0
+    for start in range(0, flat.size, CHECK_CHUNK):
+        chunk = np.asarray(flat[start:start + CHECK_CHUNK])
+        finite = np.isfinite(chunk)
+        nonfinite += int(chunk.size - np.count_nonzero(finite))
+        if chunk.dtype.itemsize > 4:
+            overflow += int(np.count_nonzero(np.abs(chunk, where=finite, out=np.zeros_like(chunk)) > big))
+    return nonfinite, overflow
+
+
+def check_finite(inp: Inputs) -> None:
+    """Refuse input .npy files with NaN/Inf values (or values float32 cannot hold), as `m2m convert` refuses
+    them, unless ``--allow-nonfinite``: the prediction would be NaN wherever a tile's window meets one."""
+    for spec in inp.inputs:
+        for path in spec.paths:
+            nonfinite, overflow = count_nonfinite(path)
+            if nonfinite:
+                raise UserError(f"{path} has {nonfinite} non-finite values (NaN/Inf); fix the data or pass "
+                                "--allow-nonfinite to predict anyway")
+            if overflow:
+                raise UserError(f"{path} has {overflow} values too large for float32 (they become Inf when "
+                                "read as float32); rescale the data or pass --allow-nonfinite to predict anyway")

@@ -16,6 +16,7 @@ from map2map.infer import engine
 from map2map.infer.engine import InferSummary
 from map2map.npyfile import glob_paired
 from map2map.utils import durable
+from map2map.utils.locks import writer_lock
 from map2map.infer.specs import InferConfig
 
 
@@ -58,20 +59,24 @@ def run(config: InferConfig) -> InferSummary:
                           os.path.abspath(config.load_state)])
         name = f".m2m-test-{hashlib.sha1(key.encode()).hexdigest()[:12]}.zarr"
         config = dataclasses.replace(config, out=os.path.join(os.path.dirname(tgts[0][0]), name), overwrite=True)
-    summary = engine.run(config)
-    import zarr
+    prep = engine.prepare(config)
+    with writer_lock(prep.out, "m2m test") as lock:  # held until the store is read (and removed)
+        if lock.note:
+            prep.notes.append(lock.note)
+        summary = engine.execute(prep)
+        import zarr
 
-    arr = zarr.open_group(summary.output, mode="r", use_consolidated=False)[summary.field]
-    shard = tuple(arr.shards[2:]) if arr.shards else tuple(arr.chunks[2:])
-    for sample in range(summary.nsample):
-        start = 0
-        for paths in tgts:
-            c = np.load(paths[sample], mmap_mode="r").shape[0]
-            path = out_npy_path(paths[sample])
-            write_npy(arr, sample, slice(start, start + c), path, shard)
-            summary.written.append(path)
-            start += c
-    if not keep:
-        shutil.rmtree(summary.output)
-        summary.output = None
+        arr = zarr.open_group(summary.output, mode="r", use_consolidated=False)[summary.field]
+        shard = tuple(arr.shards[2:]) if arr.shards else tuple(arr.chunks[2:])
+        for sample in range(summary.nsample):
+            start = 0
+            for paths in tgts:
+                c = np.load(paths[sample], mmap_mode="r").shape[0]
+                path = out_npy_path(paths[sample])
+                write_npy(arr, sample, slice(start, start + c), path, shard)
+                summary.written.append(path)
+                start += c
+        if not keep:
+            shutil.rmtree(summary.output)
+            summary.output = None
     return summary

@@ -58,6 +58,7 @@ class InferConfig:
     progress: bool = True
     connect_timeout: float = 5.0
     wait_workers: float = 60.0
+    allow_nonfinite: bool = False
 
 
 @dataclass(frozen=True)
