@@ -145,6 +145,24 @@ def _shut_down(client, cluster) -> None:
             cluster.close(timeout=CLOSE_TIMEOUT)
 
 
+def _kill(pids: list[int]) -> None:
+    """Kill the worker processes `pids` of our own local cluster that are still running after it was closed:
+    a task that ignores the end of the run (a model inside a long forward pass) must not keep this process
+    from exiting, since Python joins its child processes at exit."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.ppid() == os.getpid():  # still our child, not a process that reused the number
+                proc.kill()
+                procs.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=CLOSE_TIMEOUT)
+
+
 @contextlib.contextmanager
 def dask_client(opts: InferConfig, device: str) -> Iterator[tuple[Any, dict[str, Any]]]:
     """A Dask client: to `--scheduler` / `--scheduler-file`, or to a local cluster of worker processes."""
@@ -165,9 +183,11 @@ def dask_client(opts: InferConfig, device: str) -> Iterator[tuple[Any, dict[str,
         cluster = local_cluster(workers, opts.threads_per_worker)
         info["cluster"] = f"local, {workers} worker processes x {opts.threads_per_worker} threads"
         info["workers"] = workers
+    local_pids: list[int] = []
     try:
         if cluster is not None:
             client = Client(cluster, set_as_default=False)
+            local_pids = list(client.run(os.getpid).values())
             client.register_plugin(IgnoreInterrupt())
         else:
             try:
@@ -181,6 +201,8 @@ def dask_client(opts: InferConfig, device: str) -> Iterator[tuple[Any, dict[str,
         except OSError as err:  # the failure being raised is the news; a slow shutdown after it is not
             if hasattr(exc, "add_note"):
                 exc.add_note(f"closing the Dask client afterwards failed too: {describe(err)}")
+        finally:
+            _kill(local_pids)  # workers of our own cluster still busy in a task (e.g. at Ctrl-C) end now
         raise
     else:
         _shut_down(client, cluster)
