@@ -366,9 +366,12 @@ def test_ctrl_c_in_a_terminal_during_inference(setup, tmp_path):
                                   str(cb)) if a != "--no-progress"]
     argv[argv.index("VNet")] = "slow.Slow"
     with open(err_path, "w") as err:
+        # as from a terminal: SIGINT at its default even when this test runs in a background job (which
+        # ignores it, and Python then keeps ignoring it)
         p = subprocess.Popen([sys.executable, "-m", "map2map.cli", *argv], stdout=subprocess.PIPE, stderr=err,
                              text=True, cwd=ROOT, start_new_session=True,
-                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                             env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 240
             while "infer:" not in err_path.read_text() and p.poll() is None and time.monotonic() < deadline:
