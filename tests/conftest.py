@@ -68,6 +68,20 @@ def run_m2m(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
                           cwd=cwd, env=env, timeout=timeout)
 
 
+def fails(capsys, argv: list[str], *needles: str) -> str:
+    """Run `m2m ARGV` in this process: exit status 2, and one line on stderr, no traceback, holding every needle."""
+    from map2map.cli import main
+
+    status = main(argv)
+    err = capsys.readouterr().err
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
 @pytest.fixture(scope="module")
 def torch_one_thread():
     """Tiny models: one torch thread is fast, deterministic and leaves the shared cores alone; restored after."""

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from map2map import store
-from map2map.cli import main
 from map2map.models import G, VNet
 
-from conftest import run_m2m
+from conftest import fails, run_m2m
 from stores import drop_completion_mark
 from test_infer import make_store, save_ckpt
 
@@ -38,16 +37,6 @@ def infer_args(data: str, ckpt: str, out: Path, *extra: str) -> list[str]:
             "--load-state", ckpt, "--out", str(out), "--crop", "8", "--no-progress", *extra]
 
 
-def fails(capsys, argv: list[str], *needles: str) -> str:
-    """Run the CLI in-process: exit status 2, one line on stderr containing every needle."""
-    status = main(argv)
-    err = capsys.readouterr().err
-    assert status == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def test_missing_checkpoint(setup, capsys, tmp_path):

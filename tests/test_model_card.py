@@ -21,6 +21,7 @@ from map2map.cli import main
 from map2map.infer.defaults import resolve
 from map2map.infer.specs import InferConfig
 from map2map.modelfit import ModelCard, read_checkpoint
+from conftest import fails
 from stores import za_lpt_store
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -108,15 +109,6 @@ def test_info_describes_a_checkpoint(trained, capsys):
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
 
 
-def fails(capsys, argv: list[str], *needles: str) -> str:
-    status = main(argv)
-    err = capsys.readouterr().err
-    assert status == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def _with_card(src: Path, dst: Path, **changes) -> str:

@@ -19,7 +19,7 @@ from map2map import demo
 from map2map.cli import main
 from map2map.errors import UserError
 from map2map.models import VNet, build_model, total_stride
-from conftest import run_m2m
+from conftest import fails, run_m2m
 from stores import za_lpt_store
 from test_infer import make_store, save_ckpt
 
@@ -80,16 +80,6 @@ def digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def fails(capsys, argv: list[str], *needles: str) -> str:
-    """Run the CLI in-process: exit status 2 and one line on stderr containing every needle."""
-    status = main(argv)
-    err = capsys.readouterr().err
-    assert status == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def train_args(data, run_dir: Path, *extra: str, model: str = "nets.Tiny", epochs: int = 1) -> list[str]:
