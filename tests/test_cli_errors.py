@@ -33,6 +33,7 @@ from map2map.utils.imports import check_call, import_attr
 
 from conftest import ROOT
 from test_infer import make_store, save_ckpt
+from test_infer_errors import infer_args
 
 PACKAGE = os.path.dirname(map2map.__file__)
 
@@ -93,11 +94,6 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     ckpt = save_ckpt(VNet(3, 3, width=4), root / "vnet.pt")
     return root, data, ckpt
-
-
-def infer_args(data: str, ckpt: str, out: Path, *extra: str) -> list[str]:
-    return ["infer", "--data", data, "--in", "disp", "--model", "VNet", "--model-kwargs", '{"width": 4}',
-            "--load-state", ckpt, "--out", str(out), "--crop", "8", "--no-progress", *extra]
 
 
 def user_module(directory: Path, name: str, source: str) -> Path:
