@@ -51,10 +51,12 @@ import torch
 import zarr
 
 from map2map import convert, tiles
-from map2map.models import G, narrow_like
+from map2map.models import narrow_like
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(TESTS := Path(__file__).resolve().parents[1] / "tests"))
 from _measure import write_random_npy  # noqa: E402
+from twoconv import TwoConv  # noqa: E402  (the user model of the tests, loaded by --callback-at)
 
 
 def make_input(root: Path, n: int, channels: int) -> Path:
@@ -157,7 +159,7 @@ def main() -> None:
                                           progress=False, workers=2))
         in_chunk = list(zarr.open_group(str(data), mode="r")["disp"].chunks[2:])
         torch.manual_seed(0)
-        model = G(c, c, scale_factor=1, width=args.width).eval()  # a 3-voxel and a 1-voxel convolution
+        model = TwoConv(c, c, width=args.width).eval()
         ckpt = root / "state.pt"
         torch.save({"model": model.state_dict()}, ckpt)
 
@@ -168,7 +170,8 @@ def main() -> None:
         runs_c, runs_b = [], []
         for r in range(args.repeat):  # alternate (c) and (b): other load on the machine hits both alike
             out = root / f"out{r}.zarr"
-            config = {"data": str(data), "in_fields": ["disp"], "model": "G", "model_kwargs": {"width": args.width},
+            config = {"data": str(data), "in_fields": ["disp"], "model": "twoconv.TwoConv",
+                      "callback_at": str(TESTS), "model_kwargs": {"width": args.width},
                       "load_state": str(ckpt), "out": str(out), "crop": [args.crop], "batch_size": args.batch_size,
                       "device": "cpu", "progress": False, "workers": args.workers}
             wall_c, summary, workers, client_rss = run_infer(config)
@@ -202,7 +205,7 @@ def main() -> None:
         vox = n ** 3
         rss = sorted(v for r in runs_c for v in r["workers"].values())
         print(json.dumps({
-            "bench": "infer", "n": n, "channels": c, "model": f"G(scale 1, width {args.width}): conv3+act+conv1",
+            "bench": "infer", "n": n, "channels": c, "model": f"TwoConv(width {args.width}): conv3+act+conv1",
             "crop": args.crop, "pad": pad, "input_inner_chunk": in_chunk, "ntiles": plan.ntiles,
             "batch_size": args.batch_size,
             "cluster": cluster, "torch_threads_ab": torch.get_num_threads(),

@@ -26,6 +26,9 @@ from map2map import convert, infer, store
 from map2map.models import G, VNet, narrow_like
 
 from conftest import run_m2m
+from twoconv import TwoConv
+
+TESTS = os.path.dirname(os.path.abspath(__file__))  # the --callback-at directory of tests/twoconv.py
 
 TOL = 1e-5
 
@@ -223,11 +226,11 @@ def test_super_resolution_matches_whole_box(cluster, tmp_path, ndim, n, crop):
     y = rng.standard_normal((1, 1) + (2 * n,) * ndim).astype(np.float32)
     data = make_store(tmp_path, "sr", {"lo": x, "hi": y}, crop=8)
     torch.manual_seed(4)
-    model = tame(G(1, 1, scale_factor=2, dim=ndim, width=4), gain=0.5)
+    model = tame(G(1, 1, scale_factor=2, dim=ndim, chan_base=4, chan_min=4), gain=0.5)
     ckpt = save_ckpt(model, tmp_path / "g.pt")
     out = tmp_path / "sr-out.zarr"
     s = run_infer(cluster, out=str(out), model="G", load_state=ckpt, data=data, in_fields=["lo"], tgt=["hi"],
-                  scale_factor=2, crop=[crop], model_kwargs={"width": 4}, batch_size=2)
+                  scale_factor=2, crop=[crop], model_kwargs={"chan_base": 4, "chan_min": 4}, batch_size=2)
     assert s.pad == [[2, 2]] * ndim and s.out_shape == [2 * n] * ndim
     box_bytes = 4 * (n ** ndim + 2 * (2 * n) ** ndim)  # one sample's input, output and target
     for w in s.workers.values():
@@ -259,12 +262,13 @@ def test_two_conv_model_3d_on_dask_cli_cluster(dask_cli_cluster, tmp_path):
     x = rng.standard_normal((2, 3, 20, 20, 20)).astype(np.float32)
     data = make_store(tmp_path, "cli", {"disp": x}, crop=10)
     torch.manual_seed(5)
-    model = tame(G(3, 3, scale_factor=1, width=8), gain=1.0)  # a 3-voxel and a 1-voxel convolution
+    model = tame(TwoConv(3, 3, width=8), gain=1.0)
     ckpt = save_ckpt(model, tmp_path / "g1.pt", wrap=False)
     for crop in (8, 10):
         out = tmp_path / f"cli-{crop}.zarr"
-        r = run_m2m("infer", "--data", data, "--in", "disp", "--model", "G", "--load-state", ckpt,
-                    "--out", str(out), "--crop", str(crop), "--model-kwargs", '{"width": 8}', "--batch-size", "2",
+        r = run_m2m("infer", "--data", data, "--in", "disp", "--model", "twoconv.TwoConv", "--callback-at", TESTS,
+                    "--load-state", ckpt, "--out", str(out), "--crop", str(crop), "--model-kwargs", '{"width": 8}',
+                    "--batch-size", "2",
                     "--scheduler", dask_cli_cluster, "--no-progress")
         assert r.returncode == 0, r.stderr
         pred = store.open_store(out).field("prediction")[:]
@@ -280,12 +284,12 @@ def test_cli_local_cluster_output_store_format(tmp_path):
     x = rng.standard_normal((1, 3, 16, 16, 16)).astype(np.float32)
     data = make_store(tmp_path, "in", {"disp": x}, crop=8)
     torch.manual_seed(6)
-    model = tame(G(3, 3, scale_factor=1, width=4), gain=1.0)
+    model = tame(TwoConv(3, 3, width=4), gain=1.0)
     ckpt = str(tmp_path / "state_3.pt")
     torch.save({"epoch": 3, "model": model.state_dict(), "config": {"lr": 0.1}}, ckpt)  # a state without a card
     out = tmp_path / "pred.zarr"
-    r = run_m2m("infer", "--data", data, "--in", "disp", "--model", "G", "--load-state", ckpt, "--out", str(out),
-                "--crop", "8", "--misc-kwargs", '{"width": 4}', "--workers", "2", "--device", "cpu")
+    r = run_m2m("infer", "--data", data, "--in", "disp", "--model", "twoconv.TwoConv", "--callback-at", TESTS,
+                "--load-state", ckpt, "--out", str(out), "--crop", "8", "--misc-kwargs", '{"width": 4}', "--workers", "2", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert "8/8" in r.stderr  # the progress bar counts tiles
     assert "complete" in r.stdout
@@ -294,7 +298,7 @@ def test_cli_local_cluster_output_store_format(tmp_path):
     assert diff <= TOL
     meta = store.read_meta(out)
     assert meta["complete"] and meta["nsample"] == 1
-    assert meta["model"] == "G" and meta["checkpoint"] == os.path.abspath(ckpt)
+    assert meta["model"] == "twoconv.TwoConv" and meta["checkpoint"] == os.path.abspath(ckpt)
     assert meta["input_store"] == os.path.abspath(data)
     assert meta["infer"]["crop"] == [8, 8, 8] and meta["infer"]["model_kwargs"] == {"width": 4}
     assert meta["fields"]["prediction"]["shard"] == [8, 8, 8]

@@ -132,11 +132,11 @@ def test_super_resolution_with_target_pad(tmp_path, capsys):
     rd = tmp_path / "work"
     history = run(["train", "--train-data", str(tmp_path / "sr.zarr"), "--in", "lr", "--tgt", "hr", "--crop", "8",
                    "--crop-stop", "9", "--scale-factor", "2", "--tgt-pad", "2", "--in-pad", "auto", "--model", "G",
-                   "--misc-kwargs", '{"width": 4}', "--lr", "1e-3", "--loader-workers", "0", "--epochs", "1",
-                   "--detect-anomaly"], rd)
+                   "--misc-kwargs", '{"chan_base": 4, "chan_min": 4}', "--lr", "1e-3", "--loader-workers", "0",
+                   "--epochs", "1", "--detect-anomaly"], rd)
     out = capsys.readouterr().out
-    assert "--in-pad auto: 3" in out  # G maps 8 + 2*3 = 14 voxels onto 2*14 - 8 = 20 = 2*8 + 2*2
-    assert "input [1, 14, 14, 14] -> output [1, 20, 20, 20], target crop [1, 16, 16, 16]" in out
+    assert "--in-pad auto: 3" in out  # G maps 8 + 2*3 = 14 voxels onto 2*14 - 6 = 22 >= 2*8 + 2*2, excess even
+    assert "input [1, 14, 14, 14] -> output [1, 22, 22, 22], target crop [1, 16, 16, 16]" in out
     assert len(history) == 1 and np.isfinite(history[0]["train_loss"])
     assert state(rd / "state_1.pt")["card"]["scale_factor"] == 2
 

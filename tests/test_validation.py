@@ -216,15 +216,15 @@ def test_second_training_in_a_run_directory_is_refused(data, tmp_path):
 def test_build_model_keyword_rules():
     from map2map.data.norms import cosmology
 
-    with pytest.raises(UserError, match="'widht' unknown: model VNet takes bypass, width"):
+    with pytest.raises(UserError, match="'widht' unknown: model VNet takes bypass, identity_init, width"):
         build_model("VNet", 3, 3, scale_factor=1, ndim=3, kwargs={"widht": 2})
     with pytest.raises(UserError, match="--model-kwargs key 'z' unknown"):
         build_model("VNet", 3, 3, scale_factor=1, ndim=3, kwargs={"z": 0}, option="--model-kwargs")
     model = build_model("VNet", 3, 3, scale_factor=1, ndim=3, kwargs={"z": 0, "width": 2}, norms=[cosmology.dis])
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in VNet(3, 3, width=2).parameters())
-    with pytest.raises(UserError, match=r"cannot build model G\(.*width=0.*ZeroDivisionError.*check --misc-kwargs "
-                                        r"width=0"):
-        build_model("G", 3, 3, scale_factor=2, ndim=3, kwargs={"width": 0})
+    with pytest.raises(UserError, match=r"cannot build model G\(.*chan_min=0.*ValueError: G needs 1 <= chan_min.*"
+                                        r"check --misc-kwargs chan_min=0"):
+        build_model("G", 3, 3, scale_factor=2, ndim=3, kwargs={"chan_min": 0})
 
 
 # ---------------------------------------------------------------- m2m infer / m2m test

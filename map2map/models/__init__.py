@@ -15,15 +15,18 @@ from .conv import ConvBlock, ResBlock
 from .init import init_weights
 from .lag2eul import lag2eul
 from .narrow import narrow_by, narrow_cast, narrow_like
+from .patchgan import PatchGAN, PatchGAN42
 from .power import power
 from .resample import Resampler, resample, resample_edge
 from .srsgan import G
+from .styled import ConvStyled, ConvStyledBlock, ResStyledBlock, StyledVNet
 from .stride import StrideError, check_stride, required_pad, total_stride
 from .unet import UNet
 from .vnet import VNet
 
 __all__ = [
-    "ConvBlock", "G", "build_model", "ResBlock", "Resampler", "StrideError", "UNet", "VNet",
+    "ConvBlock", "G", "PatchGAN", "PatchGAN42", "build_model", "ResBlock", "Resampler", "StrideError", "UNet", "VNet",
+    "ConvStyled", "ConvStyledBlock", "ResStyledBlock", "StyledVNet",
     "check_stride", "init_weights", "lag2eul", "narrow_by", "narrow_cast", "narrow_like", "power",
     "required_pad", "resample", "resample_edge", "resolve_bypass", "total_stride",
 ]

@@ -26,10 +26,12 @@ def narrow_by(a: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def narrow_like(a: torch.Tensor, b: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    """Narrow `a` symmetrically to the spatial shape of `b` (a tensor, or the spatial shape itself).
+    """Narrow `a` to the spatial shape of `b` (a tensor, or the spatial shape itself).
 
-    Each axis of `a` must be at least as large as `b`'s, with an even difference
-    so that the same number of voxels goes from both ends.
+    Each axis of `a` must be at least as large as `b`'s.  The excess goes
+    equally from both ends; when it is odd, the extra voxel goes from the
+    high end (as in the original toolkit), which shifts the voxel centres by
+    half a voxel, so callers that need them aligned check for an even excess.
     """
     shape = tuple(b.shape[2:]) if isinstance(b, torch.Tensor) else tuple(b)
     if len(shape) != a.dim() - 2:
@@ -37,9 +39,8 @@ def narrow_like(a: torch.Tensor, b: torch.Tensor | Sequence[int]) -> torch.Tenso
                          "different number of spatial axes")
     for axis, want in enumerate(shape, start=2):
         diff = a.shape[axis] - want
-        if diff < 0 or diff % 2:
-            raise ValueError(f"cannot narrow axis {axis} of size {a.shape[axis]} symmetrically to {want}: "
-                             "the difference must be even and non-negative")
+        if diff < 0:
+            raise ValueError(f"cannot narrow axis {axis} of size {a.shape[axis]} to the larger size {want}")
         a = a.narrow(axis, diff // 2, want)
     return a
 

@@ -51,15 +51,21 @@ def resample(x: torch.Tensor, scale_factor: float, narrow: bool = True) -> torch
 
 
 class Resampler(nn.Module):
-    """Module form of `resample`, so a model can hold a resampling step (and `total_stride` can see it)."""
+    """Module form of `resample` for `ndim` spatial axes (the original toolkit's signature), so a model can
+    hold a resampling step (and `total_stride` can see it)."""
 
-    def __init__(self, scale_factor: float, narrow: bool = True) -> None:
+    def __init__(self, ndim: int, scale_factor: float, narrow: bool = True) -> None:
         super().__init__()
+        if ndim not in _MODES:
+            raise ValueError(f"Resampler needs ndim 1, 2 or 3, got {ndim}")
+        self.ndim = ndim
         self.scale_factor = scale_factor
         self.narrow = narrow
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() - 2 != self.ndim:
+            raise ValueError(f"Resampler for {self.ndim} spatial axes got a tensor of shape {tuple(x.shape)}")
         return resample(x, self.scale_factor, self.narrow)
 
     def extra_repr(self) -> str:
-        return f"scale_factor={self.scale_factor}, narrow={self.narrow}"
+        return f"ndim={self.ndim}, scale_factor={self.scale_factor}, narrow={self.narrow}"

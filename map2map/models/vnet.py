@@ -1,9 +1,4 @@
-"""V-Net: the U-Net layout with residual, batch-normalized blocks.
-
-Same geometry as `UNet` (output n - 40 per axis, n a multiple of 4), but each
-level is a `ResBlock('CBACBA')` and the strided down/up convolutions are
-followed by batch normalization, which trains faster and deeper.
-"""
+"""V-Net: the `UNet` layout with residual blocks (see `map2map.models.unet`)."""
 
 from __future__ import annotations
 
@@ -14,12 +9,9 @@ from .unet import UNet
 
 
 class VNet(UNet):
-    """V-Net: `UNet` with residual batch-normalized blocks; extra keyword arguments are ignored."""
-
-    down_seq = "DBA"
-    up_seq = "UBA"
+    """The original's V-Net: `UNet` with a `ResBlock` at every level. Extra keyword arguments are ignored."""
 
     @staticmethod
-    def block(in_chan: int, out_chan: int, dim: int) -> nn.Module:
-        """A residual block of two batch-normalized 3-voxel convolutions."""
-        return ResBlock(in_chan, out_chan, seq="CBACBA", dim=dim)
+    def block(in_chan: int, out_chan: int, seq: str, dim: int) -> nn.Module:
+        """The block at each level: residual, with a 1-voxel convolution skip."""
+        return ResBlock(in_chan, out_chan, seq=seq, dim=dim)

@@ -1,0 +1,270 @@
+"""Style-conditioned (modulated) convolutions and the styled V-Net, in 2D or 3D.
+
+A *style* is a vector of `style_size` numbers per sample (e.g. cosmological
+parameters), given to every layer as a tensor of shape (N, style_size) next to
+the field.  Terms:
+
+* *modulation*: a layer turns the style of sample n into one *scale* per input
+  channel, ``scale = style[n] @ style_weight.T + style_bias``, and multiplies
+  its convolution weight by it along the input-channel axis;
+* *demodulation*: the modulated weight is then divided, separately for every
+  output channel, by the square root of its sum of squares over the input
+  channel and kernel axes (plus `DEMOD_EPS`), so the style changes the mix of
+  input channels but not the scale of the output;
+* *kind* of a modulated convolution, spelled with the letters of the layer
+  strings of `map2map.models.conv`: 'C' a k-voxel convolution of stride 1
+  (k = 1 for the skip path of a residual block), 'D' a 2-voxel convolution of
+  stride 2 (halves each axis), 'U' a 2-voxel transposed convolution of stride 2
+  (doubles each axis; its weight is laid out (in, out, kernel...) as torch's).
+
+Each sample gets its own weight; a batch is computed as one grouped
+convolution (the batch folded into the channel axis, one group per sample), so
+every sample of a batch gets exactly what it would get alone.
+
+Blocks follow the layer strings and channel rule of `map2map.models.conv`,
+with every layer called as ``layer(x, style)`` (batch normalization and
+activations ignore the style).  `StyledVNet` is the original toolkit's
+styled-emulator V-Net: the same layout, narrowing and bypass as its `VNet`,
+with these blocks, so its checkpoints load parameter for parameter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bypass import resolve_bypass
+from .conv import check_seq, layer_channels
+from .narrow import narrow_by, narrow_like
+
+DEMOD_EPS = 1e-8  # added to the sum of squares before the square root of the demodulation
+KINDS = "CDU"
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def check_style(style: torch.Tensor, batch: int, style_size: int) -> None:
+    """Raise ValueError unless `style` has the shape (`batch`, `style_size`)."""
+    shape = tuple(style.shape)
+    if shape != (batch, style_size):
+        raise ValueError(f"style must have shape (batch, style_size) = ({batch}, {style_size}), got {shape}")
+
+
+class ConvStyled(nn.Module):
+    """A modulated, demodulated convolution of kind 'C', 'D' or 'U' (see the module docstring).
+
+    `kernel_size` is the kernel of a 'C' convolution (3 unless given); 'D'
+    and 'U' always use 2.  Parameters: ``style_weight`` (in_chan,
+    style_size), ``style_bias`` (in_chan), ``weight`` (out_chan, in_chan,
+    kernel...) or for 'U' (in_chan, out_chan, kernel...), ``bias``
+    (out_chan).  The weight and bias are drawn as torch's default
+    convolution (uniform within 1/sqrt(fan-in), fan-in = in_chan times the
+    kernel volume), the style weight as torch's default linear layer, and
+    the style bias starts at 1 (modulation starts near the identity).
+    """
+
+    def __init__(self, style_size: int, in_chan: int, out_chan: int, kind: str = "C",
+                 kernel_size: int | None = None, dim: int = 3) -> None:
+        super().__init__()
+        if dim not in _CONV_FN:
+            raise ValueError(f"dim must be 1, 2 or 3, got {dim}")
+        if kind not in KINDS or len(kind) != 1:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if kind in "DU" and kernel_size not in (None, 2):
+            raise ValueError(f"a {kind!r} convolution has kernel 2, got kernel_size={kernel_size}")
+        kernel_size = (3 if kind == "C" else 2) if kernel_size is None else kernel_size
+        self.style_size, self.in_chan, self.out_chan = style_size, in_chan, out_chan
+        self.kind, self.kernel_size, self.dim = kind, kernel_size, dim
+        self.stride = 1 if kind == "C" else 2
+        shape = (in_chan, out_chan) if kind == "U" else (out_chan, in_chan)
+        self.style_weight = nn.Parameter(torch.empty(in_chan, style_size))
+        self.style_bias = nn.Parameter(torch.empty(in_chan))
+        self.weight = nn.Parameter(torch.empty(*shape, *(kernel_size,) * dim))
+        self.bias = nn.Parameter(torch.empty(out_chan))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw the parameters afresh (see the class docstring)."""
+        conv_bound = 1 / math.sqrt(self.in_chan * self.kernel_size ** self.dim)
+        style_bound = 1 / math.sqrt(self.style_size)
+        with torch.no_grad():
+            self.style_weight.uniform_(-style_bound, style_bound)
+            self.style_bias.fill_(1)
+            self.weight.uniform_(-conv_bound, conv_bound)
+            self.bias.uniform_(-conv_bound, conv_bound)
+
+    def extra_repr(self) -> str:
+        return (f"style_size={self.style_size}, {self.in_chan}, {self.out_chan}, kind={self.kind!r}, "
+                f"kernel_size={self.kernel_size}, dim={self.dim}")
+
+    def sample_weights(self, style: torch.Tensor) -> torch.Tensor:
+        """The modulated and demodulated weight of every sample of `style` (N, style_size):
+        shape (N, *weight.shape)."""
+        scale = F.linear(style, self.style_weight, self.style_bias)  # (N, in_chan)
+        in_axis = 1 if self.kind == "U" else 2  # the input-channel axis of the per-sample weights
+        shape = [scale.shape[0], 1, 1, *(1,) * self.dim]
+        shape[in_axis] = self.in_chan
+        w = self.weight * scale.reshape(shape)
+        fan_in_axes = (in_axis, *range(3, w.dim()))
+        return w * torch.rsqrt(w.square().sum(dim=fan_in_axes, keepdim=True) + DEMOD_EPS)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        check_style(style, n, self.style_size)
+        w = self.sample_weights(style)
+        w = w.reshape(n * w.shape[1], *w.shape[2:])  # the samples become groups
+        x = x.reshape(1, n * x.shape[1], *x.shape[2:])
+        conv = _CONV_T_FN[self.dim] if self.kind == "U" else _CONV_FN[self.dim]
+        y = conv(x, w, stride=self.stride, groups=n)
+        y = y.reshape(n, self.out_chan, *y.shape[2:])
+        return y + self.bias.reshape(1, -1, *(1,) * self.dim)
+
+
+class BatchNormStyled(nn.modules.batchnorm._BatchNorm):
+    """Batch normalization of `num_features` channels over `dim` spatial axes; ``forward(x, style)``
+    ignores the style.  Parameters and buffers are those of ``nn.BatchNorm{dim}d``."""
+
+    def __init__(self, num_features: int, dim: int = 3, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.dim = dim
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() != self.dim + 2:
+            raise ValueError(f"expected a {self.dim + 2}D input (N, C, {self.dim} spatial axes), "
+                             f"got {input.dim()}D")
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x)
+
+
+class LeakyReLUStyled(nn.LeakyReLU):
+    """LeakyReLU (slope 0.01 unless given); ``forward(x, style)`` ignores the style."""
+
+    def __init__(self, negative_slope: float = 0.01) -> None:
+        super().__init__(negative_slope)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x)
+
+
+class ConvStyledBlock(nn.Module):
+    """The layers spelled by `seq` (see `map2map.models.conv`), modulated by a style of `style_size`.
+
+    'C', 'D' and 'U' are `ConvStyled` of that kind, 'B' is `BatchNormStyled`,
+    'A' is `LeakyReLUStyled`; they live in the ``ModuleList`` ``convs`` and
+    are called in order as ``layer(x, style)``.  `out_chan` defaults to
+    `in_chan`, `mid_chan` to the larger of the two.
+    """
+
+    def __init__(self, style_size: int, in_chan: int, out_chan: int | None = None,
+                 mid_chan: int | None = None, seq: str = "CBA", dim: int = 3) -> None:
+        super().__init__()
+        check_seq(seq)
+        out_chan = in_chan if out_chan is None else out_chan
+        mid_chan = max(in_chan, out_chan) if mid_chan is None else mid_chan
+        self.style_size, self.in_chan, self.out_chan, self.mid_chan = style_size, in_chan, out_chan, mid_chan
+        layers: list[nn.Module] = []
+        for letter, (cin, cout) in zip(seq, layer_channels(seq, in_chan, out_chan, mid_chan)):
+            if letter in KINDS:
+                layers.append(ConvStyled(style_size, cin, cout, kind=letter, dim=dim))
+            elif letter == "B":
+                layers.append(BatchNormStyled(cin, dim=dim))
+            else:
+                layers.append(LeakyReLUStyled())
+        self.convs = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        check_style(style, x.shape[0], self.style_size)
+        for layer in self.convs:
+            x = layer(x, style)
+        return x
+
+
+class ResStyledBlock(ConvStyledBlock):
+    """A residual `ConvStyledBlock`: its ``convs`` plus a modulated skip path.
+
+    A trailing 'A' of `seq` is taken out of ``convs`` and applied after the
+    sum (as ``act``).  The skip path ``skip`` is always a 1-voxel
+    `ConvStyled` from `in_chan` to `out_chan`, applied to the input narrowed
+    to the size of the ``convs`` output (`narrow_like`: one more voxel from
+    the high end when the difference is odd).  Resizing layers ('U', 'D')
+    are not allowed: the skip could not match them.
+    """
+
+    def __init__(self, style_size: int, in_chan: int, out_chan: int | None = None,
+                 mid_chan: int | None = None, seq: str = "CBACBA", dim: int = 3) -> None:
+        check_seq(seq)
+        if set(seq) & set("UD"):
+            raise ValueError(f"ResStyledBlock seq {seq!r} cannot resize ('U' or 'D'); use ConvStyledBlock")
+        last_act = seq.endswith("A")
+        super().__init__(style_size, in_chan, out_chan, mid_chan, seq=seq[:-1] if last_act else seq, dim=dim)
+        self.act = LeakyReLUStyled() if last_act else None
+        self.skip = ConvStyled(style_size, in_chan, self.out_chan, kind="C", kernel_size=1, dim=dim)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x, style)
+        y = y + self.skip(narrow_like(x, y), style)  # the skip is pointwise: narrowing first is the same
+        return y if self.act is None else self.act(y, style)
+
+
+class StyledVNet(nn.Module):
+    """The original toolkit's styled V-Net, called as ``model(x, style)`` with `style` (N, `style_size`).
+
+    Layout (w = `width`): ``conv_l0`` residual 'CACBA' (in_chan -> w),
+    ``down_l0`` 'DBA', ``conv_l1`` residual 'CBACBA', ``down_l1`` 'DBA',
+    ``conv_c`` residual 'CBACBA', ``up_r1`` 'UBA', then the ``conv_l1``
+    output narrowed to it is concatenated in front, ``conv_r1`` residual
+    'CBACBA' (2w -> w), ``up_r0`` 'UBA', the ``conv_l0`` output narrowed
+    and concatenated in front, ``conv_r0`` residual 'CAC' (2w -> out_chan).
+    An input of n + 2 * `PAD` voxels per axis gives n, for n a positive
+    multiple of `total_stride`.  With the bypass (by default exactly when
+    in_chan == out_chan) the input narrowed to the output is added to it.
+    The default `width` is the original's; extra keyword arguments (e.g.
+    `scale_factor`) are ignored.
+    """
+
+    PAD = 20  # voxels the model removes from each end of every axis
+    total_stride = 4  # the downsampling of the deepest level; trusted by `map2map.models.stride.total_stride`
+
+    def __init__(self, in_chan: int, out_chan: int, style_size: int, bypass: bool | None = None,
+                 dim: int = 3, width: int = 64, **kwargs) -> None:
+        super().__init__()
+        w = width
+        self.style_size, self.dim = style_size, dim
+        self.bypass = resolve_bypass(bypass, in_chan, out_chan)
+        self.conv_l0 = ResStyledBlock(style_size, in_chan, w, seq="CACBA", dim=dim)
+        self.down_l0 = ConvStyledBlock(style_size, w, seq="DBA", dim=dim)
+        self.conv_l1 = ResStyledBlock(style_size, w, w, seq="CBACBA", dim=dim)
+        self.down_l1 = ConvStyledBlock(style_size, w, seq="DBA", dim=dim)
+        self.conv_c = ResStyledBlock(style_size, w, w, seq="CBACBA", dim=dim)
+        self.up_r1 = ConvStyledBlock(style_size, w, seq="UBA", dim=dim)
+        self.conv_r1 = ResStyledBlock(style_size, 2 * w, w, seq="CBACBA", dim=dim)
+        self.up_r0 = ConvStyledBlock(style_size, w, seq="UBA", dim=dim)
+        self.conv_r0 = ResStyledBlock(style_size, 2 * w, out_chan, seq="CAC", dim=dim)
+
+    def check_input(self, x: torch.Tensor, style: torch.Tensor) -> None:
+        """Raise ValueError unless `x` is (N, C, spatial...) with every spatial size 2 * PAD plus a
+        positive multiple of `total_stride`, and `style` is (N, style_size)."""
+        if x.dim() != self.dim + 2:
+            raise ValueError(f"expected an input of {self.dim} spatial axes (N, C, ...), got shape {tuple(x.shape)}")
+        check_style(style, x.shape[0], self.style_size)
+        for size in x.shape[2:]:
+            n = size - 2 * self.PAD
+            if n <= 0 or n % self.total_stride:
+                raise ValueError(f"StyledVNet needs every spatial size to be {2 * self.PAD} plus a positive "
+                                 f"multiple of {self.total_stride}, got {tuple(x.shape[2:])}")
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        self.check_input(x, style)
+        y0 = self.conv_l0(x, style)
+        y1 = self.conv_l1(self.down_l0(y0, style), style)
+        y = self.conv_c(self.down_l1(y1, style), style)
+        y = self.up_r1(y, style)
+        y = self.conv_r1(torch.cat([narrow_by(y1, 4), y], dim=1), style)
+        y = self.up_r0(y, style)
+        y = self.conv_r0(torch.cat([narrow_by(y0, 16), y], dim=1), style)
+        return y + narrow_by(x, self.PAD) if self.bypass else y
