@@ -140,7 +140,7 @@ def read_checkpoint(path: str) -> Checkpoint:
     or a bare state dict; a `UserError` for anything else."""
     import torch
 
-    from map2map.utils.checkpoint import load_file
+    from map2map.utils.checkpoint import load_file, unwrap_ddp
 
     obj = load_file(path)
     raw: Mapping[str, Any] = {}
@@ -149,8 +149,7 @@ def read_checkpoint(path: str) -> Checkpoint:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path} holds no model state (expected a state_dict, or a dict with a 'model' "
                         "state_dict as m2m train writes)")
-    if all(k.startswith("module.") for k in obj):  # saved from a DistributedDataParallel wrapper
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+    obj = unwrap_ddp(obj)
     card = raw.get("card")
     epoch = raw.get("epoch")
     return Checkpoint(path, obj, ModelCard.from_dict(card, path) if isinstance(card, dict) else None,
@@ -166,14 +165,27 @@ def _summarize(items: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
+def first_difference(own: Mapping[str, Any], saved: Mapping[str, Any]) -> str | None:
+    """The first entry, in the model's order, where state `saved` differs from the model's state `own`
+    (missing, or of another shape, with both shapes), else the first entry the model lacks; None if they fit."""
+    for k, v in own.items():
+        if k not in saved:
+            return f"{k} {_shape(v)} is missing in the checkpoint"
+        if _shape(saved[k]) != _shape(v):
+            return f"{k} is {_shape(saved[k])} in the checkpoint but {_shape(v)} in the model"
+    extra = next((k for k in saved if k not in own), None)
+    return None if extra is None else f"{extra} {_shape(saved[extra])} in the checkpoint is not in the model"
+
+
 def match_model_state(model, saved: Mapping[str, Any], strict: bool, source: str = "the state",
                       hint: str = "check --in/--tgt fields, --model and --misc-kwargs, or load the matching "
                                   "entries only with --load-state-non-strict") -> tuple[dict[str, Any], list[str]]:
     """Check `saved` against `model`'s state dict; return the entries to load and notes on the rest.
 
     Strict: any missing key, unexpected key or shape mismatch raises one
-    `UserError` listing them.  Non-strict: only entries whose key and shape
-    match are returned, and the notes name what was skipped.
+    `UserError` naming the first difference (`first_difference`) and counting
+    the rest.  Non-strict: only entries whose key and shape match are
+    returned, and the notes name what was skipped.
     """
     own = model.state_dict()
     missing = [k for k in own if k not in saved]
@@ -188,7 +200,10 @@ def match_model_state(model, saved: Mapping[str, Any], strict: bool, source: str
     if unexpected:
         problems.append(f"not in model: {_summarize(unexpected)}")
     if problems and strict:
-        raise UserError(f"{source} does not fit the model: {'; '.join(problems)} ({hint})")
+        counts = [f"{n} {what}" for n, what in ((len(shapes), "of another shape"), (len(missing), "missing"),
+                                                (len(unexpected), "not in the model")) if n]
+        raise UserError(f"{source} does not fit the model: {first_difference(own, saved)} "
+                        f"({', '.join(counts)} of {len(own)} model entries; {hint})")
     keep = {k: v for k, v in saved.items() if k in own and _shape(v) == _shape(own[k])}
     return keep, problems
 

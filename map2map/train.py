@@ -353,11 +353,18 @@ def restore(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer
                 raise UserError(f"the optimizer state in {path} does not fit --optimizer {cfg.optimizer}: {exc} "
                                 "(use --load-state-non-strict to start the optimizer fresh)") from None
             say(f"note: optimizer state not loaded ({exc})")
-    rngs = state.get("rng") or []
+    rngs = state.get("rng")
     epoch = int(state["epoch"])
-    if len(rngs) == env.world_size:
+    if isinstance(rngs, torch.Tensor):  # the original toolkit's state: torch's CPU generator of rank 0 only
+        ckpt.seed_all([cfg.seed, epoch, env.rank])
+        if env.rank == 0:
+            torch.set_rng_state(rngs.to(torch.uint8))
+        say(f"note: {path} holds the original toolkit's RNG state (torch's CPU generator only): restored on "
+            "rank 0, the other generators reseeded")
+    elif len(rngs or []) == env.world_size:
         ckpt.set_rng_state(rngs[env.rank])
     else:
+        rngs = rngs or []
         ckpt.seed_all([cfg.seed, epoch, env.rank])
         say(f"note: {path} holds RNG states of {len(rngs)} processes, not {env.world_size}; reseeded")
     say(f"resuming from {os.path.basename(shown)} after epoch {epoch}")

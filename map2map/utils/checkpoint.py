@@ -96,15 +96,30 @@ def load_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise UserError(f"{path} is not a readable checkpoint ({why})") from None
 
 
+def unwrap_ddp(model_state: Mapping[str, Any]) -> dict[str, Any]:
+    """A model state dict without the ``module.`` prefix that a `DistributedDataParallel` wrapper adds to
+    every key (unchanged if not every key has it)."""
+    prefix = "module."
+    if model_state and all(k.startswith(prefix) for k in model_state):
+        return {k[len(prefix):]: v for k, v in model_state.items()}
+    return dict(model_state)
+
+
 def read_state(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any] | None:
-    """Load a training state; None if `path` is missing, a dangling link, or empty (nothing to resume)."""
+    """Load a training state; None if `path` is missing, a dangling link, or empty (nothing to resume).
+
+    States written by the original toolkit's training are read too (their
+    ``rng`` is torch's CPU generator state alone, see `restore_rng`), and the
+    model state is unwrapped from DDP (`unwrap_ddp`).
+    """
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return None
     state = load_file(path, map_location)
-    if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
-        raise UserError(f"{str(path)!r} is not a map2map training state (needs 'model' and 'epoch')")
-    return state
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "epoch" not in state:
+        raise UserError(f"{str(path)!r} is not a training state (needs 'model' and 'epoch', as m2m train and "
+                        "the original toolkit's training write)")
+    return dict(state, model=unwrap_ddp(state["model"]))
 
 
 # ---------------------------------------------------------------- random number generators
