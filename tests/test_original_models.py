@@ -118,8 +118,57 @@ def f_patchgan(sd: dict, x: torch.Tensor, training: bool) -> torch.Tensor:
     return x
 
 
+def f_patchgan42(sd: dict, x: torch.Tensor, training: bool) -> torch.Tensor:
+    for i, norm in ((0, None), (2, 3), (5, 6)):
+        x = F.conv3d(x, sd[f"convs.{i}.weight"], sd[f"convs.{i}.bias"], stride=2)
+        if norm is not None:
+            p = f"convs.{norm}."
+            x = F.batch_norm(x, sd[p + "running_mean"].clone(), sd[p + "running_var"].clone(), sd[p + "weight"],
+                             sd[p + "bias"], training=training, momentum=0.1, eps=1e-5)
+        x = F.leaky_relu(x, 0.2)
+    return F.conv3d(x, sd["convs.8.weight"], sd["convs.8.bias"])
+
+
+def f_g(sd: dict, x: torch.Tensor, blocks: int) -> torch.Tensor:
+    """G as the README describes it, drawing its noise in the same order (one draw per voxel and block step)."""
+    def up(v):  # trilinear by 2, then narrow_by 1
+        return narrow_by(F.interpolate(v, scale_factor=2, mode="trilinear", align_corners=False), 1)
+
+    def noise(v, std):
+        return v + std.view(-1, 1, 1, 1) * torch.randn_like(v[:, :1])
+
+    y = x
+    x = F.leaky_relu(F.conv3d(x, sd["block0.0.weight"], sd["block0.0.bias"]), 0.2)
+    for b in range(blocks):
+        p = f"blocks.{b}."
+        x = F.conv3d(up(noise(x, sd[p + "conv.0.std"])), sd[p + "conv.2.weight"], sd[p + "conv.2.bias"])
+        x = F.leaky_relu(x, 0.2)
+        x = F.leaky_relu(F.conv3d(noise(x, sd[p + "conv.4.std"]), sd[p + "conv.5.weight"], sd[p + "conv.5.bias"]),
+                         0.2)
+        y = narrow_by(up(y), 2) + F.leaky_relu(F.conv3d(x, sd[p + "proj.0.weight"], sd[p + "proj.0.bias"]), 0.2)
+    return y
+
+
+def test_g_with_noise_equals_the_specification():
+    """Non-zero noise strengths: the same draws (same seed, same order) give the same output."""
+    model = BUILD["G"]()
+    sd = golden_state("G")["model"]
+    sd = {k: (torch.full_like(v, 0.3) if k.endswith(".std") else v) for k, v in sd.items()}
+    model.load_state_dict(sd)
+    x = torch.from_numpy(np.load(golden("G.in.npy")))
+    with torch.no_grad():
+        torch.manual_seed(7)
+        got = model(x)
+        torch.manual_seed(7)
+        want = f_g(sd, x, 1)
+        torch.manual_seed(8)
+        other = model(x)
+    assert relative_error(got, want.numpy()) <= REL
+    assert relative_error(other, want.numpy()) > 1e-3  # the noise is really there
+
+
 @pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("name", ["VNet", "UNet", "PatchGAN"])
+@pytest.mark.parametrize("name", ["VNet", "UNet", "PatchGAN", "PatchGAN42"])
 def test_forward_equals_the_specification_in_eval_and_train_mode(name, training):
     sd = golden_state(name)["model"]
     model = BUILD[name]()
@@ -128,7 +177,10 @@ def test_forward_equals_the_specification_in_eval_and_train_mode(name, training)
     x = torch.from_numpy(np.load(golden(f"{name}.in.npy")))
     with torch.no_grad():
         got = model(x)
-        want = f_patchgan(sd, x, training) if name == "PatchGAN" else f_unet(sd, x, training, name == "VNet")
+        if name.startswith("PatchGAN"):
+            want = (f_patchgan if name == "PatchGAN" else f_patchgan42)(sd, x, training)
+        else:
+            want = f_unet(sd, x, training, name == "VNet")
     assert relative_error(got, want.numpy()) <= REL
     if training:  # batch statistics were used, so the result differs from eval mode
         assert relative_error(got, np.load(golden(f"{name}.out.npy"))) > 1e-3
