@@ -1,4 +1,5 @@
-"""Benchmark `m2m train` on CPU: training items/s and the fraction of step time spent waiting for data.
+"""Benchmark `m2m train` on CPU: training items/s and the fraction of step time spent waiting for data,
+per number of loader workers, and float32 vs bf16 mixed precision side by side.
 
 The V-Net on crops of 32 plus the pad it needs (found by ``--in-pad auto``),
 batch size 1, reading 1LPT -> 2LPT displacements from a store made by
@@ -6,13 +7,16 @@ batch size 1, reading 1LPT -> 2LPT displacements from a store made by
 number of loader workers.  Each run trains ``--epochs`` epochs in its own
 run directory; the last epoch is reported (the first also pays one-off
 warm-up costs).  Loader workers are started afresh every epoch, as in
-training, so their start-up counts as waiting.  Prints one JSON line.
+training, so their start-up counts as waiting.  Then the same training
+under ``--amp bf16`` (and any other ``--amp`` modes asked for) with the
+largest worker count, beside float32's run with it.  Prints one JSON line.
 
 On a shared machine items/s follows the other load (OpenMP threads wait for
 each other when one is descheduled); the data-wait fraction is the robust
 figure.  Compare items/s only within one run, or pin ``--threads``.
 
     python bench/train.py                      # 2 samples of 64^3: 16 crops per epoch, workers 0, 1, 2
+    python bench/train.py --workers 2 --amp bf16,fp16
 """
 
 from __future__ import annotations
@@ -40,13 +44,20 @@ def make_store(root: Path, ngrid: int, nsamples: int, crop: int, pad: int) -> Pa
     return out
 
 
-def run(store: Path, work: Path, crop: int, workers: int, epochs: int, width: int) -> train.TrainSummary:
+def run(store: Path, work: Path, crop: int, workers: int, epochs: int, width: int, amp: str = "off",
+        device: str = "cpu") -> train.TrainSummary:
     config = train.TrainConfig(
         model="VNet", lr=1e-4, train_data=str(store), in_fields=("za",), tgt_fields=("lpt",), crop=(crop,),
         in_pad="auto", in_norms=("cosmology.dis",), tgt_norms=("cosmology.dis",), misc_kwargs={"width": width},
-        batch_size=1, loader_workers=workers, epochs=epochs, log_interval=1_000_000, run_dir=str(work))
+        batch_size=1, loader_workers=workers, epochs=epochs, log_interval=1_000_000, run_dir=str(work), amp=amp,
+        device=device)
     with contextlib.redirect_stdout(io.StringIO()):  # the epoch lines; the summary has the figures
         return train.run(config)
+
+
+def _figures(summary: train.TrainSummary) -> dict[str, float]:
+    last = summary.epochs[-1]
+    return {"items_per_s": round(last.items_per_s, 3), "data_wait": round(last.data_wait, 4)}
 
 
 def main() -> None:
@@ -57,6 +68,9 @@ def main() -> None:
     p.add_argument("--width", type=int, default=16, help="V-Net width (channels of its first level)")
     p.add_argument("--epochs", type=int, default=2, help="epochs per run; the last is reported")
     p.add_argument("--workers", default="0,1,2", help="comma-separated loader worker counts to compare")
+    p.add_argument("--amp", default="bf16", help="comma-separated mixed precision modes to compare with float32 "
+                                                 "(with the largest worker count); '' for none")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
     args = p.parse_args()
@@ -68,18 +82,25 @@ def main() -> None:
         results, pad = {}, None
         t0 = time.perf_counter()
         counts = [int(v) for v in args.workers.split(",")]
+        by_workers = {}
         for i, w in enumerate(counts):
-            summary = run(store, root / f"run{i}", args.crop, w, args.epochs, args.width)
-            last = summary.epochs[-1]
+            summary = run(store, root / f"run{i}", args.crop, w, args.epochs, args.width, device=args.device)
             pad = ",".join(str(lo) for lo, _ in summary.in_pad) if len({lo for lo, _ in summary.in_pad}) > 1 \
                 else str(summary.in_pad[0][0])
-            results[str(w) if counts.count(w) == 1 else f"{w}#{i}"] = {"items_per_s": round(last.items_per_s, 3),
-                                                                       "data_wait": round(last.data_wait, 4)}
+            by_workers[w] = results[str(w) if counts.count(w) == 1 else f"{w}#{i}"] = _figures(summary)
+        amp_workers = max(counts)
+        precisions = {"loader_workers": amp_workers, "fp32": by_workers[amp_workers]}
+        for amp in [a for a in args.amp.split(",") if a]:
+            summary = run(store, root / f"run-{amp}", args.crop, amp_workers, args.epochs, args.width, amp,
+                          args.device)
+            precisions[amp] = _figures(summary)
+            precisions[f"{amp}_over_fp32"] = round(precisions[amp]["items_per_s"] /
+                                                   precisions["fp32"]["items_per_s"], 3)
         print(json.dumps({
             "bench": "train", "model": "VNet", "width": args.width, "crop": args.crop, "in_pad": pad,
-            "batch_size": 1, "device": "cpu", "torch_threads": torch.get_num_threads(),
+            "batch_size": 1, "device": args.device, "torch_threads": torch.get_num_threads(),
             "items_per_epoch": args.samples * (args.ngrid // args.crop) ** 3, "epoch_reported": args.epochs,
-            "loader_workers": results, "seconds": round(time.perf_counter() - t0, 1),
+            "loader_workers": results, "precision": precisions, "seconds": round(time.perf_counter() - t0, 1),
         }))
     finally:
         shutil.rmtree(root, ignore_errors=True)

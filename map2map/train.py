@@ -4,9 +4,10 @@ The flow, top to bottom in `run` (a `TrainConfig` in, a `TrainSummary` out):
 
 0. Options out of range are refused (`check_config`) before anything else.
 1. Where am I: rank, local rank and world size from torchrun's or SLURM's
-   variables (`map2map.utils.distenv`); the process group is created only
-   when there are several processes (gloo on CPU, nccl on GPU, one GPU per
-   process).  Rank 0 alone prints, logs to TensorBoard and writes checkpoints.
+   variables, and the device (``--device``; a GPU is ``local_rank %
+   visible GPUs``, see `map2map.utils.distenv.choose_device`); the process
+   group is created only when there are several processes (gloo on CPU, nccl
+   on GPU).  Rank 0 alone prints, logs to TensorBoard and writes checkpoints.
 2. Data: a `FieldDataset` per split, a `DistFieldSampler` over its crops
    (disjoint per rank, reshuffled from (seed, epoch)), a `DataLoader`.
 3. Model, found by name and built as ``Model(in_chan, out_chan,
@@ -14,26 +15,32 @@ The flow, top to bottom in `run` (a `TrainConfig` in, a `TrainSummary` out):
    takes are refused, `map2map.models.build`); its total stride is checked
    against the crops, and its output against the target crop (``--in-pad
    auto`` finds the smallest pad that covers it).
-4. Criterion, optimizer and the optional ReduceLROnPlateau scheduler.
+   ``--sync-bn`` turns its BatchNorm layers into SyncBatchNorm under DDP.
+4. Criterion, optimizer, the optional ReduceLROnPlateau scheduler, and for
+   ``--amp fp16`` a loss scaler (`map2map.utils.precision`).
    Nothing is written before here: a bad option leaves no trace.  Then rank 0
    takes the run directory's writer lock (`map2map.utils.locks`) and holds
    it to the end, so a second training in the same directory is refused.
 5. State: ``--load-state`` (default ``checkpoint.pt`` in the run directory)
-   restores model, optimizer, scheduler and RNG states, or training starts fresh.
-6. Epochs: train, validate, step the scheduler, log, write ``state_{epoch}.pt``
-   (with the model card, `map2map.modelfit.ModelCard`) and relink ``checkpoint.pt``,
-   all in the run directory (``--run-dir``; never the process's working directory
+   restores model, optimizer, scheduler, loss scaler and RNG states, or training
+   starts fresh.  Then ``--compile`` compiles the model in place (so its
+   state_dict keeps the plain names) and DDP wraps it.
+6. Epochs: train and validate (forward passes and losses under ``--amp``'s
+   autocast), step the scheduler, log, write ``state_{epoch}.pt`` (with the
+   model card, `map2map.modelfit.ModelCard`) and relink ``checkpoint.pt``, all
+   in the run directory (``--run-dir``; never the process's working directory
    unless that is the run directory).
 
 Every source of randomness in an epoch derives from (seed, epoch) or from RNG
 states saved in the checkpoint, so a resumed run continues exactly as an
-uninterrupted one (bit-identical on CPU with one process).
+uninterrupted one (bit-identical on CPU with one process and ``--amp off``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import inspect
 import json
 import math
@@ -58,7 +65,8 @@ from map2map.errors import UserError
 from map2map.models import build_model, narrow_cast
 from map2map.stage import Summary
 from map2map.utils import checkpoint as ckpt
-from map2map.utils.distenv import DistEnv, dist_env
+from map2map.utils import precision
+from map2map.utils.distenv import DEVICES, CudaInfo, DistEnv, choose_device, cuda_info, dist_env
 from map2map.utils.locks import writer_lock
 from map2map.utils.imports import import_attr
 
@@ -73,7 +81,9 @@ class TrainConfig:
     `run_dir` holds everything the run writes: ``state_{epoch}.pt``,
     ``checkpoint.pt`` and the TensorBoard logs under ``runs/``.  `load_state`
     None means ``checkpoint.pt`` in `run_dir` (resumed when it exists); ``""``
-    means start fresh; any other path must exist.
+    means start fresh; any other path must exist.  `device`, `amp`, `compile`,
+    `sync_bn` and `tf32` say where and in what precision it runs (`tf32` None:
+    PyTorch's defaults); the config is saved in every checkpoint.
     """
 
     model: str
@@ -119,6 +129,11 @@ class TrainConfig:
     dist_backend: str | None = None
     log_interval: int = 100
     detect_anomaly: bool = False
+    device: str = "auto"
+    amp: str = "off"
+    compile: bool = False
+    sync_bn: bool = False
+    tf32: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("optimizer_args", "scheduler_args", "misc_kwargs"):
@@ -161,6 +176,8 @@ class TrainSummary(Summary):
     device: str
     checkpoint: str | None
     seconds: float
+    backend: str | None = None
+    amp: str = "off"
 
     @property
     def history(self) -> list[EpochRecord]:
@@ -170,31 +187,83 @@ class TrainSummary(Summary):
 # ---------------------------------------------------------------- 1. processes and devices
 
 
-def setup_processes(backend: str | None) -> tuple[DistEnv, torch.device]:
-    """Find this process's rank, pick its device, and join the process group when there are several."""
+def _no_cxx_compiler() -> bool:
+    """Whether torch's inductor finds no C++ compiler, by its own search (False where a torch lacks that
+    search: its compile then names the missing compiler itself)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+    except ImportError:
+        return False
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        return True
+    return False
+
+
+def check_device_options(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse ``--sync-bn`` and ``--compile`` where they cannot run (one line, before any process group)."""
+    if cfg.sync_bn and device.type != "cuda":
+        raise UserError(f"--sync-bn needs GPUs: torch's SyncBatchNorm synchronizes only GPU tensors, and this run "
+                        f"is on {device.type}; leave out --sync-bn")
+    if cfg.compile and device.type == "cpu" and _no_cxx_compiler():
+        raise UserError("--compile on cpu needs a C++ compiler (torch's inductor looks for $CXX, else g++): "
+                        "install one, or leave out --compile")
+    if cfg.compile and device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise UserError("--compile on GPUs needs triton (torch's inductor generates triton kernels): "
+                        "pip install triton, or leave out --compile")
+
+
+def _process_group_error(exc: BaseException) -> str:
+    """The first line of a process group's error, with NCCL's "Last error" line and a hint for two
+    processes on one GPU."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("Last error"):
+            text += f"; {lines[i + 1]}"
+    if "Duplicate GPU" in text:
+        text += (" (nccl needs a GPU per process: start at most as many processes per node as GPUs, or use "
+                 "--dist-backend gloo)")
+    return text
+
+
+def setup_processes(cfg: TrainConfig) -> tuple[DistEnv, torch.device, str | None, list[str]]:
+    """Find this process's rank, pick its device (`map2map.utils.distenv.choose_device`), and join the process
+    group when there are several processes; returns (place, device, backend or None, notes for the log)."""
     env = dist_env()
-    if torch.cuda.is_available():
-        ngpu = torch.cuda.device_count()
-        if env.local_world_size > ngpu:
-            raise UserError(f"{env.local_world_size} processes on this node but {ngpu} GPU(s) visible: start one "
-                            f"process per GPU (e.g. torchrun --nproc-per-node {ngpu})")
-        device = torch.device("cuda", env.local_rank)
+    name, note = choose_device(cfg.device, env.local_rank, cuda_info() if cfg.device != "cpu" else CudaInfo())
+    device = torch.device(name)
+    check_device_options(cfg, device)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # crops have one fixed size: let cuDNN pick the fastest kernels
-    else:
-        device = torch.device("cpu")
-        if env.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            torch.set_num_threads(max(1, cores // env.local_world_size))
+    elif env.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // env.local_world_size))
+    backend = None
     if env.distributed:
-        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        backend = cfg.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
+        # nccl told its device starts at once (so two processes on one GPU are refused here) and barriers
+        # know the device
+        bind = {"device_id": device} if backend == "nccl" and "device_id" in inspect.signature(
+            dist.init_process_group).parameters else {}
         try:
             dist.init_process_group(backend=backend, init_method="env://", rank=env.rank,
-                                    world_size=env.world_size)
-        except (RuntimeError, ValueError) as exc:
+                                    world_size=env.world_size, **bind)
+        except (RuntimeError, ValueError) as exc:  # DistBackendError is a RuntimeError
             raise UserError(f"cannot start the {backend} process group for rank {env.rank} of "
-                            f"{env.world_size}: {str(exc).splitlines()[0]}") from None
-    return env, device
+                            f"{env.world_size}: {_process_group_error(exc)}") from None
+    return env, device, backend, [note] if note else []
+
+
+def _place(env: DistEnv, device: torch.device, backend: str | None) -> str:
+    """Where this run runs, for the log: device, GPU name, processes and backend."""
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    if not env.distributed:
+        return f"device {device}{gpu}, one process"
+    return f"device {device}{gpu} on rank 0, {env.world_size} processes ({env.launcher}), backend {backend}"
 
 
 # ---------------------------------------------------------------- 2. data
@@ -285,6 +354,21 @@ def init_weight_std(model: nn.Module, std: float) -> None:
                     m.bias.zero_()
 
 
+def sync_batchnorm(model: nn.Module, env: DistEnv, say) -> nn.Module:
+    """``--sync-bn``: `model` with its BatchNorm layers turned into SyncBatchNorm, which normalize with the
+    batch statistics of all processes together (same parameters, same state_dict names), when there are
+    several processes; otherwise `model` as it is, with a note."""
+    count = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if count == 0:
+        say("note: --sync-bn: the model has no BatchNorm layers; nothing to synchronize")
+        return model
+    if not env.distributed:
+        say("note: --sync-bn: one process; its BatchNorm layers stay as they are")
+        return model
+    say(f"--sync-bn: {count} BatchNorm layers use the batch statistics of all {env.world_size} processes")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 # ---------------------------------------------------------------- 4. criterion, optimizer, scheduler
 
 
@@ -320,9 +404,13 @@ def build_optim(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, torch.op
 
 
 def restore(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-            env: DistEnv, say) -> tuple[int, float | None, list[dict[str, Any]]]:
+            env: DistEnv, say, scaler: torch.amp.GradScaler | None = None
+            ) -> tuple[int, float | None, list[dict[str, Any]]]:
     """Load the state to resume (`TrainConfig.state_path`) if there is one; return (start epoch, best loss,
     the per-epoch losses so far).
+
+    The loss scaler of ``--amp fp16`` continues from the state's ``scaler`` entry; a state written
+    in another amp mode has none, and the scaler starts fresh.
 
     The default ``checkpoint.pt`` of the run directory may be missing (a new
     run); an explicitly named state must exist.
@@ -353,6 +441,12 @@ def restore(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer
                 raise UserError(f"the optimizer state in {path} does not fit --optimizer {cfg.optimizer}: {exc} "
                                 "(use --load-state-non-strict to start the optimizer fresh)") from None
             say(f"note: optimizer state not loaded ({exc})")
+        if scaler is not None:
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            else:
+                say(f"note: {path} has no fp16 loss scaler state (written without --amp fp16); the scaler "
+                    "starts fresh")
     rngs = state.get("rng")
     epoch = int(state["epoch"])
     if isinstance(rngs, torch.Tensor):  # the original toolkit's state: torch's CPU generator of rank 0 only
@@ -432,13 +526,15 @@ def _nonfinite(what: str, value: float, epoch: int, batch: int | None) -> UserEr
 
 
 def _keep(input: torch.Tensor, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"input": input[-1].detach().cpu(), "output": output[-1:].detach().cpu(),
-            "target": target[-1:].detach().cpu()}
+    """The last item, in float32 on the CPU (an autocast output is 16-bit), for images and spectra."""
+    return {"input": input[-1].detach().float().cpu(), "output": output[-1:].detach().float().cpu(),
+            "target": target[-1:].detach().float().cpu()}
 
 
 def train_epoch(epoch: int, loader: DataLoader, model: nn.Module, criterion: nn.Module,
                 optimizer: torch.optim.Optimizer, env: DistEnv, device: torch.device, cfg: TrainConfig,
-                writer: Any, bar: Any) -> EpochStats:
+                writer: Any, bar: Any, scaler: torch.amp.GradScaler | None = None) -> EpochStats:
+    """One epoch of training; with a loss `scaler` (``--amp fp16``) the backward pass and step go through it."""
     model.train()
     stats, timed = EpochStats(), _Timed(loader)
     nbatch = len(loader)
@@ -447,15 +543,21 @@ def train_epoch(epoch: int, loader: DataLoader, model: nn.Module, criterion: nn.
     for i, batch in enumerate(timed):
         input = batch["input"].to(device, non_blocking=True)
         target = batch["target"].to(device, non_blocking=True)
-        output = model(input)
-        out, tgt = narrow_cast(output, target)
-        loss = criterion(out, tgt)
+        with precision.autocast(device, cfg.amp):
+            output = model(input)
+            out, tgt = narrow_cast(output, target)
+            loss = criterion(out, tgt)
         value = _mean_over_ranks(loss.detach().reshape(()).double(), env).item()
         if not math.isfinite(value):
             raise _nonfinite("loss", value, epoch, i)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:  # steps whose scaled gradients overflowed are skipped, and the scale shrinks
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         n = input.shape[0]
         weighted += value * n
         stats.items += n
@@ -476,7 +578,7 @@ def train_epoch(epoch: int, loader: DataLoader, model: nn.Module, criterion: nn.
 
 
 def validate(epoch: int, loader: DataLoader, model: nn.Module, criterion: nn.Module, env: DistEnv,
-             device: torch.device) -> tuple[float, dict[str, torch.Tensor]]:
+             device: torch.device, amp: str = "off") -> tuple[float, dict[str, torch.Tensor]]:
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     last: dict[str, torch.Tensor] = {}
@@ -484,9 +586,10 @@ def validate(epoch: int, loader: DataLoader, model: nn.Module, criterion: nn.Mod
         for batch in loader:
             input = batch["input"].to(device, non_blocking=True)
             target = batch["target"].to(device, non_blocking=True)
-            output = model(input)
-            out, tgt = narrow_cast(output, target)
-            loss = criterion(out, tgt)
+            with precision.autocast(device, amp):
+                output = model(input)
+                out, tgt = narrow_cast(output, target)
+                loss = criterion(out, tgt)
             total[0] += loss.double() * input.shape[0]
             total[1] += input.shape[0]
             last = (input, out, tgt)
@@ -557,11 +660,12 @@ def run(cfg: TrainConfig) -> TrainSummary:
     """Run `m2m train`; returns the summary on every rank (rank 0 alone printed and wrote files)."""
     t0 = time.perf_counter()
     check_config(cfg)
-    env, device = setup_processes(cfg.dist_backend)
-    opened: dict[str, Any] = {}
+    env, device, backend, notes = setup_processes(cfg)
+    opened: dict[str, Any] = {"backend": backend, "notes": notes}
     try:
         with contextlib.ExitStack() as stack, torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
             opened["stack"] = stack  # the run directory's lock, released last
+            opened["tf32"] = stack.enter_context(precision.tf32(cfg.tf32))  # this run's, restored after it
             try:
                 summary = _train(cfg, env, device, opened)
             finally:
@@ -590,6 +694,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--loader-workers must be 0 or more, got {cfg.loader_workers}")
     if cfg.log_interval < 1:
         raise UserError(f"--log-interval must be at least 1, got {cfg.log_interval}")
+    if cfg.device not in DEVICES:
+        raise UserError(f"--device {cfg.device!r}: expected one of {', '.join(DEVICES)}")
+    precision.check_amp(cfg.amp)
+    precision.check_tf32(cfg.tf32)
     if not isinstance(cfg.scale_factor, int) or cfg.scale_factor < 1:
         raise UserError(f"--scale-factor must be a positive integer, got {cfg.scale_factor}")
     shifts = [cfg.aug_shift] if isinstance(cfg.aug_shift, int) else list(cfg.aug_shift or ())
@@ -709,10 +817,20 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
         if env.is_main:
             print(msg, flush=True)
 
+    say(_place(env, device, opened["backend"]))
+    slow = precision.slow_bf16(device) if cfg.amp == "bf16" else None
+    for n in [*opened["notes"], *([slow] if slow else [])]:
+        say(f"note: {n}")
+    say(f"precision: amp {cfg.amp}, {precision.tf32_text(cfg.tf32, opened['tf32'], device)}"
+        + (", torch.compile" if cfg.compile else ""))
+
     # everything is checked before the run directory is touched: a bad option writes nothing
     train_ds, val_ds, model, stride, out_shape = _data_and_model(cfg, env, device, say)
+    if cfg.sync_bn:
+        model = sync_batchnorm(model, env, say)
     criterion, optimizer, scheduler, notes = build_optim(cfg, model)
     criterion.to(device)
+    scaler = precision.grad_scaler(device, cfg.amp)
     for n in notes:
         say(f"note: {n}")
 
@@ -723,11 +841,13 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
             say(f"note: {lock.note}")
         for name in ckpt.remove_stale(cfg.run_dir):
             say(f"removed {name}, left by an interrupted checkpoint write")
-    start_epoch, min_loss, losses = restore(cfg, model, optimizer, scheduler, env, say)
+    start_epoch, min_loss, losses = restore(cfg, model, optimizer, scheduler, env, say, scaler)
     if start_epoch == 0:  # per-rank streams from here on (e.g. dropout); a resumed run restored its own
         ckpt.seed_all([cfg.seed, 0, env.rank])
 
     raw_model = model
+    if cfg.compile:  # in place, inside DDP (torch's advice): the state_dict keeps the plain names
+        raw_model.compile()
     if env.distributed:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -747,7 +867,8 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
     summary = TrainSummary(run_dir=os.path.abspath(cfg.run_dir), start_epoch=start_epoch, epochs=[],
                            in_pad=[list(p) for p in train_ds.in_pad], total_stride=stride,
                            parameters=sum(p.numel() for p in raw_model.parameters()), world_size=env.world_size,
-                           device=str(device), checkpoint=None, seconds=0.0)
+                           device=str(device), checkpoint=None, seconds=0.0, backend=opened["backend"],
+                           amp=cfg.amp)
     if start_epoch >= cfg.epochs:
         say(f"already trained for {start_epoch} epochs (--epochs {cfg.epochs}); nothing to do")
     for epoch in range(start_epoch, cfg.epochs):
@@ -757,14 +878,14 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
         bar = _bar(env, len(train_loader), epoch, cfg.epochs)
         try:
             stats = train_epoch(epoch, train_loader, model, criterion, optimizer, env, device, cfg,
-                                writer, bar)
+                                writer, bar, scaler)
         finally:
             bar.close()
         val_loss, val_last = None, {}
         if val_loader is not None:
             val_sampler.set_epoch(epoch)
             val_ds.set_epoch(epoch)
-            val_loss, val_last = validate(epoch, val_loader, raw_model, criterion, env, device)
+            val_loss, val_last = validate(epoch, val_loader, raw_model, criterion, env, device, cfg.amp)
         epoch_loss = val_loss if val_loss is not None else stats.loss
         if scheduler is not None:
             scheduler.step(epoch_loss)
@@ -780,6 +901,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
             _log_epoch(writer, record, stats, val_last, train_ds.in_pad, boxsize)
             state = {"epoch": epoch + 1, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "scaler": scaler.state_dict() if scaler is not None else None,
                      "rng": rngs, "min_loss": min_loss, "losses": losses, "config": json.loads(json.dumps(config, default=str)),
                      "card": card}
             path = ckpt.save_state(state, cfg.run_dir)

@@ -129,6 +129,24 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                           "directory, starting fresh when it is missing or empty; '' starts fresh")
     run.add_argument("--load-state-non-strict", dest="load_state_strict", action="store_false",
                      help="load only the model entries whose names and shapes match")
+    gpu = p.add_argument_group("device and precision")
+    gpu.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                     help="where to train: auto is a GPU when this process sees one, else the CPU; each process "
+                          "takes GPU local_rank %% (GPUs it sees), so torchrun, srun --gpus-per-task=1 and srun "
+                          "--gpus-per-node=G all work; cuda refuses to fall back to the CPU")
+    gpu.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                     help="mixed precision: forward passes and losses under autocast in bf16 or fp16 (fp16 with a "
+                          "loss scaler saved in checkpoints); off keeps float32 and exact, bitwise resume")
+    gpu.add_argument("--compile", action="store_true",
+                     help="torch.compile the model (slow first steps; checkpoints load without it); needs a C++ "
+                          "compiler on CPU, triton on GPU")
+    gpu.add_argument("--sync-bn", action="store_true",
+                     help="BatchNorm with the batch statistics of all processes (SyncBatchNorm) under DDP; GPUs only")
+    gpu.add_argument("--tf32", choices=["on", "off"], default=None,
+                     help="allow TensorFloat-32 in float32 matrix products and cuDNN convolutions on Ampere and "
+                          "later GPUs (faster, about 1e-3 relative difference from CPU results); default: "
+                          "PyTorch's own (matmul off, cuDNN on)")
+
     run.add_argument("--dist-backend", choices=["gloo", "nccl", "mpi"], default=None,
                      help="torch.distributed backend (default: nccl on GPU, gloo on CPU)")
     run.add_argument("--log-interval", type=int, default=100, help="batches between logged training losses")

@@ -7,6 +7,8 @@ A state is a dict of tensors and plain Python values only, so that
 * ``model``: the model's ``state_dict`` (unwrapped from DDP);
 * ``optimizer``, ``scheduler``: their ``state_dict`` (``scheduler`` may be None);
 * ``rng``: one entry per rank, each ``{"torch", "cuda", "numpy", "python"}`` (see `rng_state`);
+* ``scaler``: the fp16 loss scaler's ``state_dict`` (`torch.amp.GradScaler`) with ``--amp fp16``, else None
+  (absent in older states);
 * ``min_loss``: the best epoch loss so far (validation if any, else training), or None;
 * ``losses``: one ``{"epoch", "train", "val", "lr"}`` per epoch so far;
 * ``config``: the training config (`map2map.train.TrainConfig`) as JSON-compatible values;

@@ -8,12 +8,17 @@ set, else the first host of the step's node list and a port derived from the
 job id (so two jobs sharing a node do not collide).  Without either launcher
 the process is rank 0 of 1.  Pure functions of the environment mapping, so
 they can be tested without a cluster.
+
+A process's device follows from its local rank and what it sees of CUDA
+(`CudaInfo`, asked of torch by `cuda_info`): `choose_device`, with the GPU
+`gpu_index`; pure as well, so GPU set-ups can be tested without a GPU.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping
 
@@ -75,7 +80,7 @@ def first_host(nodelist: str) -> str:
     return host
 
 
-def _tasks_on_node(tasks_per_node: str, node_id: int) -> int | None:
+def tasks_on_node(tasks_per_node: str, node_id: int) -> int | None:
     """Tasks on node `node_id` from SLURM's compressed list such as '4(x2),3'."""
     counts: list[int] = []
     for part in tasks_per_node.split(","):
@@ -114,7 +119,7 @@ def dist_env(env: MutableMapping[str, str] | None = None) -> DistEnv:
     local_world = None
     if "SLURM_STEP_TASKS_PER_NODE" in env or "SLURM_TASKS_PER_NODE" in env:
         spec = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", ""))
-        local_world = _tasks_on_node(spec, int(env.get("SLURM_NODEID", "0") or 0))
+        local_world = tasks_on_node(spec, int(env.get("SLURM_NODEID", "0") or 0))
     local_world = local_world or max(local_rank + 1, 1)
     if "MASTER_ADDR" not in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
@@ -131,3 +136,112 @@ def dist_env(env: MutableMapping[str, str] | None = None) -> DistEnv:
     env.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
                LOCAL_WORLD_SIZE=str(local_world))
     return DistEnv(rank, local_rank, world, local_world, "slurm")
+
+
+# ---------------------------------------------------------------- devices
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class CudaInfo:
+    """What this process sees of CUDA.
+
+    `cuda` and `hip`: the CUDA or ROCm version torch was built for (``torch.version.cuda``,
+    ``torch.version.hip``; both None in a CPU-only build); `visible`: the GPUs this process sees (after
+    CUDA_VISIBLE_DEVICES, whose value is `visible_env`, None when unset); `usable`: whether CUDA
+    started; `why`: torch's reason when it did not (e.g. a driver older than the build needs).
+    """
+
+    torch_version: str = ""
+    cuda: str | None = None
+    hip: str | None = None
+    visible: int = 0
+    usable: bool = False
+    why: str | None = None
+    visible_env: str | None = None
+
+    def facts(self) -> str:
+        """The facts behind a device choice, for messages."""
+        build = f"built for ROCm {self.hip}" if self.hip else f"torch.version.cuda {self.cuda}"
+        env = "" if self.visible_env is None else f", CUDA_VISIBLE_DEVICES={self.visible_env!r}"
+        return f"torch {self.torch_version}, {build}, {self.visible} GPU(s) visible{env}"
+
+    def unusable(self) -> str | None:
+        """Why this process cannot use a GPU (None if it can)."""
+        if self.usable and self.visible > 0:
+            return None
+        if self.cuda is None and self.hip is None:
+            return "this torch is a CPU-only build"
+        if self.visible == 0:
+            return "no GPU is visible to this process" + (f" ({self.why})" if self.why else "")
+        why = f": {self.why}" if self.why else " (a driver older than this torch build needs is the usual cause)"
+        return f"{self.visible} GPU(s) visible but CUDA does not start{why}"
+
+
+def cuda_reason(warning: str) -> str:
+    """The gist of torch's warning when CUDA does not start: its first sentence, plus the CUDA error code if
+    one comes later (e.g. 'The NVIDIA driver on your system is too old (found version 11040)')."""
+    text = " ".join(warning.split("(Triggered internally")[0].split())
+    text = text.split("CUDA initialization:", 1)[-1].strip()
+    first = text.split(". ", 1)[0].rstrip(".")
+    code = re.search(r"Error \d+: [^.(]+", text)
+    return first + (f" ({code.group(0).strip()})" if code and code.group(0).strip() not in first else "")
+
+
+def cuda_info() -> CudaInfo:
+    """What this process sees of CUDA, asked of torch (the one function here that does; imported when
+    called).  When CUDA does not start, torch says why in a warning (e.g. a driver too old for its build),
+    which becomes `CudaInfo.why`; other warnings are passed on."""
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        visible = torch.cuda.device_count()
+        usable = torch.cuda.is_available()
+    why = None
+    for w in caught:
+        text = str(w.message)
+        if why is None and not usable and "CUDA" in text:
+            why = cuda_reason(text)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return CudaInfo(torch_version=torch.__version__, cuda=torch.version.cuda, hip=getattr(torch.version, "hip", None),
+                    visible=visible, usable=usable, why=why, visible_env=os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def gpu_index(local_rank: int, visible: int) -> int:
+    """The GPU, among the `visible` ones, of the process with local rank `local_rank`: ``local_rank % visible``.
+
+    One rule for the usual launches: torchrun, or ``srun --gpus-per-node=G`` with G tasks per node, shows
+    every process all G GPUs, and local ranks 0..G-1 take one each; ``srun --gpus-per-task=1`` shows each
+    task its own single GPU, index 0 whatever the local rank; more processes than GPUs share them in turn
+    (gloo allows that, nccl refuses two processes on one GPU).
+    """
+    if visible < 1:
+        raise ValueError(f"no GPU to choose from (visible={visible})")
+    return local_rank % visible
+
+
+def choose_device(requested: str, local_rank: int, cuda: CudaInfo) -> tuple[str, str | None]:
+    """This process's device for ``--device`` `requested`: ("cpu" or "cuda:N", a note for the log or None).
+
+    ``auto`` is the GPU `gpu_index` picks when CUDA is usable, else the CPU (with a note when GPUs are
+    visible but CUDA does not start: the run would otherwise be silently slow); ``cuda`` that cannot be
+    had is a `UserError` naming the reason.
+    """
+    if requested not in DEVICES:
+        raise UserError(f"--device {requested!r}: expected one of {', '.join(DEVICES)}")
+    if requested == "cpu":
+        return "cpu", None
+    why = cuda.unusable()
+    if why is None:
+        return f"cuda:{gpu_index(local_rank, cuda.visible)}", None
+    if requested == "cuda":
+        fix = ("install a CUDA build of torch (TORCH_SPEC in scripts/setup.sh)" if cuda.cuda is None and
+               cuda.hip is None else "run on a node with a GPU" if cuda.visible == 0 else
+               "install a torch built for the driver's CUDA version (nvidia-smi shows it)")
+        raise UserError(f"--device cuda, but {why} ({cuda.facts()}); {fix}, or use --device cpu")
+    if cuda.visible > 0 and (cuda.cuda is not None or cuda.hip is not None):
+        return "cpu", f"{why} ({cuda.facts()}); training on cpu (--device cuda makes this an error)"
+    return "cpu", None
