@@ -127,12 +127,15 @@ def connect(address: str, what: str, timeout: float):
 def local_cluster(workers: int, threads_per_worker: int):
     """A `LocalCluster` of `workers` processes on this machine, quiet: no dashboard, and the scheduler's
     HTTP server (health, metrics) on a free loopback port instead of 8787, which another cluster may hold;
-    worker logs only at CRITICAL, since a failed task comes back to the client as its exception."""
+    worker logs only at CRITICAL, since a failed task comes back to the client as its exception.  Its
+    workers carry `map2map.infer.gpus.LOCAL_CLUSTER_ENV`, so each may take the GPU its index names."""
     from distributed import LocalCluster
+
+    from map2map.infer.gpus import LOCAL_CLUSTER_ENV
 
     return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
                         dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-                        silence_logs=logging.CRITICAL)
+                        silence_logs=logging.CRITICAL, env={LOCAL_CLUSTER_ENV: "1"})
 
 
 def _shut_down(client, cluster) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from map2map import tiles
+from map2map.infer import gpus
 from map2map.infer.markers import mark_done
 from map2map.infer.specs import Job
 from map2map.utils import durable
@@ -111,18 +112,11 @@ class WorkerState(WorkerPlugin):
             return self.models[key], device
 
     def device(self, device: str) -> str:
-        """The torch device for `device` ("auto", "cpu", "cuda"); on a local cluster of several GPUs
-        worker i (by name) takes GPU i modulo their number."""
-        import torch
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda":
-            count = torch.cuda.device_count()
-            name = getattr(self.worker, "name", None)
-            if count > 1 and isinstance(name, int):
-                device = f"cuda:{name % count}"
-        return device
+        """The torch device for `device` ("auto", "cpu", "cuda") on this worker: "cpu" or "cuda:K" by the
+        rule of `map2map.infer.gpus.worker_device`, over what this worker observes (`gpus.observe`)."""
+        if device == "cpu":
+            return "cpu"
+        return gpus.worker_device(device, gpus.observe(self.worker))
 
     def stack(self, job: Job, role: str):
         """This thread's `FieldStack` of the job's inputs (`role` "in") or targets ("tgt")."""
