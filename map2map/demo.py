@@ -40,7 +40,7 @@ class DemoConfig:
     train_boxes: int = 4
     crop: int = 32
     width: int = 8
-    epochs: int = 6
+    epochs: int = 12
     batch_size: int = 2
     lr: float = 1e-3
     seed: int = 0
@@ -65,6 +65,12 @@ class DemoSummary(Summary):
 
     def lines(self) -> list[str]:
         return [f"demo finished in {self.seconds:.0f} s; everything is in {self.outdir}"]
+
+
+def _model_kwargs(config: DemoConfig) -> dict[str, Any]:
+    """The V-Net's keyword arguments: the demo's width, and a start at the identity map (the bypass with a
+    zeroed last layer), which reaches a better r(k) in the demo's few epochs than PyTorch's default start."""
+    return {"width": config.width, "identity_init": True}
 
 
 def _show(*args: str) -> None:
@@ -113,7 +119,7 @@ def _plan(config: DemoConfig, out: Path) -> _Plan:
     tcfg = train.TrainConfig(
         model="VNet", lr=config.lr, train_data=str(out / "train.zarr"), val_data=str(out / "val.zarr"),
         in_fields=("za",), tgt_fields=("lpt2",), in_norms=("cosmology.dis",), tgt_norms=("cosmology.dis",),
-        crop=(config.crop,), in_pad="auto", misc_kwargs={"width": config.width}, augment=True,
+        crop=(config.crop,), in_pad="auto", misc_kwargs=_model_kwargs(config), augment=True,
         batch_size=config.batch_size, epochs=config.epochs, seed=config.seed, loader_workers=1, log_interval=10,
         run_dir=str(out / "run"))
     icfg = infer.InferConfig(load_state=str(out / "run" / "checkpoint.pt"), data=str(out / "test.zarr"),
@@ -185,7 +191,7 @@ def run(config: DemoConfig) -> DemoSummary:
     tcfg = plan.train
     _show("train", "--train-data", tcfg.train_data, "--val-data", tcfg.val_data, "--in", "za", "--tgt", "lpt2",
           "--in-norms", "cosmology.dis", "--tgt-norms", "cosmology.dis", "--crop", str(config.crop),
-          "--in-pad", "auto", "--model", "VNet", "--misc-kwargs", json.dumps({"width": config.width}), "--augment",
+          "--in-pad", "auto", "--model", "VNet", "--misc-kwargs", json.dumps(_model_kwargs(config)), "--augment",
           "--lr", str(config.lr), "--batch-size", str(config.batch_size), "--epochs", str(config.epochs),
           "--seed", str(config.seed), "--loader-workers", "1", "--log-interval", "10", "--run-dir", tcfg.run_dir)
     trained = train.run(tcfg)
@@ -227,7 +233,7 @@ def write_report(out: Path, opts: DemoConfig):
     beat, text = report.verdict(cmp, "model", "za")
     figs = report.figures(cmp, {"ZA input": za, "prediction": prediction, "2LPT truth": truth}, out / "report")
     meta = {"grid": f"{opts.ngrid}^3", "box": f"{opts.boxsize} Mpc/h", "training boxes": opts.train_boxes,
-            "epochs": opts.epochs, "model": f"VNet(width={opts.width})"}
+            "epochs": opts.epochs, "model": "VNet(" + ", ".join(f"{k}={v}" for k, v in _model_kwargs(opts).items()) + ")"}
     md = report.markdown(cmp, text, figs, meta)
     (out / "report" / "report.md").write_text(md)
     print(report.table(cmp))
