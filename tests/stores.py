@@ -33,6 +33,19 @@ def za_lpt_store(root: Path, name: str, nsamples: int, seed: int, *, ngrid: int 
     return out
 
 
+def random_pair_store(root: Path, name: str, seed: int, *, n: int = 16, crop: int = 8):
+    """(input, target, store path): one sample of two random 3-channel fields of `n`^3, ``disp`` and ``tgt``,
+    converted into ``root/name.zarr`` with `crop`^3 crops."""
+    import numpy as np
+
+    from test_infer import make_store
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, 3, n, n, n)).astype(np.float32)
+    y = rng.standard_normal((1, 3, n, n, n)).astype(np.float32)
+    return x, y, make_store(root, name, {"disp": x, "tgt": y}, crop=crop)
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     """Every file and directory under `root` (relative path -> sha256 of the content, or "dir"): equal
     digests before and after a refused command mean it changed nothing there, not even created a file."""

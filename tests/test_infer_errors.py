@@ -16,17 +16,14 @@ from map2map import store
 from map2map.models import G, VNet
 
 from conftest import fails, run_m2m
-from stores import drop_completion_mark
+from stores import drop_completion_mark, random_pair_store
 from test_infer import make_store, save_ckpt
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("errors")
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, 3, 16, 16, 16)).astype(np.float32)
-    y = rng.standard_normal((1, 3, 16, 16, 16)).astype(np.float32)
-    data = make_store(root, "in", {"disp": x, "tgt": y}, crop=8)
+    _, _, data = random_pair_store(root, "in", 0)
     torch.manual_seed(0)
     ckpt = save_ckpt(VNet(3, 3, width=4), root / "vnet.pt")
     return root, data, ckpt

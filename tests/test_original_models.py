@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from conftest import fails
 from golden import golden
+from stores import random_pair_store
 from map2map import modelfit
 from map2map.cli import main
 from map2map.models import G, PatchGAN, PatchGAN42, UNet, VNet, narrow_by
@@ -303,10 +304,7 @@ def test_checkpoint_readers_accept_the_original_format_and_ddp_prefixes(tmp_path
 def box(tmp_path_factory):
     """One 16^3 box of 3 channels (input 'disp' and target 'tgt') in a store cut into 8^3 crops."""
     root = tmp_path_factory.mktemp("original")
-    rng = np.random.default_rng(18)
-    x = rng.standard_normal((1, 3, 16, 16, 16)).astype(np.float32)
-    y = rng.standard_normal((1, 3, 16, 16, 16)).astype(np.float32)
-    return root, x, y, make_store(root, "box", {"disp": x, "tgt": y}, crop=8)
+    return (root, *random_pair_store(root, "box", 18))
 
 
 def test_m2m_infer_with_an_original_vnet_state_equals_a_whole_box_pass(box, capsys, tmp_path):
