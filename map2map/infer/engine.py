@@ -10,10 +10,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from map2map import store, tiles
 from map2map.errors import UserError
-from map2map.infer.cluster import (collect_stats, cuda_count, dask_client, preload_all, scheduler_address,
-                                   submit_all, torch_threads)
+from map2map.infer.cluster import (collect_stats, dask_client, preload_all, scheduler_address, submit_all,
+                                   torch_threads)
 from map2map.infer.defaults import check_channels, resolve
 from map2map.infer.inputs import Inputs, check_finite, npy_inputs, store_inputs, target_box
 from map2map.infer.markers import read_done
@@ -22,7 +24,9 @@ from map2map.infer.planning import Plan, make_plan
 from map2map.infer.specs import DONE_DIR, InferConfig, Job
 from map2map.modelfit import ModelSpec, file_stamp
 from map2map.stage import Summary
+from map2map.utils.distenv import DEVICES, choose_device, cuda_info
 from map2map.utils.locks import writer_lock
+from map2map.utils.precision import check_amp, slow_bf16
 
 
 @dataclass
@@ -50,12 +54,15 @@ class InferSummary(Summary):
     total_s: float = 0.0
     workers: dict[str, dict[str, float]] = field(default_factory=dict)
     written: list[str] = field(default_factory=list)
+    amp: str = "off"
 
     def lines(self) -> list[str]:
         out = [f"note: {n}" for n in self.notes]
         out += [f"override: {o}" for o in self.overrides]
         out.append(f"tiles: {self.tiles} ({self.computed} computed, {self.skipped} resumed), crop {self.tile}, "
                    f"pad {self.pad}, model stride {self.stride}")
+        if self.amp != "off":
+            out.append(f"precision: amp {self.amp} (forward passes under autocast; predictions written as float32)")
         if self.tiles_s is not None:
             out.append(f"time: setup {self.setup_s:.2f} s, tiles {self.tiles_s:.2f} s, total {self.total_s:.2f} s "
                        f"on {self.cluster}")
@@ -72,18 +79,35 @@ class InferSummary(Summary):
         return out
 
 
-def _resolve_local_device(device: str) -> str:
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {device!r}: expected auto, cpu or cuda")
-    if device == "auto":
-        return "cuda" if cuda_count() else "cpu"
-    return device
+def _local_device(requested: str, amp: str) -> tuple[str, list[str]]:
+    """The device type ("cpu" or "cuda") of our own local cluster's workers for ``--device`` `requested`, and
+    notes for the run.
+
+    Decided as for training, over what this process sees of CUDA
+    (`map2map.utils.distenv.choose_device`): ``cuda`` that cannot be had is one
+    line naming the reason; ``auto`` falls back to the CPU, with a note when
+    GPUs are visible but CUDA does not start.  Each worker then takes its own
+    GPU (`map2map.infer.gpus`).  A note also says when ``--amp bf16`` would be
+    emulated, slowly, on the GPU (`map2map.utils.precision.slow_bf16`).
+    """
+    if requested == "cpu":
+        return "cpu", []
+    cuda = cuda_info()
+    name, note = choose_device(requested, 0, cuda)
+    notes = []
+    if note is not None:  # the same reason as training's note, for a prediction
+        notes.append(f"{cuda.unusable()} ({cuda.facts()}); predicting on cpu (--device cuda makes this an error)")
+    slow = slow_bf16(torch.device(name)) if amp == "bf16" else None
+    return torch.device(name).type, notes + ([slow] if slow else [])
 
 
 def _check_options(opts: InferConfig) -> str:
     """The absolute output path, after the checks that need no file but the paths themselves."""
     if opts.batch_size < 1:
         raise UserError(f"--batch-size {opts.batch_size} must be positive")
+    if opts.device not in DEVICES:
+        raise UserError(f"--device {opts.device!r}: expected one of {', '.join(DEVICES)}")
+    check_amp(opts.amp)
     if opts.scale_factor is not None and (not isinstance(opts.scale_factor, int) or opts.scale_factor < 1):
         raise UserError(f"--scale-factor {opts.scale_factor} must be a positive integer")
     if not opts.out:
@@ -152,8 +176,8 @@ def _plan_settings(opts: InferConfig, inp: Inputs, spec: ModelSpec, pl: Plan, ou
         "norm_kwargs": opts.norm_kwargs, "callback_at": spec.callback_at, "criterion": criterion,
         "out_field": out_field, "out_chan": spec.out_chan, "out_shard": list(pl.out_shard),
         "out_chunk": list(pl.out_chunk), "stride": pl.stride,
-        # they change the shape of each forward pass or where it runs, hence the last bits of the result
-        "batch_size": opts.batch_size, "device": opts.device,
+        # they change the shape of each forward pass, where or in what precision it runs, hence the result
+        "batch_size": opts.batch_size, "device": opts.device, "amp": opts.amp,
     }
 
 
@@ -210,15 +234,14 @@ def prepare(config: InferConfig) -> Prepared:
     """
     t_start = time.perf_counter()
     out = _check_options(config)
+    remote = bool(config.scheduler or config.scheduler_file)
+    # a cluster's own workers decide their device (map2map.infer.gpus); ours follow what this process sees
+    device, notes = (config.device, []) if remote else _local_device(config.device, config.amp)
     resolved = resolve(config)
     opts = resolved.config
-    notes: list[str] = list(resolved.notes)
+    notes += resolved.notes
     inp = store_inputs(opts) if opts.data else npy_inputs(opts)
     target_box(inp, opts)
-    device = _resolve_local_device(opts.device)
-    remote = bool(opts.scheduler or opts.scheduler_file)
-    if device == "cuda" and not remote and not cuda_count():
-        raise UserError("--device cuda: no CUDA device is available here")
     spec = _model_spec(config, opts, inp)
     check_channels(resolved, spec.in_chan, spec.out_chan)
     pl = make_plan(spec.load(), opts, inp)
@@ -259,7 +282,7 @@ def execute(prep: Prepared) -> InferSummary:
     summary = InferSummary(output=out, field=prep.layout.name, nsample=inp.nsample, tiles=total,
                            skipped=ndone_before, computed=0, tile=list(pl.plan.tile),
                            pad=[list(p) for p in pl.plan.pad], out_shape=list(pl.plan.out_box), stride=pl.stride,
-                           overrides=list(prep.overrides), notes=notes)
+                           overrides=list(prep.overrides), notes=notes, amp=opts.amp)
     t_setup = time.perf_counter()
     if todo:
         with dask_client(opts, device) as (client, info):
@@ -270,7 +293,7 @@ def execute(prep: Prepared) -> InferSummary:
                       tuple(opts.tgt_norms) if opts.tgt_norms else None,
                       json.dumps(opts.norm_kwargs, sort_keys=True), spec, pl.plan, pl.offsets, pl.out_shape,
                       criterion, opts.device if remote else device,
-                      torch_threads(opts, device, info.get("workers")))
+                      torch_threads(opts, device, info.get("workers")), opts.amp)
             summary.cluster = info["cluster"]
             summary.threads_per_worker = opts.threads_per_worker
             preload_all(client, job)

@@ -22,7 +22,10 @@ class InferConfig:
     a value given explicitly overrides the card, and the run says so.
     `misc_kwargs` (model and norms), `model_kwargs` and `norm_kwargs` add up
     as on the command line: model arguments are the card's (or
-    ``misc_kwargs``), updated with ``model_kwargs``.
+    ``misc_kwargs``), updated with ``model_kwargs``.  `amp` is the mixed
+    precision of the forward passes (`map2map.utils.precision`; ``off``
+    keeps float32 throughout); predictions are written as float32 in every
+    mode.
     """
 
     load_state: str
@@ -49,6 +52,7 @@ class InferConfig:
     criterion: str = "MSELoss"
     batch_size: int = 1
     device: str = "auto"
+    amp: str = "off"
     scheduler: str | None = None
     scheduler_file: str | None = None
     workers: int | None = None
@@ -81,7 +85,8 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class Job:
-    """Everything a tile task needs, small enough to send with every task."""
+    """Everything a tile task needs, small enough to send with every task; `amp` is the autocast mode of its
+    forward passes (`map2map.utils.precision.autocast`)."""
 
     token: str
     out_path: str
@@ -100,6 +105,7 @@ class Job:
     criterion: str | None
     device: str
     torch_threads: int | None
+    amp: str = "off"
 
     @property
     def done_dir(self) -> str:

@@ -203,6 +203,7 @@ def run_tiles(job: Job, sample: int, tile_ids: Sequence[int]) -> list[tuple[int,
     import torch
 
     from map2map.data.fieldio import undo_norms
+    from map2map.utils import precision
 
     state = worker_state()
     state.begin(job.token)
@@ -215,10 +216,11 @@ def run_tiles(job: Job, sample: int, tile_ids: Sequence[int]) -> list[tuple[int,
         inputs.read(sample, plan.window(t), x[b])
     t1 = time.perf_counter()
     with torch.inference_mode():
-        y = model(torch.from_numpy(x).to(device))
+        with precision.autocast(torch.device(device), job.amp):
+            y = model(torch.from_numpy(x).to(device))
         if tuple(y.shape[2:]) != job.out_shape:
             raise RuntimeError(f"model output {tuple(y.shape[2:])} differs from the planned {job.out_shape}")
-        y = y.float().cpu().numpy()
+        y = y.float().cpu().numpy()  # float32 (an autocast output is 16-bit) before narrowing, norms and writing
     t2 = time.perf_counter()
     nbytes = x.nbytes + y.nbytes
     arr = state.output(job)
