@@ -1,15 +1,22 @@
 """Benchmark `m2m train` on CPU: training items/s and the fraction of step time spent waiting for data,
-per number of loader workers, and float32 vs bf16 mixed precision side by side.
+per number of loader workers, float32 vs bf16 mixed precision side by side, and the epoch start latency.
 
 The V-Net on crops of 32 plus the pad it needs (found by ``--in-pad auto``),
 batch size 1, reading 1LPT -> 2LPT displacements from a store made by
 ``m2m convert`` (shards = the crop, inner chunks for the pad), once per
 number of loader workers.  Each run trains ``--epochs`` epochs in its own
 run directory; the last epoch is reported (the first also pays one-off
-warm-up costs).  Loader workers are started afresh every epoch, as in
-training, so their start-up counts as waiting.  Then the same training
-under ``--amp bf16`` (and any other ``--amp`` modes asked for) with the
-largest worker count, beside float32's run with it.  Prints one JSON line.
+warm-up costs).  Loader workers live across epochs, as in training, so
+their start-up counts as waiting in the first epoch only; ``first_batch_s``
+is the first and the last epoch's wait from the epoch's start to its first
+batch.  Then the same training under ``--amp bf16`` (and any other
+``--amp`` modes asked for) with the largest worker count, beside float32's
+run with it.
+
+``epoch_start`` times that latency on the training loader alone, per epoch,
+with workers started afresh every epoch (``fresh``: what `m2m train` did
+before its workers lived across epochs) and kept (``kept``: what it does),
+per worker count above 0.  Prints one JSON line.
 
 On a shared machine items/s follows the other load (OpenMP threads wait for
 each other when one is descheduled); the data-wait fraction is the robust
@@ -29,10 +36,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from map2map import convert, synth, train
+from map2map.data.batching import collate
+from map2map.utils.distenv import DistEnv
 
 
 def make_store(root: Path, ngrid: int, nsamples: int, crop: int, pad: int) -> Path:
@@ -55,9 +66,36 @@ def run(store: Path, work: Path, crop: int, workers: int, epochs: int, width: in
         return train.run(config)
 
 
-def _figures(summary: train.TrainSummary) -> dict[str, float]:
+def _figures(summary: train.TrainSummary) -> dict[str, Any]:
     last = summary.epochs[-1]
-    return {"items_per_s": round(last.items_per_s, 3), "data_wait": round(last.data_wait, 4)}
+    return {"items_per_s": round(last.items_per_s, 3), "data_wait": round(last.data_wait, 4),
+            "first_batch_s": [round(summary.epochs[0].first_batch_s, 4), round(last.first_batch_s, 4)]}
+
+
+def epoch_start(store: Path, crop: int, pad: tuple[int, ...], workers: int, epochs: int) -> dict[str, list[float]]:
+    """Seconds from each epoch's start to its first batch on the training loader alone (as `m2m train` builds
+    it), with loader workers started afresh every epoch and kept across epochs."""
+    config = train.TrainConfig(
+        model="VNet", lr=1e-4, train_data=str(store), in_fields=("za",), tgt_fields=("lpt",), crop=(crop,),
+        in_pad=pad, in_norms=("cosmology.dis",), tgt_norms=("cosmology.dis",), augment=True, batch_size=1,
+        loader_workers=workers)
+    ds = train.make_dataset(config, "train", pad, config.seed)
+    kept, sampler = train.make_loader(ds, config, DistEnv(), torch.device("cpu"), training=True)
+    fresh = DataLoader(ds, batch_size=1, sampler=sampler, num_workers=workers, collate_fn=collate,
+                       persistent_workers=False)
+    out: dict[str, list[float]] = {}
+    for name, loader in (("fresh", fresh), ("kept", kept)):
+        out[name] = []
+        for epoch in range(epochs):
+            sampler.set_epoch(epoch)
+            t0 = time.perf_counter()
+            it = iter(loader)
+            next(it)
+            out[name].append(round(time.perf_counter() - t0, 4))
+            for _ in it:  # the rest of the epoch, as training reads it
+                pass
+    train.end_workers(kept)
+    return out
 
 
 def main() -> None:
@@ -70,6 +108,8 @@ def main() -> None:
     p.add_argument("--workers", default="0,1,2", help="comma-separated loader worker counts to compare")
     p.add_argument("--amp", default="bf16", help="comma-separated mixed precision modes to compare with float32 "
                                                  "(with the largest worker count); '' for none")
+    p.add_argument("--start-epochs", type=int, default=3,
+                   help="epochs per loader in the epoch start comparison (fresh vs kept workers)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
@@ -79,7 +119,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="m2m-bench-train-", dir=args.dir))
     try:
         store = make_store(root, args.ngrid, args.samples, args.crop, pad=20)
-        results, pad = {}, None
+        results, pad, in_pad = {}, None, ()
         t0 = time.perf_counter()
         counts = [int(v) for v in args.workers.split(",")]
         by_workers = {}
@@ -87,6 +127,7 @@ def main() -> None:
             summary = run(store, root / f"run{i}", args.crop, w, args.epochs, args.width, device=args.device)
             pad = ",".join(str(lo) for lo, _ in summary.in_pad) if len({lo for lo, _ in summary.in_pad}) > 1 \
                 else str(summary.in_pad[0][0])
+            in_pad = tuple(v for lo_hi in summary.in_pad for v in lo_hi)
             by_workers[w] = results[str(w) if counts.count(w) == 1 else f"{w}#{i}"] = _figures(summary)
         amp_workers = max(counts)
         precisions = {"loader_workers": amp_workers, "fp32": by_workers[amp_workers]}
@@ -96,11 +137,14 @@ def main() -> None:
             precisions[amp] = _figures(summary)
             precisions[f"{amp}_over_fp32"] = round(precisions[amp]["items_per_s"] /
                                                    precisions["fp32"]["items_per_s"], 3)
+        starts = {str(w): epoch_start(store, args.crop, in_pad, w, args.start_epochs)
+                  for w in counts if w > 0}
         print(json.dumps({
             "bench": "train", "model": "VNet", "width": args.width, "crop": args.crop, "in_pad": pad,
             "batch_size": 1, "device": args.device, "torch_threads": torch.get_num_threads(),
             "items_per_epoch": args.samples * (args.ngrid // args.crop) ** 3, "epoch_reported": args.epochs,
-            "loader_workers": results, "precision": precisions, "seconds": round(time.perf_counter() - t0, 1),
+            "loader_workers": results, "precision": precisions, "epoch_start": starts,
+            "seconds": round(time.perf_counter() - t0, 1),
         }))
     finally:
         shutil.rmtree(root, ignore_errors=True)

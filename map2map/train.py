@@ -7,9 +7,19 @@ The flow, top to bottom in `run` (a `TrainConfig` in, a `TrainSummary` out):
    variables, and the device (``--device``; a GPU is ``local_rank %
    visible GPUs``, see `map2map.utils.distenv.choose_device`); the process
    group is created only when there are several processes (gloo on CPU, nccl
-   on GPU).  Rank 0 alone prints, logs to TensorBoard and writes checkpoints.
+   on GPU), with ``--dist-timeout``.  Rank 0 alone prints, logs to TensorBoard
+   and writes checkpoints.  Ranks fail together (`FailureBoard`): a rank
+   whose training raises tells the others, which end at once instead of
+   waiting in a collective for the process group's timeout.
+1b. What to resume from (`agree_on_state`), before anything is written: each
+   rank reads its state to resume (``--load-state``, default ``checkpoint.pt``
+   in the run directory); several ranks compare epochs and file digests, and
+   ranks that would resume from different states (node-local run
+   directories) all stop with the same line.
 2. Data: a `FieldDataset` per split, a `DistFieldSampler` over its crops
-   (disjoint per rank, reshuffled from (seed, epoch)), a `DataLoader`.
+   (disjoint per rank, reshuffled from (seed, epoch)), a `DataLoader` whose
+   workers live across epochs; the sampler's items carry their epoch to them
+   (`map2map.data.sampler.EpochItem`), so augmentation still changes every epoch.
 3. Model, found by name and built as ``Model(in_chan, out_chan,
    scale_factor=..., **misc_kwargs)`` (keys neither the model nor a norm
    takes are refused, `map2map.models.build`); its total stride is checked
@@ -21,15 +31,16 @@ The flow, top to bottom in `run` (a `TrainConfig` in, a `TrainSummary` out):
    Nothing is written before here: a bad option leaves no trace.  Then rank 0
    takes the run directory's writer lock (`map2map.utils.locks`) and holds
    it to the end, so a second training in the same directory is refused.
-5. State: ``--load-state`` (default ``checkpoint.pt`` in the run directory)
-   restores model, optimizer, scheduler, loss scaler and RNG states, or training
-   starts fresh.  Then ``--compile`` compiles the model in place (so its
-   state_dict keeps the plain names) and DDP wraps it.
+5. State: the state agreed on in 1b restores model, optimizer, scheduler,
+   loss scaler and RNG states, or training starts fresh.  Then ``--compile``
+   compiles the model in place (so its state_dict keeps the plain names) and
+   DDP wraps it.
 6. Epochs: train and validate (forward passes and losses under ``--amp``'s
    autocast), step the scheduler, log, write ``state_{epoch}.pt`` (with the
    model card, `map2map.modelfit.ModelCard`) and relink ``checkpoint.pt``, all
    in the run directory (``--run-dir``; never the process's working directory
-   unless that is the run directory).
+   unless that is the run directory).  A checkpoint that cannot be written
+   stops the run with one line naming the file and the system's reason.
 
 Every source of randomness in an epoch derives from (seed, epoch) or from RNG
 states saved in the checkpoint, so a resumed run continues exactly as an
@@ -38,8 +49,10 @@ uninterrupted one (bit-identical on CPU with one process and ``--amp off``).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -47,11 +60,14 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -61,7 +77,7 @@ from map2map import __version__, modelfit, store
 from map2map.data.batching import collate
 from map2map.data.fields import FieldDataset
 from map2map.data.sampler import DistFieldSampler
-from map2map.errors import UserError
+from map2map.errors import UserError, describe, is_resource_error, one_line, user_code_error
 from map2map.models import build_model, narrow_cast
 from map2map.stage import Summary
 from map2map.utils import checkpoint as ckpt
@@ -72,6 +88,7 @@ from map2map.utils.imports import import_attr
 
 
 Pad = Any  # "auto", an int, or 1, d or 2d ints (see `map2map.geometry.parse_pad`)
+DIST_TIMEOUT_S = 1800.0  # --dist-timeout's default: torch's default process group timeout (30 minutes)
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,12 @@ class TrainConfig:
     means start fresh; any other path must exist.  `device`, `amp`, `compile`,
     `sync_bn` and `tf32` say where and in what precision it runs (`tf32` None:
     PyTorch's defaults); the config is saved in every checkpoint.
+    `dist_timeout` (seconds) bounds every wait of the process group: the
+    rendezvous of all ranks at the start and each collective, e.g. the
+    barrier where the other ranks wait while rank 0 writes a checkpoint.  Its
+    default is torch's own default; a rank that raises ends the others at
+    once whatever the timeout (`FailureBoard`), so it matters only for a rank
+    that dies silently (killed, out of memory) under nccl, or a real hang.
     """
 
     model: str
@@ -127,6 +150,7 @@ class TrainConfig:
     load_state: str | None = None
     load_state_strict: bool = True
     dist_backend: str | None = None
+    dist_timeout: float = DIST_TIMEOUT_S
     log_interval: int = 100
     detect_anomaly: bool = False
     device: str = "auto"
@@ -157,6 +181,7 @@ class EpochRecord:
     data_wait: float
     batch_losses: list[tuple[int, float]]
     checkpoint: str | None = None
+    first_batch_s: float = 0.0  # seconds from the epoch's start to its first training batch
 
     def __getitem__(self, key: str) -> Any:  # records read like the dicts they were
         return getattr(self, key)
@@ -226,6 +251,9 @@ def _process_group_error(exc: BaseException) -> str:
     if "Duplicate GPU" in text:
         text += (" (nccl needs a GPU per process: start at most as many processes per node as GPUs, or use "
                  "--dist-backend gloo)")
+    elif "timed out" in text.lower():
+        text += (" (--dist-timeout: did every process start, with the same MASTER_ADDR, MASTER_PORT and "
+                 "WORLD_SIZE?)")
     return text
 
 
@@ -251,7 +279,8 @@ def setup_processes(cfg: TrainConfig) -> tuple[DistEnv, torch.device, str | None
             dist.init_process_group).parameters else {}
         try:
             dist.init_process_group(backend=backend, init_method="env://", rank=env.rank,
-                                    world_size=env.world_size, **bind)
+                                    world_size=env.world_size, timeout=timedelta(seconds=cfg.dist_timeout),
+                                    **bind)
         except (RuntimeError, ValueError) as exc:  # DistBackendError is a RuntimeError
             raise UserError(f"cannot start the {backend} process group for rank {env.rank} of "
                             f"{env.world_size}: {_process_group_error(exc)}") from None
@@ -264,6 +293,190 @@ def _place(env: DistEnv, device: torch.device, backend: str | None) -> str:
     if not env.distributed:
         return f"device {device}{gpu}, one process"
     return f"device {device}{gpu} on rank 0, {env.world_size} processes ({env.launcher}), backend {backend}"
+
+
+# ---------------------------------------------------------------- 1. ranks that fail together
+
+POLL_S = 0.5  # how often every rank looks at the failure board
+TELL_S = 5.0  # how long a failing rank waits for the others to have seen its failure
+GRACE_S = 10.0  # how long a stopping rank waits for the failed rank to exit, or for its own normal end
+
+# gloo's words for a peer process that went away in the middle of a collective
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+class AllRanksError(UserError):
+    """A `UserError` that every rank raises at the same point, after comparing notes with the others (e.g.
+    ranks that would resume from different states): no rank needs to be told of it by another."""
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether `exc` is what a collective raises on this rank when another rank's process has ended (gloo
+    notices the closed connection at once; nccl does not notice, see `FailureBoard`)."""
+    return isinstance(exc, RuntimeError) and any(words in str(exc) for words in _PEER_GONE)
+
+
+def failure_line(exc: BaseException) -> str:
+    """`exc` in one line, as another rank reports it: a `UserError`'s message, the user's file and line
+    for an error in the user's code, else ``Type: message``."""
+    if isinstance(exc, UserError):
+        return one_line(str(exc))
+    code_error = user_code_error(exc)
+    return str(code_error) if code_error is not None else describe(exc)
+
+
+def _say_and_end(line: str, wait: Callable[[], None] | None = None) -> NoReturn:
+    """Print `line` on stderr, call `wait`, and end this process at once with status 1: no cleanup, because
+    the main thread may be blocked in a collective that would wait for the process group's timeout."""
+    with contextlib.suppress(OSError, ValueError):  # a closed stream: nobody left to tell
+        sys.stdout.flush()
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    if wait is not None:
+        wait()
+    os._exit(1)
+
+
+class FailureBoard:
+    """Where the ranks of one run tell each other that they failed, so that all of them stop at once.
+
+    A *board* is a few keys in the rendezvous store that every rank joined
+    (torch's TCPStore at MASTER_ADDR:MASTER_PORT: torchrun's agent hosts it,
+    under srun rank 0 does), under a prefix of this run and restart; each
+    rank reads it through a connection of its own.
+
+    * A rank whose training raises (`fail`) posts its error in one line
+      (`failure_line`) as the run's failure, unless another rank posted
+      first, and waits up to `TELL_S` until every other rank has seen it;
+      then its exception goes on to the command line, which prints it, and
+      at exit the rank marks itself exited.
+    * A *watcher* thread in every rank looks at the board every `POLL_S`.
+      On another rank's failure it says ``m2m train: error: rank N failed:
+      LINE; rank M stops too`` on stderr, waits up to `GRACE_S` for the
+      failed rank to mark itself exited (so that it has printed its own
+      error before torchrun, seeing this rank end, ends it), and ends its
+      process with status 1 (`_say_and_end`).  This works for every backend
+      and wherever the main thread waits: nccl, unlike gloo, does not notice
+      a peer that has gone, and would wait for the timeout.
+    * A rank whose own error only echoes another's failure (gloo's lost
+      connection, `lost_peer`) reports that failure instead of its echo.
+    * At a normal end every rank stops its watcher (`stop`) before any rank
+      leaves (a barrier): under srun rank 0's exit takes the store with it.
+      A watcher that loses the store otherwise (its host ended) waits
+      `GRACE_S` for its own rank to stop, else says so and ends with 1.
+    * `AllRanksError`s are not posted: every rank raises them at once.
+
+    A rank that dies without raising (killed, out of memory) posts nothing:
+    under gloo the others' collectives fail at once (and say so), under nccl
+    they wait for ``--dist-timeout``; torchrun, and srun with
+    ``--kill-on-bad-exit=1``, end them as soon as a rank exits non-zero.
+    (When the store's host is the one that died, torch also prints its own
+    warning about the lost connection.)
+    """
+
+    def __init__(self, rank: int, world_size: int, timeout: float,
+                 environ: Mapping[str, str] | None = None) -> None:
+        environ = os.environ if environ is None else environ
+        self.rank, self.world_size = rank, world_size
+        self.address = f"{environ['MASTER_ADDR']}:{environ['MASTER_PORT']}"
+        # a new store per torchrun restart in current torch; the prefix keeps restarts apart in any case
+        self._prefix = f"m2m-train/{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        self._store = dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), is_master=False,
+                                    timeout=timedelta(seconds=timeout), wait_for_workers=False)
+        self._stopped, self._failing = threading.Event(), threading.Event()
+        self._ending = threading.Lock()  # taken by the one thread that ends this process
+        self._watcher = threading.Thread(target=self._watch, name="m2m-failure-board", daemon=True)
+        self._watcher.start()
+
+    def _key(self, name: str) -> str:
+        return self._prefix + name
+
+    def _first(self) -> tuple[int, str]:
+        """(rank, line) of the run's first failure (posted: the failure count is above 0)."""
+        rank, _, line = self._store.get(self._key("failure")).decode().partition("\t")
+        return int(rank), line
+
+    def stop(self) -> None:
+        """This rank ends normally, or with an error every rank raises: the watcher stops."""
+        self._stopped.set()
+
+    def fail(self, exc: BaseException, echo: bool = False) -> None:
+        """Tell the other ranks that this one failed with `exc` (see the class docstring).
+
+        `echo`: `exc` may only be the consequence of another rank's failure;
+        if another rank posted first, this process says so and ends here.
+        """
+        if isinstance(exc, AllRanksError):
+            self.stop()
+            return
+        self._failing.set()
+        try:
+            if self._store.add(self._key("failures"), 1) > 1:
+                rank, line = self._first()
+                if echo and rank != self.rank:
+                    self._peer_failed(rank, line)
+                return
+            self._store.set(self._key("failure"), f"{self.rank}\t{failure_line(exc)}")
+            atexit.register(self._mark_exited)
+            deadline = time.monotonic() + TELL_S
+            while (self._store.add(self._key("seen"), 0) < self.world_size - 1
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
+        except RuntimeError:  # torch's store errors: the store's host ended, nobody left to tell
+            return
+
+    def _mark_exited(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            self._store.set(self._key("exited"), "1")
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(POLL_S):
+            try:
+                if self._store.add(self._key("failures"), 0) == 0:
+                    continue
+                rank, line = self._first()
+                if rank == self.rank:
+                    return
+                self._store.add(self._key("seen"), 1)
+            except RuntimeError:
+                if self._stopped.wait(GRACE_S):
+                    return
+                self._end(f"m2m train: error: lost the rendezvous store at {self.address} (its host, rank 0 "
+                          f"or torchrun, ended); rank {self.rank} stops too")
+            if self._failing.is_set():
+                return  # this rank fails by itself and says why
+            self._peer_failed(rank, line)
+
+    def _peer_failed(self, rank: int, line: str) -> NoReturn:
+        """Say that `rank` failed, give it time to exit first, and end this process."""
+        self._end(f"m2m train: error: rank {rank} failed: {line}; rank {self.rank} stops too", self._wait_exit)
+
+    def _wait_exit(self) -> None:
+        """Wait up to `GRACE_S` for the failed rank to mark itself exited."""
+        deadline = time.monotonic() + GRACE_S
+        with contextlib.suppress(RuntimeError):  # the store's host (the failed rank) has ended
+            while not self._store.check([self._key("exited")]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    def _end(self, line: str, wait: Callable[[], None] | None = None) -> NoReturn:
+        if not self._ending.acquire(blocking=False):
+            threading.Event().wait()  # the other thread of this process is ending it
+        _say_and_end(line, wait)
+
+
+def tell_others(exc: BaseException, env: DistEnv, board: FailureBoard | None) -> None:
+    """Before `exc` leaves this rank: post it on the board (`FailureBoard.fail`).  A collective's error for
+    a lost connection to another rank is raised instead as a `UserError` saying so (unless another rank
+    posted its failure first: then this process ends saying that)."""
+    echo = env.distributed and lost_peer(exc)
+    error = exc
+    if echo:
+        error = UserError(f"rank {env.rank} lost its connection to another rank, which ended without saying why "
+                          f"(killed? out of memory? see its log): {one_line(str(exc)).split('. ')[0]}")
+    if board is not None:
+        board.fail(error, echo=echo)
+    if echo:
+        raise error from None
 
 
 # ---------------------------------------------------------------- 2. data
@@ -328,12 +541,35 @@ def make_dataset(cfg: TrainConfig, split: str, in_pad: Any, seed: int, fields_on
 
 def make_loader(ds: FieldDataset, cfg: TrainConfig, env: DistEnv, device: torch.device,
                 training: bool) -> tuple[DataLoader, DistFieldSampler]:
+    """The loader of one split and its sampler (call the sampler's ``set_epoch`` before each epoch).
+
+    Loader workers live across epochs (``persistent_workers``): they start
+    once, at the first epoch, keep their readers' caches, and end with the
+    run (`end_workers`).  The sampler
+    yields `EpochItem`s, so each item's augmentation follows its epoch in the
+    workers as in this process.  The loader draws its workers' seeds from a
+    generator of its own (from seed, rank and split), not from torch's global
+    one: a resumed run starts its iterators at another epoch than an
+    uninterrupted one, and must not shift the global stream (dropout) by it."""
     sampler = DistFieldSampler(ds.nsample, ds.crop_counts, shuffle=training, div_data=cfg.div_data,
                                div_shuffle_dist=cfg.div_shuffle_dist, seed=cfg.seed,
-                               rank=env.rank, world_size=env.world_size)
+                               rank=env.rank, world_size=env.world_size, epoch_items=True)
+    seed = np.random.SeedSequence([cfg.seed % 2**64, env.rank, int(training)]).generate_state(1, np.uint64)[0]
+    generator = torch.Generator().manual_seed(int(seed))
     loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.loader_workers,
-                        collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=False)
+                        collate_fn=collate, pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.loader_workers > 0, generator=generator)
     return loader, sampler
+
+
+def end_workers(loader: DataLoader) -> None:
+    """End `loader`'s workers now.  Torch ends persistent workers when the loader's iterator is collected,
+    which a reference cycle anywhere in the run can put off past its end; processes forked meanwhile (the
+    next run's workers) would inherit the iterator, and collecting it there fails."""
+    iterator = getattr(loader, "_iterator", None)  # torch's own names: no public way to end persistent workers
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None
 
 
 # ---------------------------------------------------------------- 3. model and geometry
@@ -403,21 +639,106 @@ def build_optim(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, torch.op
 # ---------------------------------------------------------------- 5. state
 
 
-def restore(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-            env: DistEnv, say, scaler: torch.amp.GradScaler | None = None
+@dataclass(frozen=True)
+class StateSeen:
+    """What one rank finds to resume from, compared across ranks (`agree_on_state`).
+
+    `kind` is "fresh" (nothing to resume: ``--load-state ''``, or the run
+    directory's ``checkpoint.pt`` missing or empty), "state" (a state after
+    `epoch` epochs; `digest` is the SHA-256 of its file when ranks compare)
+    or "error" (`error` says why the state named cannot be used).
+    """
+
+    kind: str
+    epoch: int | None = None
+    digest: str | None = None
+    error: str | None = None
+
+    def text(self) -> str:
+        if self.kind == "state":
+            return f"epoch {self.epoch}" + (f" (file sha256 {self.digest[:12]})" if self.digest else "")
+        return "nothing (a fresh start)" if self.kind == "fresh" else f"an unusable state ({self.error})"
+
+
+def _file_digest(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**22):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def read_resume_state(cfg: TrainConfig, digest: bool = False) -> tuple[dict[str, Any] | None, StateSeen]:
+    """This rank's state to resume (`TrainConfig.state_path`, loaded on the CPU; None: start fresh) and what
+    it found (`StateSeen`; with `digest`, the file's SHA-256).  The default ``checkpoint.pt`` of the run
+    directory may be missing (a new run); an explicitly named state must exist."""
+    path = cfg.state_path
+    if cfg.load_state and not os.path.isfile(cfg.load_state):
+        why = "is a directory" if os.path.isdir(cfg.load_state) else "does not exist"
+        return None, StateSeen("error", error=f"--load-state {cfg.load_state} {why} (leave the option out to "
+                                              f"resume from {ckpt.CKPT_LINK} in the run directory, or give '' "
+                                              "to start fresh)")
+    try:
+        # on the CPU: load_state_dict copies onto the model's device, and RNG states stay CPU tensors
+        state = ckpt.read_state(path, map_location="cpu") if path else None
+    except UserError as exc:
+        return None, StateSeen("error", error=one_line(str(exc)))
+    if state is None:
+        return None, StateSeen("fresh")
+    return state, StateSeen("state", int(state["epoch"]), _file_digest(path) if digest else None)
+
+
+def _rank_ranges(ranks: Sequence[int]) -> str:
+    """``rank 3`` or ``ranks 0-2,5`` (sorted ranks, runs of consecutive ones as ranges)."""
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    text = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    return f"rank {text}" if len(ranks) == 1 else f"ranks {text}"
+
+
+def agree_on_state(cfg: TrainConfig, env: DistEnv) -> dict[str, Any] | None:
+    """The state to resume (None: start fresh), the same on every rank, or a one-line error on every rank.
+
+    With several processes, every rank reads its own state (node-local run
+    directories may hold different ones) and the ranks compare what they
+    found, epoch and file digest: rank 0's choice holds only where every rank
+    found the same.  Otherwise, or when the state named is unusable, every rank
+    raises the same `AllRanksError` (a `UserError` for one process).
+    """
+    state, mine = read_resume_state(cfg, digest=env.distributed)
+    error = UserError
+    if env.distributed:
+        error = AllRanksError
+        seen: list[Any] = [None] * env.world_size
+        dist.all_gather_object(seen, mine)
+        if any(s != seen[0] for s in seen):
+            groups: dict[StateSeen, list[int]] = {}
+            for rank, s in enumerate(seen):
+                groups.setdefault(s, []).append(rank)
+            found = "; ".join(f"{_rank_ranges(ranks)}: {s.text()}" for s, ranks in groups.items())
+            raise AllRanksError(
+                f"the ranks would resume from different states in {cfg.state_path or '(none)'}: {found}; give "
+                "every rank the same run directory (--run-dir on a shared file system) or the same --load-state "
+                "file, or start all fresh with --load-state ''")
+    if mine.kind == "error":
+        raise error(mine.error)
+    return state
+
+
+def restore(cfg: TrainConfig, state: dict[str, Any] | None, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: Any, env: DistEnv, say, scaler: torch.amp.GradScaler | None = None
             ) -> tuple[int, float | None, list[dict[str, Any]]]:
-    """Load the state to resume (`TrainConfig.state_path`) if there is one; return (start epoch, best loss,
-    the per-epoch losses so far).
+    """Restore `state` (from `agree_on_state`; None: start fresh); return (start epoch, best loss, the
+    per-epoch losses so far).
 
     The loss scaler of ``--amp fp16`` continues from the state's ``scaler`` entry; a state written
     in another amp mode has none, and the scaler starts fresh.
-
-    The default ``checkpoint.pt`` of the run directory may be missing (a new
-    run); an explicitly named state must exist.
     """
     path = cfg.state_path
-    # loaded on the CPU: load_state_dict copies onto the model's device, and RNG states stay CPU tensors
-    state = ckpt.read_state(path, map_location="cpu") if path else None
     if state is None:
         why = "no --load-state" if not path else f"{path} is missing or empty"
         say(f"starting fresh ({why})")
@@ -465,6 +786,24 @@ def restore(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer
     return epoch, state.get("min_loss"), list(state.get("losses") or [])
 
 
+def save_checkpoint(state: Mapping[str, Any], run_dir: str) -> Path:
+    """`ckpt.save_state` (returns the path written), with one line naming the file and the system's reason
+    when it cannot be written: out of space or quota stays an `OSError` (the command line says so, status
+    1), any other reason (permissions, a read-only file system) is a `UserError`."""
+    target = os.path.abspath(os.path.join(run_dir, ckpt.state_name(int(state["epoch"]))))
+    try:
+        return ckpt.save_state(state, run_dir)
+    except OSError as exc:
+        reason = exc.strerror or describe(exc)
+        link = os.path.join(os.path.dirname(target), ckpt.CKPT_LINK)
+        then = (f"{ckpt.CKPT_LINK} still points at {os.path.basename(os.path.realpath(link))}"
+                if os.path.lexists(link) else "no checkpoint was written")
+        if is_resource_error(exc):
+            raise OSError(exc.errno, f"{reason} while writing the checkpoint {target}; {then}") from None
+        raise UserError(f"cannot write the checkpoint {target}: {reason}; {then}; fix that and run again to "
+                        "resume") from None
+
+
 def gather_rng(env: DistEnv) -> list[dict[str, Any]]:
     """Every rank's RNG states, in rank order (so that each rank resumes its own streams)."""
     mine = ckpt.rng_state()
@@ -486,28 +825,33 @@ class EpochStats:
     items: int = 0
     seconds: float = 0.0
     wait: float = 0.0
+    first_wait: float = 0.0
     batch_losses: list[tuple[int, float]] = field(default_factory=list)
     last: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class _Timed:
-    """Iterate a loader, adding the time spent waiting for each batch (and for the workers' start) to `wait`."""
+    """Iterate a loader, adding the time spent waiting for each batch (and for the workers' start) to `wait`;
+    `first` is the wait for the first batch, workers' start included (the epoch's start latency)."""
 
     def __init__(self, loader: DataLoader) -> None:
-        self.loader, self.wait = loader, 0.0
+        self.loader, self.wait, self.first = loader, 0.0, 0.0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         t0 = time.perf_counter()
         it = iter(self.loader)
         self.wait += time.perf_counter() - t0
+        first = True
         while True:
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             try:
                 batch = next(it)
             except StopIteration:
                 return
             finally:
-                self.wait += time.perf_counter() - t0
+                self.wait += time.perf_counter() - t1
+            if first:
+                self.first, first = time.perf_counter() - t0, False
             yield batch
 
 
@@ -571,7 +915,7 @@ def train_epoch(epoch: int, loader: DataLoader, model: nn.Module, criterion: nn.
         if i == nbatch - 1 and env.is_main:
             stats.last = _keep(input, out, tgt)
     stats.seconds = time.perf_counter() - t_start
-    stats.wait = timed.wait
+    stats.wait, stats.first_wait = timed.wait, timed.first
     stats.loss = weighted / max(stats.items, 1)
     stats.items *= env.world_size
     return stats
@@ -662,16 +1006,27 @@ def run(cfg: TrainConfig) -> TrainSummary:
     check_config(cfg)
     env, device, backend, notes = setup_processes(cfg)
     opened: dict[str, Any] = {"backend": backend, "notes": notes}
+    board = None
     try:
+        if backend in ("gloo", "nccl"):  # (mpi has no rendezvous store)
+            board = FailureBoard(env.rank, env.world_size, cfg.dist_timeout)
         with contextlib.ExitStack() as stack, torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
             opened["stack"] = stack  # the run directory's lock, released last
             opened["tf32"] = stack.enter_context(precision.tf32(cfg.tf32))  # this run's, restored after it
             try:
                 summary = _train(cfg, env, device, opened)
+                if board is not None:  # every watcher stops before a rank leaves (under srun rank 0 takes
+                    board.stop()  # the store with it)
+                    dist.barrier()
+            except BaseException as exc:
+                tell_others(exc, env, board)
+                raise
             finally:
                 if opened.get("writer") is not None:
                     opened["writer"].close()
     finally:
+        if board is not None:
+            board.stop()
         if env.distributed and dist.is_initialized():
             dist.destroy_process_group()
     summary.seconds = time.perf_counter() - t0
@@ -694,6 +1049,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--loader-workers must be 0 or more, got {cfg.loader_workers}")
     if cfg.log_interval < 1:
         raise UserError(f"--log-interval must be at least 1, got {cfg.log_interval}")
+    if not _positive_number(cfg.dist_timeout):
+        raise UserError(f"--dist-timeout must be a positive number of seconds, got {cfg.dist_timeout}")
     if cfg.device not in DEVICES:
         raise UserError(f"--device {cfg.device!r}: expected one of {', '.join(DEVICES)}")
     precision.check_amp(cfg.amp)
@@ -711,10 +1068,6 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--div-shuffle-dist must be 0 or more, got {cfg.div_shuffle_dist}")
     if os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
         raise UserError(f"--run-dir {cfg.run_dir} exists and is not a directory")
-    if cfg.load_state and not os.path.isfile(cfg.load_state):
-        why = "is a directory" if os.path.isdir(cfg.load_state) else "does not exist"
-        raise UserError(f"--load-state {cfg.load_state} {why} (leave the option out to resume from "
-                        f"{ckpt.CKPT_LINK} in the run directory, or give '' to start fresh)")
 
 
 def _data_and_model(cfg: TrainConfig, env: DistEnv, device: torch.device, say) -> tuple[Any, ...]:
@@ -804,6 +1157,22 @@ def _log_epoch(writer: Any, record: EpochRecord, stats: EpochStats, val_last: di
     writer.flush()
 
 
+@contextlib.contextmanager
+def lock_run_dir(run_dir: str) -> Iterator[Any]:
+    """The run directory's writer lock (`writer_lock`) for the body.  When the body fails and the lock file
+    cannot be deleted then (the directory has become read-only, the reason a checkpoint failed), the body's
+    error is the one raised: the lock itself goes with its file descriptor, and a lock file left behind is
+    taken over by the next run (see `map2map.utils.locks`)."""
+    with contextlib.ExitStack() as inner:
+        lock = inner.enter_context(writer_lock(run_dir, "m2m train", inside=True))
+        try:
+            yield lock
+        except BaseException:
+            with contextlib.suppress(OSError):
+                inner.close()
+            raise
+
+
 def _writer(run_dir: str):
     """A TensorBoard writer in ``runs/`` of the run directory (one subdirectory per start, as torch names them)."""
     from torch.utils.tensorboard import SummaryWriter
@@ -825,6 +1194,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
         + (", torch.compile" if cfg.compile else ""))
 
     # everything is checked before the run directory is touched: a bad option writes nothing
+    state = agree_on_state(cfg, env)
     train_ds, val_ds, model, stride, out_shape = _data_and_model(cfg, env, device, say)
     if cfg.sync_bn:
         model = sync_batchnorm(model, env, say)
@@ -836,12 +1206,13 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
 
     os.makedirs(cfg.run_dir, exist_ok=True)
     if env.is_main:  # one training per run directory: rank 0 holds its lock until the run ends
-        lock = opened["stack"].enter_context(writer_lock(cfg.run_dir, "m2m train", inside=True))
+        lock = opened["stack"].enter_context(lock_run_dir(cfg.run_dir))
         if lock.note:
             say(f"note: {lock.note}")
         for name in ckpt.remove_stale(cfg.run_dir):
             say(f"removed {name}, left by an interrupted checkpoint write")
-    start_epoch, min_loss, losses = restore(cfg, model, optimizer, scheduler, env, say, scaler)
+    start_epoch, min_loss, losses = restore(cfg, state, model, optimizer, scheduler, env, say, scaler)
+    del state  # its tensors are in the model and optimizer now
     if start_epoch == 0:  # per-rank streams from here on (e.g. dropout); a resumed run restored its own
         ckpt.seed_all([cfg.seed, 0, env.rank])
 
@@ -853,9 +1224,11 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     train_loader, train_sampler = make_loader(train_ds, cfg, env, device, training=True)
+    opened["stack"].callback(end_workers, train_loader)
     val_loader = val_sampler = None
     if val_ds is not None:
         val_loader, val_sampler = make_loader(val_ds, cfg, env, device, training=False)
+        opened["stack"].callback(end_workers, val_loader)
     for line in _describe(cfg, env, device, raw_model, train_ds, val_ds, stride, out_shape):
         say(line)
 
@@ -872,8 +1245,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
     if start_epoch >= cfg.epochs:
         say(f"already trained for {start_epoch} epochs (--epochs {cfg.epochs}); nothing to do")
     for epoch in range(start_epoch, cfg.epochs):
-        train_sampler.set_epoch(epoch)
-        train_ds.set_epoch(epoch)
+        train_sampler.set_epoch(epoch)  # its items carry the epoch to the dataset, in every loader worker
         lr = optimizer.param_groups[0]["lr"]
         bar = _bar(env, len(train_loader), epoch, cfg.epochs)
         try:
@@ -884,7 +1256,6 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
         val_loss, val_last = None, {}
         if val_loader is not None:
             val_sampler.set_epoch(epoch)
-            val_ds.set_epoch(epoch)
             val_loss, val_last = validate(epoch, val_loader, raw_model, criterion, env, device, cfg.amp)
         epoch_loss = val_loss if val_loss is not None else stats.loss
         if scheduler is not None:
@@ -894,7 +1265,8 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
         rngs = gather_rng(env)
         record = EpochRecord(epoch=epoch + 1, train_loss=stats.loss, val_loss=val_loss, lr=lr,
                              items_per_s=stats.items / max(stats.seconds, 1e-9),
-                             data_wait=stats.wait / max(stats.seconds, 1e-9), batch_losses=stats.batch_losses)
+                             data_wait=stats.wait / max(stats.seconds, 1e-9), batch_losses=stats.batch_losses,
+                             first_batch_s=stats.first_wait)
         summary.epochs.append(record)
         losses.append({"epoch": epoch + 1, "train": stats.loss, "val": val_loss, "lr": lr})
         if env.is_main:
@@ -904,7 +1276,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
                      "scaler": scaler.state_dict() if scaler is not None else None,
                      "rng": rngs, "min_loss": min_loss, "losses": losses, "config": json.loads(json.dumps(config, default=str)),
                      "card": card}
-            path = ckpt.save_state(state, cfg.run_dir)
+            path = save_checkpoint(state, cfg.run_dir)
             record.checkpoint = summary.checkpoint = str(path)
             val_text = f", val loss {val_loss:.4e}" if val_loss is not None else ""
             say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats.loss:.4e}{val_text}, lr {lr:.3g}, "
@@ -912,6 +1284,6 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
             new_lr = optimizer.param_groups[0]["lr"]
             if new_lr != lr:
                 say(f"learning rate reduced from {lr:.3g} to {new_lr:.3g}")
-        if env.distributed:
+        if env.distributed:  # the others wait here while rank 0 writes
             dist.barrier()
     return summary

@@ -15,6 +15,7 @@ from map2map.cli.types import names as _str_list
 from map2map.cli.types import pad as _pad
 
 CKPT_LINK = "checkpoint.pt"  # map2map.utils.checkpoint.CKPT_LINK, spelled out so that parsing needs no torch
+DIST_TIMEOUT_S = 1800.0  # map2map.train.DIST_TIMEOUT_S (torch's default process group timeout), likewise
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -149,6 +150,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
     run.add_argument("--dist-backend", choices=["gloo", "nccl", "mpi"], default=None,
                      help="torch.distributed backend (default: nccl on GPU, gloo on CPU)")
+    run.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S, metavar="SECONDS",
+                     help="how long processes wait for each other: for all to start, and in each collective "
+                          "(e.g. while rank 0 writes a checkpoint); default: torch's own, %(default)g s. A process "
+                          "that fails with an error stops the others at once whatever this is; it bounds only "
+                          "the wait for one that dies silently (killed, out of memory) under nccl, or a hang")
     run.add_argument("--log-interval", type=int, default=100, help="batches between logged training losses")
     run.add_argument("--detect-anomaly", action="store_true", help="enable autograd anomaly detection (slow)")
     p.set_defaults(stage=("map2map.train", "TrainConfig"))

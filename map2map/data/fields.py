@@ -14,9 +14,12 @@ the inference worker reads through too.
 
 Randomness is drawn from ``(seed, epoch, idx)``, so an item is the same
 whichever worker or rank reads it, and a restarted run sees the same
-augmentations.  ``aug_shift`` moves the anchor of one read only; the
-anchors themselves never change (the original moved them in place, so crops
-drifted further every epoch).
+augmentations.  The epoch is the one an item key carries (an `EpochItem`
+from ``DistFieldSampler(..., epoch_items=True)``, which reaches DataLoader
+workers that live across epochs), else the one `set_epoch` chose.
+``aug_shift`` moves the anchor of one read only; the anchors themselves
+never change (the original moved them in place, so crops drifted further
+every epoch).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from map2map import geometry, store
 from map2map.data import augment
 from map2map.data.batching import ItemBuffers
 from map2map.data.fieldio import FieldStack, apply_norm, lookup_norms, undo_norms
+from map2map.data.sampler import EpochItem
 from map2map.data.windows import FieldSource, NpyField, ReadStats, ZarrField
 from map2map.errors import UserError
 from map2map.npyfile import glob_paired
@@ -133,7 +137,8 @@ class FieldDataset(Dataset):
         return self.nsample * self.ncrop
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the augmentation draws of this epoch (call before each epoch, as for the sampler)."""
+        """Choose the augmentation draws of this epoch for plain integer keys (an `EpochItem` key carries
+        its own epoch)."""
         self.epoch = epoch
 
     def read_stats(self) -> ReadStats:
@@ -146,9 +151,10 @@ class FieldDataset(Dataset):
         sample, crop = divmod(idx, self.ncrop)
         return sample, crop, self.grid.anchor(crop)
 
-    def __getitem__(self, idx: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | EpochItem) -> dict[str, Any]:
+        epoch, idx = (key.epoch, key.index) if isinstance(key, EpochItem) else (self.epoch, key)
         sample, _, anchor = self.anchor(idx)
-        rng = np.random.default_rng([self.seed, self.epoch, idx])
+        rng = np.random.default_rng([self.seed, epoch, idx])
         if self.aug_shift is not None:
             anchor = tuple(a + int(rng.integers(0, s)) if s > 0 else a for a, s in zip(anchor, self.aug_shift))
         element = augment.random_element(rng, self.ndim) if self.augment else None

@@ -10,6 +10,14 @@ The ordering logic lives in pure numpy functions (`epoch_indices` and
 helpers); `DistFieldSampler` only picks its rank's row.  Every rank draws the
 same global ordering from `(seed, epoch)`, so no communication is needed.
 
+An *epoch item* (`EpochItem`) is an item index together with the epoch it
+is drawn for.  DataLoader workers that live across epochs
+(``persistent_workers``) hold copies of the dataset made when they started,
+so an epoch set on the main process's dataset never reaches them; the index
+the sampler yields does.  With ``epoch_items=True`` the sampler yields epoch
+items, and `map2map.data.fields.FieldDataset` draws an item's augmentation
+from the epoch it carries.
+
 Guarantees, for every mode:
 
 * every rank yields exactly `nsample * ncrop // world_size` items per epoch,
@@ -49,7 +57,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +66,13 @@ from torch.utils.data import Sampler
 from map2map.errors import UserError
 
 _U64 = 2**64
+
+
+class EpochItem(NamedTuple):
+    """An item index with the epoch it is drawn for (see the module docstring)."""
+
+    epoch: int
+    index: int
 
 
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
@@ -260,6 +275,8 @@ class DistFieldSampler(Sampler[int]):
     `set_epoch` before each epoch, as with `DistributedSampler`.  Each rank
     yields `nsample * ncrop // world_size` items; the remainder is dropped
     (different items each epoch when shuffling, the last ones otherwise).
+    It yields plain indices, or with `epoch_items` the same indices as
+    `EpochItem` (epoch, index) pairs (see the module docstring).
     """
 
     def __init__(
@@ -274,6 +291,7 @@ class DistFieldSampler(Sampler[int]):
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        epoch_items: bool = False,
     ) -> None:
         grid = (int(crop_grid),) if isinstance(crop_grid, int) else tuple(int(n) for n in crop_grid)
         rank, world_size = _dist_rank_world(rank, world_size)
@@ -282,6 +300,7 @@ class DistFieldSampler(Sampler[int]):
         self.shuffle, self.div_data, self.locality = shuffle, div_data, locality
         self.div_shuffle_dist, self.seed = div_shuffle_dist, seed
         self.rank, self.world_size = rank, world_size
+        self.epoch_items = epoch_items
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -297,8 +316,11 @@ class DistFieldSampler(Sampler[int]):
         )
         return rows[self.rank]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices().tolist())
+    def __iter__(self) -> Iterator[int] | Iterator[EpochItem]:
+        indices = self.indices().tolist()
+        if self.epoch_items:
+            return iter([EpochItem(self.epoch, i) for i in indices])
+        return iter(indices)
 
     def __len__(self) -> int:
         return self.nsample * self.ncrop // self.world_size
