@@ -188,10 +188,14 @@ def acquire(path: str | os.PathLike, what: str, *, inside: bool = False) -> tupl
 
 
 def release(lock: WriterLock, fd: int) -> None:
-    """Delete the lock file (while still locked) and let the lock go."""
+    """Delete the lock file (while still locked) and let the lock go.  A lock file that cannot be deleted (its
+    directory became unwritable) is left: the next writer takes a leftover lock file over, so it is harmless,
+    and the error that made the directory unwritable is the one to report."""
     try:
         if _same_file(fd, lock.lock_file):
             os.unlink(lock.lock_file)
+    except OSError:
+        pass  # see the docstring: a leftover, unlocked lock file is taken over by the next writer
     finally:
         os.close(fd)
 
