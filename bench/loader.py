@@ -15,9 +15,22 @@ cached from being written, or from the other side's run); with ``--cold``
 every run starts with the data files dropped from the page cache, so the
 first epoch reads from disk on both sides.
 
+With ``--cold`` the same run also measures, right before and right after
+each of our runs, the disk's sequential cold read rate over the store's own
+files (``disk_seq_GBps``: the files dropped from the page cache and read
+front to back in 16 MiB reads), and reports our first epoch's *useful* rate:
+the voxels of the windows an item holds (input window and target crop,
+float32, ``useful_MB_per_item``) times items per second (``useful_GBps``),
+and its fraction of the mean of the two disk rates
+(``useful_fraction_of_disk``).  With 0 workers each side also reports the
+bytes its process had read from storage per item of the first epoch
+(``storage_MB_per_item``; on our side neighbouring crops share chunks
+through the page cache, so it can be below the useful bytes).
+
     python bench/loader.py --n 512 --items 16     # 2 samples of (3, 512^3) in and out (README figures)
     python bench/loader.py --n 256 --items 16     # the same at 256^3: our peak RSS does not change
     python bench/loader.py --n 512 --items 16 --cold   # every run starts from disk
+    python bench/loader.py --n 512 --items 16 --cold --no-original --data /tmp/m2m-512   # ours only, data kept
 """
 
 from __future__ import annotations
@@ -35,7 +48,25 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import drop_page_cache, run_tracking_rss, write_random_npy  # noqa: E402
+from _measure import drop_page_cache, run_tracking_rss, sequential_read_rate, write_random_npy  # noqa: E402
+
+CROP, PAD, CHANNELS = 128, 48, 3  # the crops both sides read: crop + pad windows of 3-channel fields
+
+
+def useful_bytes_per_item(ndim: int = 3) -> int:
+    """Voxels of one item's windows, float32: the input's crop + pad window and the target's crop."""
+    return 4 * CHANNELS * ((CROP + 2 * PAD) ** ndim + CROP ** ndim)
+
+
+def storage_read_bytes() -> int | None:
+    """Bytes this process has caused to be read from storage (/proc/self/io), None where unknown."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 class OriginalWay:
@@ -75,6 +106,13 @@ class OriginalWay:
 
 
 def make_data(root: Path, n: int, nsample: int) -> tuple[list[str], list[str], str]:
+    """Random input and target .npy files under `root` and their store; kept from an earlier call
+    with the same `n` and `nsample` (a ``done`` mark records them)."""
+    mark = root / "done"
+    if mark.exists() and mark.read_text() == f"{n} {nsample}":
+        return ([str(root / f"in_{i}.npy") for i in range(nsample)],
+                [str(root / f"tgt_{i}.npy") for i in range(nsample)], str(root / "store.zarr"))
+    shutil.rmtree(root / "store.zarr", ignore_errors=True)
     files = {"in": [], "tgt": []}
     for k, kind in enumerate(files):
         for i in range(nsample):
@@ -82,9 +120,10 @@ def make_data(root: Path, n: int, nsample: int) -> tuple[list[str], list[str], s
             write_random_npy(path, 3, n, seed=10 * k + i)
             files[kind].append(str(path))
     store = str(root / "store.zarr")
-    subprocess.run([sys.executable, "-m", "map2map.cli", "convert", store, "--no-progress", "--crop", "128",
-                    "--pad", "48", f"--field=input={root}/in_*.npy", f"--field=target={root}/tgt_*.npy"],
+    subprocess.run([sys.executable, "-m", "map2map.cli", "convert", store, "--no-progress", "--crop", str(CROP),
+                    "--pad", str(PAD), f"--field=input={root}/in_*.npy", f"--field=target={root}/tgt_*.npy"],
                    check=True, stdout=subprocess.DEVNULL)
+    mark.write_text(f"{n} {nsample}")
     return files["in"], files["tgt"], store
 
 
@@ -99,13 +138,13 @@ def run_side(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     if args.side == "original":
-        ds = OriginalWay(args.in_files.split(","), args.tgt_files.split(","), 128, 48)
+        ds = OriginalWay(args.in_files.split(","), args.tgt_files.split(","), CROP, PAD)
         sampler = DistFieldSampler(len(ds.in_files), [len(ds.anchors)], locality=False, seed=1)
     else:
-        ds = FieldDataset(store=args.store, in_fields=["input"], tgt_fields=["target"], crop=128, in_pad=48,
+        ds = FieldDataset(store=args.store, in_fields=["input"], tgt_fields=["target"], crop=CROP, in_pad=PAD,
                           augment=True, cache_bytes=args.cache_mib * 2**20)
         sampler = DistFieldSampler(ds.nsample, ds.crop_counts, seed=1)
-    rates = []
+    rates, read_bytes = [], None
     for epoch in range(2):
         sampler.set_epoch(epoch)
         ds.epoch = epoch
@@ -113,12 +152,16 @@ def run_side(args: argparse.Namespace) -> None:
         loader = DataLoader(ds, batch_size=1, sampler=order, num_workers=args.workers,
                             collate_fn=collate if args.side == "ours" else None,  # m2m train's collate
                             prefetch_factor=1 if args.workers else None)
+        io0 = storage_read_bytes()
         t0 = time.perf_counter()
         for _ in loader:
             pass
         rates.append(len(order) / (time.perf_counter() - t0))
+        io1 = storage_read_bytes()
+        if epoch == 0 and args.workers == 0 and io0 is not None and io1 is not None:
+            read_bytes = (io1 - io0) / len(order)
     stats = ds.read_stats().amplification if args.side == "ours" and args.workers == 0 else None
-    print(json.dumps({"rates": rates, "amplification": stats}))
+    print(json.dumps({"rates": rates, "amplification": stats, "read_bytes_per_item": read_bytes}))
 
 
 def measure(side: str, workers: int, files, args) -> dict:
@@ -132,8 +175,17 @@ def measure(side: str, workers: int, files, args) -> dict:
     peak = run_tracking_rss(cmd)
     res = json.loads(out.read_text())
     out.unlink()
-    return {"items_per_s": [round(r, 3) for r in res["rates"]], "peak_rss_MiB": round(peak / 2**20, 1),
-            "amplification": res["amplification"]}
+    summary = {"items_per_s": [round(r, 3) for r in res["rates"]], "peak_rss_MiB": round(peak / 2**20, 1),
+               "amplification": res["amplification"]}
+    if args.cold and res["read_bytes_per_item"] is not None:
+        summary["storage_MB_per_item"] = round(res["read_bytes_per_item"] / 1e6, 1)
+    return summary
+
+
+def cold_rates(ours: dict, disk_rate: float) -> dict:
+    """Our first epoch's useful GB/s and its fraction of the disk's sequential rate (bytes/s)."""
+    useful = ours["items_per_s"][0] * useful_bytes_per_item()
+    return {"useful_GBps": round(useful / 1e9, 3), "useful_fraction_of_disk": round(useful / disk_rate, 3)}
 
 
 def main() -> None:
@@ -143,7 +195,12 @@ def main() -> None:
     p.add_argument("--items", type=int, default=24, help="items per epoch (a prefix of the shuffled order)")
     p.add_argument("--cache-mib", type=int, default=64, help="FieldDataset chunk cache per worker")
     p.add_argument("--dir", default=None)
-    p.add_argument("--cold", action="store_true", help="drop the data files from the page cache before each run")
+    p.add_argument("--data", default=None,
+                   help="keep the data files and store in this directory (made once, reused by later runs)")
+    p.add_argument("--no-original", dest="original", action="store_false",
+                   help="run only our side (no original-way keys, speedup or rss_ratio)")
+    p.add_argument("--cold", action="store_true", help="drop the data files from the page cache before each run "
+                   "and measure the disk's sequential rate on the store's files")
     p.add_argument("--side", choices=["original", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--in-files", help=argparse.SUPPRESS)
@@ -160,21 +217,36 @@ def main() -> None:
             run_side(args)
         Path(args.result).write_text(buf.getvalue().strip().splitlines()[-1])
         return
-    root = Path(tempfile.mkdtemp(prefix="m2m-loader-", dir=args.dir))
+    if args.data:
+        root = Path(args.data)
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        root = Path(tempfile.mkdtemp(prefix="m2m-loader-", dir=args.dir))
     try:
         files = make_data(root, args.n, args.nsample)
-        result = {"bench": "loader", "n": args.n, "nsample": args.nsample, "crop": 128, "pad": 48,
+        result = {"bench": "loader", "n": args.n, "nsample": args.nsample, "crop": CROP, "pad": PAD,
                   "items_per_epoch": args.items, "cache_MiB": args.cache_mib, "cold": args.cold}
+        if args.cold:
+            result["useful_MB_per_item"] = round(useful_bytes_per_item() / 1e6, 1)
         for workers in (0, 2):
-            orig = measure("original", workers, files, args)
-            ours = measure("ours", workers, files, args)
-            result[f"workers{workers}"] = {
-                "original": orig, "ours": ours,
-                "speedup": [round(b / a, 2) for a, b in zip(orig["items_per_s"], ours["items_per_s"])],
-                "rss_ratio": round(ours["peak_rss_MiB"] / orig["peak_rss_MiB"], 3)}
+            entry = result[f"workers{workers}"] = {}
+            if args.original:
+                entry["original"] = measure("original", workers, files, args)
+            disk = [sequential_read_rate(files[2])] if args.cold else []
+            ours = entry["ours"] = measure("ours", workers, files, args)
+            if args.cold:
+                disk.append(sequential_read_rate(files[2]))
+                entry["disk_seq_GBps"] = [round(d / 1e9, 3) for d in disk]
+                ours.update(cold_rates(ours, sum(disk) / len(disk)))
+            if args.original:
+                orig = entry["original"]
+                entry["speedup"] = [round(b / a, 2) for a, b in zip(orig["items_per_s"], ours["items_per_s"])]
+                entry["rss_ratio"] = round(ours["peak_rss_MiB"] / orig["peak_rss_MiB"], 3)
+        result["load_average"] = [round(x, 2) for x in os.getloadavg()]
         print(json.dumps(result))
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if not args.data:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,19 @@ one through its async machinery at 0.1-0.4 GB/s, and ``pread`` into a
 buffer costs one more pass over every byte.  Any other layout, codec or
 store is read by zarr-python itself (see `map2map.data.windows`).
 
+Read-ahead.  A *byte range* (`ByteRange`) is a run of bytes in one shard
+file.  Bytes not in the page cache reach a mapping by page faults, each
+reading a little around itself and waiting for it, so the disk idles while
+the copy runs and the copy waits while the disk reads.  `ShardReader.hint`
+asks the kernel to read byte ranges in now (``posix_fadvise(WILLNEED)``:
+the reads are queued and the call returns without waiting for them); a
+reader that hints a whole window before copying it keeps the disk busy while
+it copies.  Hinted pages are page cache, not the process's memory: they add
+nothing to its resident size.  The writer chooses the order of the chunks in
+a shard's file (zarr-python: Morton order), so `ShardReader.file_order` puts
+chunks in the order of their bytes, and the disk reads each shard front to
+back.
+
 `ChunkCache` holds recently used chunks (these mappings, or chunks zarr
 decoded) within a byte bound.  A `ShardReader` keeps descriptors of the
 shard files it reads open, a bounded number of them; it belongs to one
@@ -32,11 +45,13 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, NamedTuple
 
 import numpy as np
 
 MISSING = np.uint64(2**64 - 1)  # both index entries of an inner chunk never written
 OPEN_FILES = 64  # shard files a reader keeps open
+HINT_PIECE = 2**17  # bytes per read-ahead request (the kernel reads at most its device's read-ahead size per request)
 
 
 class ChunkCache:
@@ -49,6 +64,10 @@ class ChunkCache:
         self.max_bytes = max_bytes
         self.nbytes = 0
         self.items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    def __contains__(self, key: tuple) -> bool:
+        """Whether `key` is held (its place in the eviction order unchanged)."""
+        return key in self.items
 
     def get(self, key: tuple) -> np.ndarray | None:
         value = self.items.get(key)
@@ -64,6 +83,40 @@ class ChunkCache:
         while self.nbytes > self.max_bytes:
             _, old = self.items.popitem(last=False)
             self.nbytes -= old.nbytes
+
+
+class ByteRange(NamedTuple):
+    """`nbytes` bytes at `offset` in the file of the shard at shard coordinates `shard`."""
+
+    shard: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def merge_ranges(ranges: Iterable[ByteRange]) -> list[ByteRange]:
+    """`ranges` in the same order, each one that starts in its shard's file where the one before it
+    ends merged into that one."""
+    merged: list[ByteRange] = []
+    for r in ranges:
+        if merged and merged[-1].shard == r.shard and merged[-1].offset + merged[-1].nbytes == r.offset:
+            merged[-1] = merged[-1]._replace(nbytes=merged[-1].nbytes + r.nbytes)
+        else:
+            merged.append(r)
+    return merged
+
+
+def bound_ranges(ranges: Iterable[ByteRange], max_bytes: int | None) -> list[ByteRange]:
+    """The leading part of `ranges` holding at most `max_bytes` bytes (the last range cut short to fit);
+    all of them if `max_bytes` is None."""
+    if max_bytes is None:
+        return list(ranges)
+    kept, left = [], max(0, max_bytes)
+    for r in ranges:
+        if left <= 0:
+            break
+        kept.append(r if r.nbytes <= left else r._replace(nbytes=left))
+        left -= kept[-1].nbytes
+    return kept
 
 
 @dataclass(frozen=True)
@@ -188,18 +241,57 @@ class ShardReader:
                 self._index[shard] = index
         return self._index[shard]
 
+    def shard_of(self, cidx: tuple[int, ...]) -> tuple[int, ...]:
+        """Shard coordinates of the inner chunk at chunk coordinates `cidx` (all dims)."""
+        return tuple(i * c // s for i, c, s in zip(cidx, self.layout.chunk, self.layout.shard))
+
+    def chunk_bytes(self, cidx: tuple[int, ...]) -> ByteRange | None:
+        """Where the inner chunk at chunk coordinates `cidx` (all dims) lies; None if never written."""
+        lay = self.layout
+        shard = self.shard_of(cidx)
+        index = self.index(shard)
+        if index is None:
+            return None
+        offset, nbytes = index[tuple(i % p for i, p in zip(cidx, lay.per_shard))]
+        return None if offset == MISSING else ByteRange(shard, int(offset), int(nbytes))
+
+    def file_order(self, cidxs: Iterable[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """The inner chunks `cidxs` (chunk coordinates, all dims) shard by shard (shards in C order), and
+        within a shard in the order its file holds them (never written ones first)."""
+        def key(cidx):
+            where = self.chunk_bytes(cidx)
+            return (self.shard_of(cidx), -1 if where is None else where.offset)
+        return sorted(cidxs, key=key)
+
+    def hint(self, ranges: Iterable[ByteRange]) -> int:
+        """Ask the kernel to read `ranges` into the page cache, in order, without waiting; the bytes asked for.
+
+        Each range goes in requests of `HINT_PIECE` bytes: the kernel reads a
+        larger one only up to the device's read-ahead size.  Pages cached
+        already cost the kernel a look-up each and no read.  Where the system
+        has no ``posix_fadvise`` nothing is asked for.
+        """
+        if not hasattr(os, "posix_fadvise"):
+            return 0
+        total = 0
+        for shard, offset, nbytes in ranges:
+            fd = self._fd(shard)
+            if fd is None:
+                continue
+            for start in range(offset, offset + nbytes, HINT_PIECE):
+                os.posix_fadvise(fd, start, min(HINT_PIECE, offset + nbytes - start), os.POSIX_FADV_WILLNEED)
+            total += nbytes
+        return total
+
     def chunk(self, cidx: tuple[int, ...], extent: tuple[int, ...]) -> np.ndarray:
         """The inner chunk at chunk coordinates `cidx` (all dims), cut to `extent` (the array's shape):
         a chunk at the array's end has padding the array does not cover."""
         lay = self.layout
-        shard = tuple(i * c // s for i, c, s in zip(cidx, lay.chunk, lay.shard))
-        within = tuple(i % p for i, p in zip(cidx, lay.per_shard))
-        index = self.index(shard)
-        if index is None or index[within][0] == MISSING:
+        where = self.chunk_bytes(cidx)
+        if where is None:
             data = np.zeros(lay.chunk, dtype=lay.dtype)  # never written: the array's fill value, 0
         else:
-            offset, nbytes = (int(v) for v in index[within])
-            data = map_chunk(self._fd(shard), offset, nbytes, lay.dtype).reshape(lay.chunk)
+            data = map_chunk(self._fd(where.shard), where.offset, where.nbytes, lay.dtype).reshape(lay.chunk)
         if any((i + 1) * c > n for i, c, n in zip(cidx, lay.chunk, extent)):
             data = data[tuple(slice(0, min(c, n - i * c)) for i, c, n in zip(cidx, lay.chunk, extent))]
         return data

@@ -16,6 +16,15 @@ agree bit for bit); and `NpyField`, .npy files (one per sample) read through
 memory maps.  Counters record bytes decoded and bytes returned (their ratio
 is the read amplification).
 
+Read-ahead.  `hint_window` asks the kernel to start reading what a read of a
+window will load from disk (for `ZarrField` through the shard decoder: the
+byte ranges of the inner chunks it touches that are not in the cache, in the
+order the read touches them), bounded in bytes, and returns without waiting
+for the data.
+`read_window` hints its own window before copying it, so the disk reads
+ahead of the copy; a caller that knows which windows come next (the sampler's
+order) can hint them early with the same arguments it will read them with.
+
 Sources open files lazily and reopen after a fork, so they are safe in
 DataLoader workers started with fork or spawn.
 """
@@ -58,6 +67,20 @@ class FieldSource(Protocol):
     def read_box(self, sample: int, box: tuple[slice, ...], out: list[tuple[np.ndarray, bool]]) -> None:
         """Copy the box-aligned region `box` of `sample`, channel c into ``out[c][0]`` (negated if ``out[c][1]``)."""
 
+    def hint_window(self, sample: int, win: tuple[geometry.Interval, ...], periodic: bool = True,
+                    max_bytes: int | None = None) -> int:
+        """Ask the kernel to read ahead (at most `max_bytes` of) what reading `win` of `sample` loads from
+        disk, without waiting; the bytes asked for (0 where the source cannot tell)."""
+
+
+WINDOW_HINT_BYTES = 2**29  # most bytes `read_window` hints ahead of its own copy (the rest is read by faults)
+
+
+def hint_window(source: FieldSource, sample: int, win: tuple[geometry.Interval, ...], periodic: bool = True,
+                max_bytes: int | None = None) -> int:
+    """`source.hint_window`: read-ahead of the window a later `read_window` with the same arguments reads."""
+    return source.hint_window(sample, win, periodic, max_bytes)
+
 
 def read_window(source: FieldSource, sample: int, win: tuple[geometry.Interval, ...],
                 out: np.ndarray | None = None, periodic: bool = True,
@@ -68,7 +91,9 @@ def read_window(source: FieldSource, sample: int, win: tuple[geometry.Interval, 
     of a larger input, or a transposed view of one), filled in place and
     returned.  Alternatively `channels` gives, for every stored channel, the
     array to fill and whether to negate on the way (how augmentation turns the
-    components of a vector field without another pass over the data).
+    components of a vector field without another pass over the data).  The
+    window's bytes are hinted first (`hint_window`, at most `WINDOW_HINT_BYTES`),
+    so the disk reads ahead of the copy.
     """
     wshape = geometry.window_shape(win)
     if channels is None:
@@ -79,6 +104,7 @@ def read_window(source: FieldSource, sample: int, win: tuple[geometry.Interval, 
         channels = [(out[c], False) for c in range(source.shape[1])]
     elif len(channels) != source.shape[1] or any(a.shape != wshape for a, _ in channels):
         raise ValueError(f"channels must give {source.shape[1]} arrays of shape {wshape}")
+    hint_window(source, sample, win, periodic, WINDOW_HINT_BYTES)
     for src, dst in geometry.window_pieces(win, source.shape[2:], periodic):
         source.read_box(sample, src, [(a[dst], neg) for a, neg in channels])
     source.stats.returned += sum(a.size * a.itemsize for a, _ in channels)
@@ -167,11 +193,47 @@ class ZarrField:
     def uses_direct_path(self) -> bool:
         return self.shard_layout is not None
 
+    def box_chunks(self, sample: int, box: tuple[slice, ...]) -> list[tuple[int, ...]]:
+        """Spatial coordinates of the inner chunks the box-aligned region `box` of `sample` intersects, in
+        the order `read_box` copies them: through the shard decoder in the order of the bytes on disk
+        (`shards.ShardReader.file_order`), else in C order."""
+        self._ensure_open()
+        cidxs = itertools.product(*[geometry.chunk_range(s.start, s.stop, c) for s, c in zip(box, self.chunk)])
+        if self._shards is None:
+            return list(cidxs)
+        return [c[2:] for c in self._shards.file_order((sample, 0) + c for c in cidxs)]
+
+    def window_chunks(self, sample: int, win: tuple[geometry.Interval, ...],
+                      periodic: bool = True) -> list[tuple[int, ...]]:
+        """Spatial coordinates of the inner chunks a read of `win` of `sample` touches, each once, in the
+        order it first touches them."""
+        seen: dict[tuple[int, ...], None] = {}
+        for src, _ in geometry.window_pieces(win, self.shape[2:], periodic):
+            seen.update(dict.fromkeys(self.box_chunks(sample, src)))
+        return list(seen)
+
+    def window_ranges(self, sample: int, win: tuple[geometry.Interval, ...],
+                      periodic: bool = True) -> list[shards.ByteRange]:
+        """The byte ranges a read of `win` of `sample` loads from disk, in the order it loads them:
+        those of the inner chunks it touches, less the chunks in the cache and those never written,
+        contiguous ones merged; none where zarr-python reads (it reads by itself)."""
+        self._ensure_open()
+        if self._shards is None:
+            return []
+        where = (self._shards.chunk_bytes((sample, 0) + cidx) for cidx in self.window_chunks(sample, win, periodic)
+                 if (sample,) + cidx not in self._cache)
+        return shards.merge_ranges(r for r in where if r is not None)
+
+    def hint_window(self, sample: int, win: tuple[geometry.Interval, ...], periodic: bool = True,
+                    max_bytes: int | None = None) -> int:
+        """Hint the first `max_bytes` of `window_ranges` (see `shards.ShardReader.hint`); the bytes asked for."""
+        ranges = shards.bound_ranges(self.window_ranges(sample, win, periodic), max_bytes)
+        return self._shards.hint(ranges) if ranges else 0
+
     def read_box(self, sample: int, box: tuple[slice, ...], out: list[tuple[np.ndarray, bool]]) -> None:
         self._ensure_open()
         chunk = self.chunk
-        ranges = [geometry.chunk_range(s.start, s.stop, c) for s, c in zip(box, chunk)]
-        for cidx in itertools.product(*ranges):
+        for cidx in self.box_chunks(sample, box):
             data = self._chunk(sample, cidx)
             lo = [i * c for i, c in zip(cidx, chunk)]
             src, dst = [], []
@@ -227,6 +289,10 @@ class NpyField:
         if sample not in self._maps:
             self._maps[sample] = np.load(self.paths[sample], mmap_mode="r")
         return self._maps[sample]
+
+    def hint_window(self, sample: int, win: tuple[geometry.Interval, ...], periodic: bool = True,
+                    max_bytes: int | None = None) -> int:
+        return 0  # a memory map reads by page faults
 
     def read_box(self, sample: int, box: tuple[slice, ...], out: list[tuple[np.ndarray, bool]]) -> None:
         data = self._map(sample)
