@@ -22,10 +22,20 @@ readable.  Every writer holds the output's writer lock
 (`map2map.utils.locks`) from its first look at the store to its last
 write, so two conversions into one store never interleave; an append
 takes the layout it does not name (crop, pad, chunk, ...) from the store.
+
+Styles (per-sample parameters, `map2map.store.read_styles`) come from
+``--styles TABLE`` (a CSV file: a header of parameter names, then one row
+per sample in the sorted file order) or ``--style-pattern GLOB`` with
+``--style-names`` (one text file of whitespace-separated numbers per
+sample, its files sorted and paired with the samples like a field's).  They
+are read and checked with the fields, before the output is touched, and
+written into the store being built (or grown), so they are complete
+exactly when the fields are.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
 import multiprocessing
@@ -77,10 +87,17 @@ class ConvertConfig:
     clamp_crop: bool = False
     workers: int = 2
     progress: bool = True
+    styles: str | None = None
+    style_pattern: str | None = None
+    style_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.field, str):  # one spec given bare
             object.__setattr__(self, "field", (self.field,))
+        if isinstance(self.style_names, str):  # "Om,D" given bare
+            object.__setattr__(self, "style_names", tuple(v.strip() for v in self.style_names.split(",")))
+        elif self.style_names is not None:
+            object.__setattr__(self, "style_names", tuple(self.style_names))
         for name in ("field", "crop", "chunk"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, int)):
@@ -119,6 +136,16 @@ def check_config(config: ConvertConfig) -> None:
         raise UserError(f"--dtype {config.dtype!r}: expected one of {', '.join(DTYPES)}")
     if config.compressor is not None and config.compressor not in COMPRESSORS:
         raise UserError(f"--compressor {config.compressor!r}: expected one of {', '.join(COMPRESSORS)}")
+    if config.styles is not None and config.style_pattern is not None:
+        raise UserError("--styles and --style-pattern exclude each other: give the styles one way")
+    if config.style_pattern is not None and config.style_names is None:
+        raise UserError(f"--style-pattern {config.style_pattern!r} needs --style-names naming the numbers of each "
+                        "file in order, e.g. --style-names Om,D")
+    if config.style_names is not None and config.style_pattern is None:
+        raise UserError("--style-names names the numbers of --style-pattern's files; give --style-pattern too "
+                        "(a --styles table names its columns in its header)")
+    if config.style_names is not None:
+        store.check_style_names(config.style_names, "--style-names")
 
 
 def _plural(n: int, word: str) -> str:
@@ -142,12 +169,15 @@ class ConvertSummary(Summary):
     notes: list[str]
     bytes_written: int
     seconds: float
+    styles: list[str] = dataclasses.field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"note: {note}" for note in self.notes]
         for lay in self.layouts:
             out.append(f"{lay['name']}: {lay['channels']} x {tuple(lay['spatial'])}, shard {tuple(lay['shard'])}, "
                        f"inner chunk {tuple(lay['chunk'])}, {lay['dtype']}")
+        if self.styles:
+            out.append(f"styles: {', '.join(self.styles)} (float32, one row per sample)")
         verb = "wrote" if self.appended is None else f"appended {_plural(self.appended, 'sample')}, now"
         out.append(f"{self.output}: {verb} {_plural(self.nsample, 'sample')}, complete")
         return out
@@ -241,6 +271,93 @@ def gather(specs: Sequence[str]) -> list[FieldInput]:
         fields.append(FieldInput(name, pattern, headers))
     check_grids(fields)
     return fields
+
+
+@dataclass(frozen=True)
+class StyleInput:
+    """The styles of the new samples: parameter names, values (nsample, nparam) and the files they came from."""
+
+    names: tuple[str, ...]
+    values: np.ndarray
+    sources: tuple[str, ...]
+
+
+def _style_number(text: str, where: str) -> float:
+    """One style value: a finite number, or a `UserError` saying where it is and what it holds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{where}: {text.strip()!r} is not a number; styles are numbers such as 0.31") from None
+    if not math.isfinite(value):
+        raise UserError(f"{where}: {text.strip()!r} is not finite; every style must be a finite number")
+    return value
+
+
+def _read_text(path: str, option: str) -> str:
+    try:
+        with open(os.path.expanduser(path), newline="") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{option} {path}: cannot read it ({exc.__class__.__name__}: {exc})") from None
+
+
+def read_style_table(path: str) -> tuple[tuple[str, ...], np.ndarray]:
+    """Read a ``--styles`` CSV table: a header of parameter names, then one row of numbers per sample.
+
+    Blank lines are skipped and spaces around a value are ignored.  Returns
+    the names and the values (float64, (rows, names)); a `UserError` naming
+    the line and column of a bad value.
+    """
+    lines = _read_text(path, "--styles").splitlines()
+    rows = [(i, [v.strip() for v in row]) for i, row in enumerate(csv.reader(lines), 1) if any(v.strip() for v in row)]
+    if not rows:
+        raise UserError(f"--styles {path} is empty; expected a header of parameter names (e.g. Om,D) and one "
+                        "row per sample")
+    names = store.check_style_names(rows[0][1], f"--styles {path} header")
+    values = np.empty((len(rows) - 1, len(names)))
+    for r, (line, row) in enumerate(rows[1:]):
+        if len(row) != len(names):
+            raise UserError(f"--styles {path} line {line}: {len(row)} values, but the header names {len(names)} "
+                            f"parameters ({', '.join(names)})")
+        for c, (name, text) in enumerate(zip(names, row)):
+            values[r, c] = _style_number(text, f"--styles {path} line {line}, column {name}")
+    return names, values
+
+
+def read_style_files(pattern: str, names: tuple[str, ...]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Read ``--style-pattern``'s files (sorted by path): each holds ``len(names)`` whitespace-separated numbers.
+
+    Returns the values (float64, (files, names)) and the files' absolute paths.
+    """
+    (paths,) = npyfile.glob_paired([pattern], "--style-pattern")
+    values = np.empty((len(paths), len(names)))
+    for i, path in enumerate(paths):
+        words = _read_text(path, "--style-pattern file").split()
+        if len(words) != len(names):
+            raise UserError(f"--style-pattern file {path} holds {len(words)} numbers, but --style-names names "
+                            f"{len(names)} ({', '.join(names)})")
+        for c, (name, text) in enumerate(zip(names, words)):
+            values[i, c] = _style_number(text, f"--style-pattern file {path}, parameter {name}")
+    return values, tuple(paths)
+
+
+def gather_styles(config: ConvertConfig, nsample: int) -> StyleInput | None:
+    """The styles the options give for `nsample` new samples (None without style options), checked."""
+    if config.styles is not None:
+        names, values = read_style_table(config.styles)
+        sources: tuple[str, ...] = (os.path.abspath(os.path.expanduser(config.styles)),)
+        what = f"--styles {config.styles} has {len(values)} rows"
+    elif config.style_pattern is not None:
+        assert config.style_names is not None  # check_config
+        names = store.check_style_names(config.style_names, "--style-names")
+        values, sources = read_style_files(config.style_pattern, names)
+        what = f"--style-pattern {config.style_pattern!r} matches {len(values)} files"
+    else:
+        return None
+    if len(values) != nsample:
+        raise UserError(f"{what} but --field gives {nsample} samples; give one row of styles per sample, in the "
+                        "sorted order of the field files")
+    return StyleInput(names, values, sources)
 
 
 def _shape_option(value: int | Sequence[int], ndim: int, option: str) -> tuple[int, ...]:
@@ -522,6 +639,10 @@ def _settings(fields: list[FieldInput], config: ConvertConfig, plan: Plan) -> di
                  "allow_nonfinite": config.allow_nonfinite} for f in fields}
     out.update(created_by="m2m convert", crop=list(plan.crop), pad=plan.pad, shard_mult=plan.shard_mult,
                reference_field=fields[0].name)
+    if config.styles is not None:
+        out["style_source"] = {"table": config.styles}
+    elif config.style_pattern is not None:
+        out["style_source"] = {"pattern": config.style_pattern}
     return out
 
 
@@ -536,22 +657,24 @@ def run(config: ConvertConfig) -> ConvertSummary:
     t0 = time.perf_counter()
     check_config(config)
     fields = gather(config.field)
+    styles = gather_styles(config, len(fields[0].headers))
     out = Path(config.output)
-    store.check_output_path(out, inputs=[h.path for f in fields for h in f.headers])
+    store.check_output_path(out, inputs=[h.path for f in fields for h in f.headers]
+                            + list(styles.sources if styles else ()))
     plan = None if config.append else plan_layouts(fields, config)
     with writer_lock(out, "m2m convert") as lock:
         notes = [lock.note] if lock.note else []
         if config.append:
-            fields, plan, old, written = _append(out, fields, config, notes)
+            fields, plan, old, written = _append(out, fields, styles, config, notes)
             appended: int | None = len(fields[0].headers)
             nsample = old + appended
         else:
             assert plan is not None
             notes += plan.notes
-            written = _create(out, fields, plan, config, notes)
+            written = _create(out, fields, styles, plan, config, notes)
             appended, nsample = None, len(fields[0].headers)
     return ConvertSummary(str(out), nsample, appended, [dataclasses.asdict(lay) for lay in plan.layouts], notes,
-                          written, time.perf_counter() - t0)
+                          written, time.perf_counter() - t0, list(styles.names) if styles else [])
 
 
 def _dtype_notes(fields: list[FieldInput], dtype: str) -> list[str]:
@@ -568,7 +691,8 @@ def _check_foreign(out: Path, option: str) -> None:
                         "of the store; move it out first, nothing was deleted")
 
 
-def _create(out: Path, fields: list[FieldInput], plan: Plan, config: ConvertConfig, notes: list[str]) -> int:
+def _create(out: Path, fields: list[FieldInput], styles: StyleInput | None, plan: Plan, config: ConvertConfig,
+            notes: list[str]) -> int:
     """Write a new store at `out` (built beside it and swapped in if it replaces one); returns the bytes.
 
     An existing `out` is replaced only if it is a map2map store holding
@@ -598,9 +722,12 @@ def _create(out: Path, fields: list[FieldInput], plan: Plan, config: ConvertConf
         if target.exists():
             store.remove(target)
     notes += _dtype_notes(fields, plan.layouts[0].dtype)
-    store.create(target, plan.layouts, nsample=nnew, boxsize=config.boxsize, settings=_settings(fields, config, plan))
+    store.create(target, plan.layouts, nsample=nnew, boxsize=config.boxsize, settings=_settings(fields, config, plan),
+                 style_names=styles.names if styles else ())
     try:
         written = write_samples(str(target), fields, plan.layouts, 0, config)
+        if styles is not None:
+            store.write_styles(target, styles.values, 0)
     except UserError:
         store.remove(target)
         raise
@@ -669,6 +796,23 @@ def _check_append(st: store.Store, fields: list[FieldInput], config: ConvertConf
     return sorted(fields, key=lambda f: f.name != ref)
 
 
+def _check_append_styles(st: store.Store, styles: StyleInput | None) -> np.ndarray | None:
+    """The new samples' style rows in the store's column order; refused unless they name the store's parameters."""
+    have = st.style_names
+    if styles is None:
+        if have:
+            raise UserError(f"--append: store {st.path} has styles ({', '.join(have)}); give --styles or "
+                            "--style-pattern with one row for each new sample")
+        return None
+    if not have:
+        raise UserError(f"--append: store {st.path} has no styles, but the new samples have "
+                        f"({', '.join(styles.names)}); convert all samples into a new store with styles instead")
+    if sorted(have) != sorted(styles.names):
+        raise UserError(f"--append: store {st.path} has styles {', '.join(have)}, but the new rows name "
+                        f"{', '.join(styles.names)}; give the same parameters")
+    return styles.values[:, [styles.names.index(name) for name in have]]
+
+
 def _compare_layouts(st: store.Store, plan: Plan) -> None:
     """Refuse an append whose explicit layout options would write shards unlike the store's."""
     for lay in plan.layouts:
@@ -683,7 +827,7 @@ def _compare_layouts(st: store.Store, plan: Plan) -> None:
                                 "--compressor out to use the store's")
 
 
-def _append(out: Path, fields: list[FieldInput], config: ConvertConfig,
+def _append(out: Path, fields: list[FieldInput], styles: StyleInput | None, config: ConvertConfig,
             notes: list[str]) -> tuple[list[FieldInput], Plan, int, int]:
     """Add the files as new samples of the complete store `out`.
 
@@ -692,6 +836,7 @@ def _append(out: Path, fields: list[FieldInput], config: ConvertConfig,
     """
     st = store.open_store(out)
     fields = _check_append(st, fields, config)
+    rows = _check_append_styles(st, styles)
     plan = plan_layouts(fields, append_config(config, st.meta))
     _compare_layouts(st, plan)
     notes += list(plan.notes) + _dtype_notes(fields, plan.layouts[0].dtype)
@@ -701,6 +846,8 @@ def _append(out: Path, fields: list[FieldInput], config: ConvertConfig,
     _resize_samples(group, old + nnew)
     try:
         written = write_samples(str(out), fields, plan.layouts, old, config)
+        if rows is not None:
+            store.write_styles(out, rows, old)
     except UserError:
         _resize_samples(group, old)
         raise

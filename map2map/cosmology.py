@@ -20,6 +20,14 @@ second-order (2LPT) growth is ``D2 = -(3/7) D1^2`` (the flat-LambdaCDM
 ``Omega_m(z)^(-1/143)`` factor, a sub-percent change, is omitted, so the
 2LPT term scales exactly as D1^2).
 
+Peculiar velocities of a displacement field psi(q) [Mpc/h], particle at
+comoving ``x = q + psi``, are ``v = a dx/dt = a H dpsi/dln a``.  When psi
+depends on time through the growth factor only (as in LPT, or an emulator
+conditioned on D), ``dpsi/dln a = f D dpsi/dD`` with the growth rate
+``f = dln D / dln a``, so ``v = a H f D dpsi/dD`` (`peculiar_velocity`).
+With H in km/s/(Mpc/h) and psi in Mpc/h, v is in km/s and h cancels.  For
+2LPT with ``D2 = -(3/7) D1^2`` this gives ``v = a H f (psi1 + 2 psi2)``.
+
 The linear power is ``P(k, z) = D(z)^2 A k^n_s T(k)^2`` with the Eisenstein &
 Hu (1998, ApJ 496, 605, eqs. 26-31) no-wiggle transfer function and ``A``
 fixed so that the rms linear overdensity in top-hat spheres of 8 Mpc/h is
@@ -32,7 +40,7 @@ import dataclasses
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import integrate
+from scipy import integrate, optimize
 from scipy.special import hyp2f1
 
 from map2map.errors import UserError
@@ -45,6 +53,9 @@ __all__ = [
     "growth_factor",
     "growth_rate",
     "second_order_growth",
+    "velocity_factor",
+    "peculiar_velocity",
+    "redshift_of_growth",
     "eh_nowiggle_transfer",
     "tophat_window",
     "linear_power",
@@ -129,6 +140,42 @@ def growth_rate(z: ArrayLike, omega_m: float = 0.31) -> float | np.ndarray:
 def second_order_growth(d1: ArrayLike) -> float | np.ndarray:
     """Second-order (2LPT) growth D2 = -(3/7) D1^2 for a linear growth D1, dimensionless."""
     return _scalar_or_array(-3 / 7 * np.asarray(d1, dtype=np.float64) ** 2)
+
+
+# ------------------------------------------------------------- velocities
+
+def velocity_factor(z: ArrayLike, omega_m: float = 0.31) -> float | np.ndarray:
+    """a H(z) f(z) D(z) in km/s/(Mpc/h): the factor turning dpsi/dD [Mpc/h] into peculiar velocity [km/s].
+
+    Exact for flat LambdaCDM without radiation: D and f are the closed forms
+    of `growth_factor` and `growth_rate` (D(0) = 1), H = `H0` E(z), a = 1/(1+z).
+    """
+    return _scalar_or_array(np.asarray(scale_factor(z) * hubble(z, omega_m) * growth_rate(z, omega_m)
+                                       * growth_factor(z, omega_m)))
+
+
+def peculiar_velocity(dpsi_dD, z: float, omega_m: float = 0.31):
+    """Peculiar velocity v = a H(z) f(z) D(z) dpsi/dD [km/s] from dpsi/dD [Mpc/h], the derivative of a
+    displacement psi with respect to the linear growth factor D (normalised to D(z=0) = 1).
+
+    `dpsi_dD` may be any array (numpy, torch) that a Python float multiplies;
+    it is returned scaled by `velocity_factor` (z a scalar redshift).  psi in
+    Mpc/h and H in km/s/(Mpc/h) make v km/s whatever h is (module docstring).
+    """
+    return float(velocity_factor(z, omega_m)) * dpsi_dD
+
+
+def redshift_of_growth(d: float, omega_m: float = 0.31) -> float:
+    """The redshift z at which `growth_factor` (D(0) = 1) equals `d`, for 0 < d < D(z = -0.99).
+
+    Solved by Brent's method in ln(1 + z) to machine precision; D grows
+    monotonically in a, so the root is unique.  A ValueError outside the range.
+    """
+    lo, hi = np.log(0.01), np.log(1e6)  # ln(1 + z) from z = -0.99 to 10^6
+    g = lambda x: growth_factor(np.expm1(x), omega_m) - d  # noqa: E731
+    if not (np.isfinite(d) and g(hi) < 0 < g(lo)):
+        raise ValueError(f"growth factor {d!r} out of range for omega_m={omega_m}")
+    return float(np.expm1(optimize.brentq(g, lo, hi, xtol=1e-14, rtol=4 * np.finfo(float).eps)))
 
 
 # ------------------------------------------------------------ linear power

@@ -63,6 +63,22 @@ def _human(nbytes: float) -> str:
     return ""
 
 
+def _describe_styles(st: store.Store) -> list[str]:
+    """One line per style parameter: its name and the range of its complete samples' values."""
+    names = st.style_names
+    if not names:
+        return []
+    values = np.asarray(st.group[store.STYLE][: st.nsample], dtype=np.float64)
+    lines = [f"styles     {len(names)} parameter{'' if len(names) == 1 else 's'} ({store.STYLE} (sample, "
+             f"{store.PARAM}), float32)"]
+    for c, name in enumerate(names):
+        if len(values):
+            lines.append(f"  {name}: {values[:, c].min():.6g} to {values[:, c].max():.6g}")
+        else:
+            lines.append(f"  {name}: no samples")
+    return lines
+
+
 def describe(path: str) -> str:
     """A human-readable summary of the store at `path` (incomplete stores included, and said so)."""
     st = store.open_store(path, allow_incomplete=True)
@@ -91,6 +107,7 @@ def describe(path: str) -> str:
         lines.append(f"    shard {shards} inner chunk {arr.chunks[2:]} compressor {settings.get('compressor')}{source}")
         lines.append(f"    stored {_human(stored)} of {_human(raw)} raw"
                      f" (ratio {raw / stored:.2f})" if stored else f"    stored 0 B of {_human(raw)} raw")
+    lines += _describe_styles(st)
     if total_stored:
         lines.append(f"total      {_human(total_stored)} stored, {_human(total_raw)} raw, "
                      f"compression ratio {total_raw / total_stored:.2f}")

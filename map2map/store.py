@@ -21,6 +21,12 @@ dimension coordinates) can ever take.  Replacing a store is staged: the new
 one is built beside it (`staged_path`) and swapped in only when complete
 (`swap_in`), so a failure leaves the old store as it was.
 
+Styles are per-sample parameters (e.g. Omega_m, the growth factor D): an
+optional float32 array ``style`` shaped ``(sample, param)`` whose ``param``
+coordinate names each parameter, written, resized and completed with the
+fields (`create`'s `style_names`, `write_styles`) and read with
+`read_styles`.  The names are also listed in the attribute (``styles``).
+
 Output paths are the store's to rule too (`check_output_path`): an output
 is never an input, inside one or around one, never inside another store,
 and its parent must be creatable; `foreign_entries` says what in a store
@@ -83,6 +89,7 @@ _RESERVED = (  # names a store gives its own arrays (or Zarr reserves), and why 
     (re.compile(r"channel_[0-9]+"), "clashes with the channel dimensions channel_<N> every store has"),
     (re.compile(f"[{AXES}]_[0-9]+"), "clashes with the spatial dimensions x_<N>, y_<N>, z_<N> every store has"),
     (re.compile(r"__.*"), "starts with '__', which Zarr reserves"),
+    (re.compile(r"style|param"), "clashes with the style array and its param coordinate a store may have"),
 )
 
 
@@ -183,8 +190,13 @@ def _create_coords(group: zarr.Group, layouts: Iterable[FieldLayout], boxsize: f
 
 
 def create(path: str | Path, layouts: list[FieldLayout], *, nsample: int, boxsize: float | None,
-           settings: dict[str, Any]) -> zarr.Group:
-    """Create an empty, incomplete store at `path` (which must not exist)."""
+           settings: dict[str, Any], style_names: Iterable[str] = ()) -> zarr.Group:
+    """Create an empty, incomplete store at `path` (which must not exist).
+
+    With `style_names` (checked by `check_style_names`) the store also gets
+    the ``style`` array, zero until `write_styles` fills it.
+    """
+    style_names = tuple(style_names)
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -198,11 +210,79 @@ def create(path: str | Path, layouts: list[FieldLayout], *, nsample: int, boxsiz
                    for lay in layouts},
     }
     meta.update({k: v for k, v in settings.items() if k not in meta["fields"]})
+    if style_names:
+        meta["styles"] = list(check_style_names(style_names, "style names"))
     group.attrs[ATTR] = meta
     for layout in layouts:
         _create_field(group, layout, nsample)
     _create_coords(group, layouts, boxsize, nsample)
+    if style_names:
+        _create_styles(group, style_names, nsample)
     return group
+
+
+# ------------------------------------------------------------------ styles
+
+STYLE = "style"  # the array of per-sample parameters, (sample, param)
+PARAM = "param"  # its coordinate: the name of each parameter
+STYLE_DIMS = ("sample", PARAM)
+
+
+def check_style_names(names: Iterable[str], option: str) -> tuple[str, ...]:
+    """The parameter names as a tuple, refused (a `UserError` naming `option`) unless plain, distinct words.
+
+    A parameter name follows the rule of field names (`check_field_name`'s
+    *plain word*, without its reserved names: a parameter is no variable of
+    its own); at least one is needed.
+    """
+    names = tuple(names)
+    if not names:
+        raise UserError(f"{option}: no parameter names; give at least one, e.g. Om,D")
+    for name in names:
+        if not isinstance(name, str) or not _WORD.fullmatch(name) or len(name) > MAX_NAME:
+            raise UserError(f"{option}: parameter name {name!r} is not a word of letters, digits, '_' or '-' "
+                            "starting with a letter or '_'")
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise UserError(f"{option}: parameter name {name!r} is given twice; every parameter needs its own name")
+        seen.add(name)
+    return names
+
+
+def _create_styles(group: zarr.Group, names: tuple[str, ...], nsample: int) -> None:
+    arr = group.create_array(STYLE, shape=(nsample, len(names)), chunks=(4096, len(names)), dtype="float32",
+                             fill_value=0.0, dimension_names=list(STYLE_DIMS))
+    arr.attrs["long_name"] = "per-sample style parameters, named by the param coordinate"
+    coord = group.create_array(PARAM, shape=(len(names),), dtype=str, dimension_names=[PARAM])
+    coord[:] = np.array(names)
+    coord.attrs["long_name"] = "name of each style parameter"
+
+
+def write_styles(path: str | Path, values: np.ndarray, first_sample: int) -> None:
+    """Write the rows of `values` (nsample, nparam) as the styles of samples ``first_sample, ...``.
+
+    The store must have been created with that many style names and hold
+    those samples (an incomplete store being written, or one resized for an
+    append); its completion mark is the caller's (`mark_complete`).
+    """
+    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    values = np.asarray(values, dtype=np.float32)
+    group[STYLE][first_sample:first_sample + len(values)] = values
+
+
+def read_styles(path: str | Path | Store) -> tuple[tuple[str, ...], np.ndarray] | None:
+    """The style parameters of a complete store: (names, float32 values shaped (nsample, nparam)), or None.
+
+    None when the store has no styles.  `path` may be an opened `Store`.
+    Only complete samples are read.
+    """
+    st = path if isinstance(path, Store) else open_store(path)
+    names = st.style_names
+    if not names:
+        return None
+    values = np.asarray(st.group[STYLE][: st.nsample], dtype=np.float32)
+    return names, values
 
 
 def mark_complete(path: str | Path, nsample: int, **extra: Any) -> None:
@@ -254,6 +334,11 @@ class Store:
         if name not in self.meta["fields"]:
             raise UserError(f"no field {name!r} in store {self.path}: it has {', '.join(self.field_names)}")
         return self.group[name]
+
+    @property
+    def style_names(self) -> tuple[str, ...]:
+        """Names of the store's style parameters (empty when it has none; `read_styles` reads the values)."""
+        return tuple(self.meta.get("styles") or ())
 
     def sources(self, name: str) -> list[str]:
         return [str(s) for s in self.group[source_name(name)][: self.nsample]]

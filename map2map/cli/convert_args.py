@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from map2map.cli.types import ints as _ints
+from map2map.cli.types import names as _names
 
 
 def add_convert(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +46,15 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
                         "(default: none, or the store's with --append)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="keep NaN/Inf values (and values too large for the dtype, as Inf) instead of refusing them")
+    p.add_argument("--styles", metavar="TABLE", default=None,
+                   help="per-sample style parameters (e.g. Om, D) from a CSV table: a header of names, then one "
+                        "row of numbers per sample in the sorted order of the field files; stored as the array "
+                        "'style' (sample, param)")
+    p.add_argument("--style-pattern", metavar="GLOB", default=None,
+                   help="styles from one text file of whitespace-separated numbers per sample (files sorted and "
+                        "paired with the samples like --field's); needs --style-names")
+    p.add_argument("--style-names", type=_names, default=None, metavar="NAME,NAME",
+                   help="names of the numbers in each --style-pattern file, in order, e.g. Om,D")
     p.add_argument("--workers", type=int, default=2, help="processes converting shards in parallel (at least 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(stage=("map2map.convert", "ConvertConfig"))
