@@ -32,6 +32,24 @@ Physics and conventions
 - Displacements are shaped ``(3, N, N, N)``; component ``i`` is along array
   axis ``i``.  Particle ``(i, j, l)`` starts at the cell centre
   ``q = ((i, j, l) + 1/2) L / N``.
+- Velocities (``velocity``): peculiar velocities [km/s] of the particles,
+  ``v = a H f (psi1 + 2 psi2)`` (`map2map.cosmology.peculiar_velocity` of
+  dpsi/dD, since psi1 grows as D and psi2 as D^2).
+- Styled runs (``redshifts``, ``omega_m``): every realisation (seed, i) is
+  written at every pair (redshift, Omega_m), with the same white noise, as
+  its own sample directory; a style table (`style_table_path`) gives each
+  sample directory, in sorted order, its ``Om`` and growth factor ``D``
+  (D(z=0) = 1 for that Omega_m), for ``m2m convert --styles``.
+- Super-resolution pairs (``sr``, `sr_linear_fields`): the low-resolution
+  linear field is the one `linear_field` makes at N^3 from the sample's
+  stream; the high-resolution one at (N F)^3 is the same continuous field
+  wherever every integer frequency satisfies ``|n_i| <= (N - 1) // 2``
+  (below the low-resolution Nyquist frequency), and has fresh modes of the
+  same spectrum, from the next draws of the stream, everywhere else.  Same
+  continuous field: the amplitude ``c_k = DFT[n] exp(-i k.h/2) / N_cells``
+  per mode, h the cell side, is equal on both grids (the phase because a
+  sample sits at its cell centre, half a cell from the DFT's origin).  Each
+  grid then gets its own 2LPT.
 """
 
 from __future__ import annotations
@@ -47,7 +65,7 @@ from typing import Callable
 import numpy as np
 
 from map2map import store
-from map2map.cosmology import (Cosmology, eh_nowiggle_transfer, growth_factor, linear_power,
+from map2map.cosmology import (Cosmology, eh_nowiggle_transfer, growth_factor, linear_power, peculiar_velocity,
                                second_order_growth, sigma_r, tophat_window)
 from map2map.errors import UserError
 from map2map.stage import Summary
@@ -81,6 +99,14 @@ __all__ = [
     "FIELDS",
     "CHANNELS",
     "field_names",
+    "SR_FIELDS",
+    "VELOCITY_FIELDS",
+    "STYLE_NAMES",
+    "style_table_path",
+    "shared_modes",
+    "centred_amplitudes",
+    "sr_linear_fields",
+    "sr_sample_fields",
 ]
 
 #: field name -> what it holds; `run` writes ``<sample dir>/<name>.npy``.
@@ -90,13 +116,29 @@ FIELDS = {
     "dens_za": "CIC overdensity n/nbar - 1 of the 1LPT particles, shape (1, N, N, N)",
     "dens_2lpt": "CIC overdensity n/nbar - 1 of the 2LPT particles, shape (1, N, N, N)",
 }
+#: field name -> what it holds, written with `velocity` besides `FIELDS`.
+VELOCITY_FIELDS = {
+    "vel_za": "Zel'dovich (1LPT) peculiar velocity a H f psi1 [km/s], shape (3, N, N, N)",
+    "vel_2lpt": "2LPT peculiar velocity a H f (psi1 + 2 psi2) [km/s], shape (3, N, N, N)",
+}
+#: the style parameters of a styled run, in the columns of its style table.
+STYLE_NAMES = ("Om", "D")
+#: field name -> what it holds, for super-resolution pairs (``sr``: F, the grid refinement factor).
+SR_FIELDS = {
+    "dis_lr": "2LPT displacement [Mpc/h] on the low-resolution grid, shape (3, N, N, N)",
+    "dis_hr": "2LPT displacement [Mpc/h] on the high-resolution grid, shape (3, N F, N F, N F)",
+    "dens_lr": "CIC overdensity n/nbar - 1 of the low-resolution 2LPT particles, shape (1, N, N, N)",
+    "dens_hr": "CIC overdensity n/nbar - 1 of the high-resolution 2LPT particles, shape (1, N F, N F, N F)",
+}
 #: field name -> its number of channels (the first axis of its arrays).
-CHANNELS = {name: 3 if name.startswith("dis") else 1 for name in FIELDS}
+CHANNELS = {name: 1 if name.startswith("dens") else 3 for name in {**FIELDS, **VELOCITY_FIELDS, **SR_FIELDS}}
 
 
-def field_names(density: bool) -> list[str]:
-    """The fields `run` writes: the displacements, and the densities with `density`."""
-    return [name for name in FIELDS if density or not name.startswith("dens")]
+def field_names(density: bool, sr: int | None = None, velocity: bool = False) -> list[str]:
+    """The fields `run` writes: the displacements, the densities with `density`, the velocities with
+    `velocity` (`SR_FIELDS` instead with `sr`)."""
+    names = {**FIELDS, **VELOCITY_FIELDS} if velocity else FIELDS
+    return [name for name in (names if sr is None else SR_FIELDS) if density or not name.startswith("dens")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +146,13 @@ class SynthConfig:
     """Everything `m2m synth` takes; field names are the command line's option names.
 
     Sample ``i`` goes to ``outdir/{prefix}{i:03d}/{name}.npy`` for the names
-    in `FIELDS` (``dens_*`` only with `density`); `cosmology` has no option
+    in `FIELDS` (``dens_*`` only with `density`), or in `SR_FIELDS` with
+    `sr` (the refinement factor F >= 2 of the high-resolution grid, whose
+    side is ``ngrid * sr``).  `velocity` adds `VELOCITY_FIELDS`.  With
+    `redshifts` (replacing `redshift`) or `omega_m` (replacing the
+    cosmology's), every realisation is written at every (redshift, Omega_m)
+    pair, sample directories numbered realisation-major, and the style table
+    (`style_table_path`) is written too.  `cosmology` has no option
     on the command line (the defaults of `Cosmology`).  An existing
     non-empty `outdir` is written into only with `overwrite`, which first
     removes what an earlier run with the same `prefix` wrote there
@@ -121,6 +169,32 @@ class SynthConfig:
     prefix: str = ""
     overwrite: bool = False
     cosmology: Cosmology = Cosmology()
+    sr: int | None = None
+    velocity: bool = False
+    redshifts: tuple[float, ...] | None = None
+    omega_m: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("redshifts", "omega_m"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value) if isinstance(value, (list, np.ndarray)) else (value,))
+
+    @property
+    def styled(self) -> bool:
+        """Whether the run varies redshift or Omega_m and writes a style table."""
+        return self.redshifts is not None or self.omega_m is not None
+
+    def variants(self) -> list[tuple[float, Cosmology]]:
+        """The (redshift, cosmology) pairs each realisation is written at, redshift-major."""
+        zs = self.redshifts if self.redshifts is not None else (self.redshift,)
+        oms = self.omega_m if self.omega_m is not None else (self.cosmology.omega_m,)
+        return [(float(z), dataclasses.replace(self.cosmology, omega_m=float(om))) for z in zs for om in oms]
+
+    @property
+    def grids(self) -> tuple[int, ...]:
+        """The grid sides of a sample: ``(ngrid,)``, or ``(ngrid, ngrid * sr)`` for super-resolution pairs."""
+        return (self.ngrid,) if self.sr is None else (self.ngrid, self.ngrid * self.sr)
 
 
 @dataclasses.dataclass
@@ -132,10 +206,14 @@ class SynthSummary(Summary):
     params: str
     seconds: float
     notes: list[str] = dataclasses.field(default_factory=list)
+    style_table: str | None = None
 
     def lines(self) -> list[str]:
         counted = [f"{name}: {len(files)} file{'' if len(files) == 1 else 's'}, e.g. {files[0]}"
                    for name, files in self.paths.items()]
+        if self.style_table is not None:
+            counted.append(f"styles: {', '.join(STYLE_NAMES)} of every sample in {self.style_table} "
+                           "(for m2m convert --styles)")
         return [f"note: {note}" for note in self.notes] + counted
 
 
@@ -183,6 +261,59 @@ def linear_field(ngrid: int, boxsize: float, rng: np.random.Generator, redshift:
     """Linear overdensity delta_L(x, z) (dimensionless, float64, (N, N, N)) from `rng` white noise."""
     noise = rng.standard_normal((ngrid, ngrid, ngrid))
     return gaussian_field(noise, boxsize, lambda k: linear_power(k, cosmo, redshift))
+
+
+Index = tuple[np.ndarray, ...]
+
+
+def shared_modes(ngrid: int, factor: int) -> tuple[Index, Index, Index]:
+    """The modes an ngrid^3 grid shares with its (ngrid factor)^3 refinement, in rfftn layout.
+
+    Shared are the integer frequencies (cycles per box) with
+    ``|n_i| <= (ngrid - 1) // 2`` on every axis.  Returns ``(lo, hi, freqs)``:
+    `lo` and `hi` index the low- and high-resolution rfftn arrays (``np.ix_``
+    tuples) so that ``a_lo[lo]`` and ``a_hi[hi]`` list the same frequencies
+    in the same order, and `freqs` holds those integer frequencies per axis
+    (sparse, broadcasting to the same shape).
+    """
+    m = (ngrid - 1) // 2
+    full = np.concatenate([np.arange(0, m + 1), np.arange(-m, 0)])
+    half = np.arange(0, m + 1)
+    hi_n = ngrid * factor
+    return (np.ix_(full % ngrid, full % ngrid, half), np.ix_(full % hi_n, full % hi_n, half),
+            np.ix_(full, full, half))
+
+
+def centred_amplitudes(field_k: np.ndarray, freqs: tuple[np.ndarray, ...], ngrid: int) -> np.ndarray:
+    """Fourier amplitudes c_k of the continuous periodic field sampled at the cell centres of an ngrid^3 grid.
+
+    `field_k` holds rfftn coefficients at the integer frequencies `freqs`
+    (from `shared_modes`); ``c_k = field_k exp(-i pi sum_i n_i / ngrid) / ngrid^3``,
+    dimensionless like the field, and independent of the grid it is sampled on.
+    """
+    phase = np.exp(-1j * np.pi * sum(f for f in freqs) / ngrid)
+    return field_k * phase / float(ngrid) ** 3
+
+
+def sr_linear_fields(ngrid: int, factor: int, boxsize: float, rng: np.random.Generator, redshift: float = 0.0,
+                     cosmo: Cosmology | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Linear overdensities (low, high resolution) of one box: (N, N, N) and (N F, N F, N F), float64.
+
+    The low-resolution field is `linear_field` of `rng`; the high-resolution
+    one is the same continuous field on the shared modes (`shared_modes`,
+    equal `centred_amplitudes`) and gets fresh modes of the same spectrum,
+    coloured from the next (N F)^3 draws of `rng`, everywhere else (module
+    docstring).
+    """
+    low = linear_field(ngrid, boxsize, rng, redshift, cosmo)
+    hi_n = ngrid * factor
+    noise = rng.standard_normal((hi_n,) * 3)
+    high_k = np.fft.rfftn(gaussian_field(noise, boxsize, lambda k: linear_power(k, cosmo, redshift)))
+    del noise
+    lo_index, hi_index, freqs = shared_modes(ngrid, factor)
+    amplitude = centred_amplitudes(np.fft.rfftn(low)[lo_index], freqs, ngrid)
+    high_k[hi_index] = amplitude / centred_amplitudes(np.ones(1), freqs, hi_n)
+    return low, np.fft.irfftn(high_k, s=(hi_n,) * 3, axes=(0, 1, 2))
 
 
 # ------------------------------------------------------------------------ LPT
@@ -287,16 +418,39 @@ def density_from_displacement(displacement: np.ndarray, boxsize: float) -> np.nd
 # ------------------------------------------------------------------- writing
 
 def sample_fields(rng: np.random.Generator, ngrid: int, boxsize: float, redshift: float,
-                  cosmo: Cosmology, density: bool) -> dict[str, np.ndarray]:
-    """All fields of one sample as channel-first float32 arrays, keyed by `FIELDS` names."""
+                  cosmo: Cosmology, density: bool, velocity: bool = False) -> dict[str, np.ndarray]:
+    """All fields of one sample as channel-first float32 arrays, keyed by `FIELDS` (and `VELOCITY_FIELDS`) names."""
     delta = linear_field(ngrid, boxsize, rng, redshift, cosmo)
     psi1 = za_displacement(delta, boxsize)
-    psi = psi1 + lpt2_correction(delta, boxsize)
+    psi2 = lpt2_correction(delta, boxsize)
+    psi = psi1 + psi2
     out = {"dis_za": psi1, "dis_2lpt": psi}
+    if velocity:
+        d1 = growth_factor(redshift, cosmo.omega_m)
+        out["vel_za"] = peculiar_velocity(psi1 / d1, redshift, cosmo.omega_m)
+        out["vel_2lpt"] = peculiar_velocity((psi1 + 2 * psi2) / d1, redshift, cosmo.omega_m)
+    del psi2
     if density:
         out["dens_za"] = density_from_displacement(psi1, boxsize)[None]
         out["dens_2lpt"] = density_from_displacement(psi, boxsize)[None]
     return {name: a.astype(np.float32) for name, a in out.items()}
+
+
+def sr_sample_fields(rng: np.random.Generator, ngrid: int, factor: int, boxsize: float, redshift: float,
+                     cosmo: Cosmology, density: bool) -> dict[str, np.ndarray]:
+    """A super-resolution pair's fields as channel-first float32 arrays, keyed by `SR_FIELDS` names.
+
+    2LPT displacements (and CIC overdensities with `density`) of the linear
+    fields of `sr_linear_fields`, each on its own grid.
+    """
+    out = {}
+    for tag, delta in zip(("lr", "hr"), sr_linear_fields(ngrid, factor, boxsize, rng, redshift, cosmo)):
+        psi = za_displacement(delta, boxsize) + lpt2_correction(delta, boxsize)
+        del delta
+        out[f"dis_{tag}"] = psi.astype(np.float32)
+        if density:
+            out[f"dens_{tag}"] = density_from_displacement(psi, boxsize)[None].astype(np.float32)
+    return out
 
 
 # Peak bytes of memory per voxel while one sample is made (`sample_fields`), without and with densities:
@@ -310,6 +464,11 @@ def check_config(config: SynthConfig) -> None:
         value = getattr(config, name)
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
             raise UserError(f"--{name.replace('_', '-')} {value!r}: expected a whole number >= {low}")
+    if config.sr is not None:
+        value = config.sr
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 2:
+            raise UserError(f"--sr {value!r}: expected a whole refinement factor >= 2 of the high-resolution "
+                            "grid (e.g. 2 for a 2x finer target)")
     boxsize, redshift = config.boxsize, config.redshift
     if not (isinstance(boxsize, (int, float)) and np.isfinite(boxsize) and boxsize > 0):
         raise UserError(f"--boxsize {boxsize!r}: expected a finite positive box side (Mpc/h)")
@@ -317,10 +476,40 @@ def check_config(config: SynthConfig) -> None:
         raise UserError(f"--redshift {redshift!r}: expected a finite number > -1")
     if not isinstance(config.cosmology, Cosmology):
         raise UserError(f"cosmology={config.cosmology!r}: expected a map2map.cosmology.Cosmology")
+    _check_styled(config)
     prefix = config.prefix
     if not isinstance(prefix, str) or any(sep in prefix for sep in {"/", os.sep, os.altsep or "/", "\0"}):
         raise UserError(f"--prefix {prefix!r}: a prefix of sample directory names may not contain '/' (nor "
                         "leave the output directory); give the directory as OUTDIR instead")
+
+
+def _check_styled(config: SynthConfig) -> None:
+    """Refuse bad ``--redshifts`` / ``--omega-m`` lists and options they do not combine with."""
+    for option, values in (("--redshifts", config.redshifts), ("--omega-m", config.omega_m)):
+        if values is None:
+            continue
+        if not values:
+            raise UserError(f"{option}: give at least one value")
+        if len(set(values)) != len(values):
+            raise UserError(f"{option} {','.join(map(str, values))}: a value is given twice; each must differ")
+        for v in values:
+            if not (isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v)):
+                raise UserError(f"{option} {v!r}: expected finite numbers")
+    if config.redshifts is not None:
+        if config.redshift != 0.0:
+            raise UserError("--redshift and --redshifts exclude each other: give the redshifts as one list")
+        for z in config.redshifts:
+            if not z > -1:
+                raise UserError(f"--redshifts {z!r}: expected redshifts > -1")
+    if config.omega_m is not None:
+        ob = config.cosmology.omega_b
+        for om in config.omega_m:
+            if not ob < om <= 1:
+                raise UserError(f"--omega-m {om!r}: expected Omega_m above Omega_b = {ob} and at most 1 "
+                                "(flat LambdaCDM)")
+    if config.sr is not None and (config.styled or config.velocity):
+        raise UserError("--sr writes super-resolution pairs at one redshift and cosmology, without velocities; "
+                        "leave out --redshifts, --omega-m and --velocity")
 
 
 def available_memory() -> int | None:
@@ -363,23 +552,31 @@ def _nearest_existing(path: Path) -> Path:
 
 def check_resources(config: SynthConfig) -> None:
     """Refuse a run that cannot fit: one sample's peak memory, or all the files on the disk."""
-    voxels = config.ngrid ** 3
-    need = PEAK_BYTES_PER_VOXEL[bool(config.density)] * voxels
+    grids = config.grids
+    need = PEAK_BYTES_PER_VOXEL[bool(config.density)] * sum(n ** 3 for n in grids)
     have = available_memory()
+    what = f"--ngrid {config.ngrid}" + (f" --sr {config.sr}" if config.sr is not None else "")
     if have is not None and need > have:
-        raise UserError(f"--ngrid {config.ngrid}: making one sample needs about {_size(need)} of memory, "
+        raise UserError(f"{what}: making one sample needs about {_size(need)} of memory, "
                         f"{_size(have)} is available; use a smaller --ngrid")
-    channels = sum(CHANNELS[name] for name in field_names(config.density))
-    files = config.num_samples * channels * voxels * np.dtype(np.float32).itemsize
+    names = field_names(config.density, config.sr, config.velocity)
+    per_sample = sum(CHANNELS[name] * (grids[-1] if name.endswith("_hr") else grids[0]) ** 3 for name in names)
+    count = config.num_samples * len(config.variants())
+    files = count * per_sample * np.dtype(np.float32).itemsize
     free = shutil.disk_usage(_nearest_existing(Path(config.outdir))).free
     if files > free:
-        raise UserError(f"{config.outdir}: {config.num_samples} samples of {config.ngrid}^3 need about "
+        raise UserError(f"{config.outdir}: {count} samples of {' and '.join(f'{n}^3' for n in grids)} need about "
                         f"{_size(files)} on disk, {_size(free)} is free; use fewer or smaller samples")
 
 
 def params_path(outdir: str | os.PathLike, prefix: str = "") -> Path:
     """Where `run` writes the JSON record of its parameters (and of the files it writes)."""
     return Path(outdir) / f"{prefix}synth.json"
+
+
+def style_table_path(outdir: str | os.PathLike, prefix: str = "") -> Path:
+    """Where a styled `run` writes its style table: CSV, header `STYLE_NAMES`, one row per sample directory."""
+    return Path(outdir) / f"{prefix}styles.csv"
 
 
 def _written_by(record: dict) -> list[Path]:
@@ -426,6 +623,12 @@ def remove_earlier(outdir: Path, prefix: str) -> int:
     for d in dict.fromkeys(dirs):
         if d.is_dir() and not any(d.iterdir()):
             d.rmdir()
+    table = record.get("style_table")
+    if table == style_table_path("", prefix).name:  # only the name a styled run with this prefix writes
+        target = outdir / table
+        if target.is_file() and not target.is_symlink():
+            target.unlink()
+            removed += 1
     record_path.unlink()
     return removed
 
@@ -478,21 +681,41 @@ def _write(config: SynthConfig) -> SynthSummary:
     outdir = Path(config.outdir)
     nsamples, seed = config.num_samples, config.seed
     boxsize, redshift = float(config.boxsize), float(config.redshift)
-    width = max(3, len(str(nsamples - 1)))
-    names = field_names(config.density)
-    samples = [{"dir": f"{config.prefix}{i:0{width}d}", "seed_sequence": [seed, i]} for i in range(nsamples)]
+    variants = config.variants()
+    width = max(3, len(str(nsamples * len(variants) - 1)))
+    names = field_names(config.density, config.sr, config.velocity)
+    samples = []
+    for i in range(nsamples):
+        for z, cv in variants:
+            sample = {"dir": f"{config.prefix}{len(samples):0{width}d}", "seed_sequence": [seed, i]}
+            if config.styled:
+                sample.update(redshift=z, omega_m=cv.omega_m, growth_D1=growth_factor(z, cv.omega_m))
+            samples.append(sample)
     d1 = growth_factor(redshift, c.omega_m)
     record = {
         "generator": "map2map.synth", "complete": False, "ngrid": config.ngrid, "boxsize": boxsize, "seed": seed,
         "redshift": redshift, "cosmology": dataclasses.asdict(c), "growth_D1": d1,
-        "growth_D2": second_order_growth(d1), "sigma8_at_z": c.sigma8 * d1, "units": "Mpc/h, h/Mpc",
-        "fields": {name: FIELDS[name] for name in names}, "samples": samples,
+        "growth_D2": second_order_growth(d1), "sigma8_at_z": c.sigma8 * d1, "units": "Mpc/h, h/Mpc, km/s",
+        "fields": {name: {**FIELDS, **VELOCITY_FIELDS, **SR_FIELDS}[name] for name in names}, "samples": samples,
     }
+    table = style_table_path(outdir, config.prefix) if config.styled else None
+    if config.styled:
+        for key in ("redshift", "growth_D1", "growth_D2", "sigma8_at_z"):
+            del record[key]  # per sample instead
+        record.update(redshifts=[z for z, _ in variants[::len(config.omega_m or (0,))]],
+                      omega_m=list(config.omega_m or (c.omega_m,)), style_table=table.name,
+                      style_names=list(STYLE_NAMES))
+    if config.sr is not None:
+        record.update(sr=config.sr, ngrid_hr=config.ngrid * config.sr,
+                      shared_modes=f"every |n_i| <= {(config.ngrid - 1) // 2} (integer frequencies of the box)")
     earlier = _read_record(params_path(outdir, config.prefix)) if config.overwrite else None
     ours = (set(_written_by(earlier)) | {params_path("", config.prefix)}) if earlier is not None else set()
     if os.path.lexists(params_path(outdir, config.prefix)) and not ours:
         raise UserError(f"OUTDIR {outdir} already holds {params_path('', config.prefix)}, which is no record of "
                         "m2m synth; move it away or choose another directory")
+    if table is not None and os.path.lexists(table) and (earlier is None or earlier.get("style_table") != table.name):
+        raise UserError(f"OUTDIR {outdir} already holds {table.name}, which no earlier m2m synth there wrote; "
+                        "move it away or choose another directory")
     for rel in _written_by(record):
         for part in (rel.parent, rel):
             if os.path.lexists(outdir / part) and part not in ours and (part == rel or not (outdir / part).is_dir()):
@@ -506,17 +729,25 @@ def _write(config: SynthConfig) -> SynthSummary:
     paths: dict[str, list[str]] = {}
     try:
         atomic_write(params, json.dumps(record, indent=2) + "\n")
-        for i, sample in enumerate(samples):
-            rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
+        for sample, (z, cv) in zip(samples, variants * nsamples):
+            rng = np.random.default_rng(np.random.SeedSequence(sample["seed_sequence"]))
             sample_dir = outdir / sample["dir"]
             sample_dir.mkdir(exist_ok=True)
-            for name, array in sample_fields(rng, config.ngrid, boxsize, redshift, c, config.density).items():
+            if config.sr is None:
+                arrays = sample_fields(rng, config.ngrid, boxsize, z, cv, config.density, config.velocity)
+            else:
+                arrays = sr_sample_fields(rng, config.ngrid, config.sr, boxsize, redshift, c, config.density)
+            for name, array in arrays.items():
                 path = atomic_write(sample_dir / f"{name}.npy", lambda f, a=array: np.save(f, a))
                 paths.setdefault(name, []).append(str(path))
+        if table is not None:
+            rows = [",".join(STYLE_NAMES)] + [f"{s['omega_m']!r},{s['growth_D1']!r}" for s in samples]
+            atomic_write(table, "\n".join(rows) + "\n")
         atomic_write(params, json.dumps(dict(record, complete=True), indent=2) + "\n")
     except BaseException:
         remove_earlier(outdir, config.prefix)
         if created and not any(outdir.iterdir()):
             outdir.rmdir()
         raise
-    return SynthSummary(str(outdir), paths, str(params), time.perf_counter() - t0)
+    return SynthSummary(str(outdir), paths, str(params), time.perf_counter() - t0,
+                        style_table=str(table) if table is not None else None)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import integrate
 
 from map2map import cosmology, synth
@@ -405,3 +407,170 @@ def test_second_writer_of_one_directory_is_refused(tmp_path):
     with writer_lock(tmp_path / "sims", "m2m synth"):
         with pytest.raises(UserError, match=f"being written by m2m synth .*pid {os.getpid()}"):
             synth.run(synth.SynthConfig(outdir=str(tmp_path / "sims"), ngrid=4))
+
+
+# ------------------------------------------------- issue 14: super-resolution pairs (--sr F)
+
+def fourier_series(field: np.ndarray, points: np.ndarray, kmax: int, boxsize: float) -> np.ndarray:
+    """The field's trigonometric interpolant, modes |n_i| <= kmax only, at `points` (3, M) [Mpc/h].
+
+    Sample (i, j, l) sits at its cell centre ((i, j, l) + 1/2) L / n; full complex FFT, a direct sum
+    (independent of synth's rfftn code).
+    """
+    n = field.shape[0]
+    fk = np.fft.fftn(field) / n ** 3
+    out = np.zeros(points.shape[1], dtype=complex)
+    for nx in range(-kmax, kmax + 1):
+        for ny in range(-kmax, kmax + 1):
+            for nz in range(-kmax, kmax + 1):
+                nvec = np.array([nx, ny, nz])
+                shift = np.exp(-1j * np.pi * nvec.sum() / n)  # the DFT's origin is half a cell before sample 0
+                out += fk[nx % n, ny % n, nz % n] * shift * np.exp(2j * np.pi * (nvec @ points) / boxsize)
+    return out.real
+
+
+@pytest.mark.parametrize("ngrid,factor", [(8, 2), (7, 3)])
+def test_sr_fine_field_is_the_coarse_field_on_the_coarse_modes(ngrid, factor):
+    """At any physical point, the modes below the coarse Nyquist frequency of both fields sum to the same value."""
+    low, high = synth.sr_linear_fields(ngrid, factor, L, np.random.default_rng(2))
+    assert low.shape == (ngrid,) * 3 and high.shape == (ngrid * factor,) * 3
+    points = np.random.default_rng(0).uniform(0, L, (3, 6))
+    kmax = (ngrid - 1) // 2
+    on_low, on_high = fourier_series(low, points, kmax, L), fourier_series(high, points, kmax, L)
+    assert np.abs(on_low - on_high).max() < 1e-12 * np.abs(low).max()
+    # ... and the fine field has more: its modes above the coarse Nyquist frequency are not zero
+    assert np.abs(fourier_series(high, points, kmax + 1, L) - on_high).max() > 1e-3 * np.abs(low).max()
+
+
+def test_sr_coarse_field_is_the_plain_linear_field_and_the_fine_one_has_the_linear_spectrum():
+    n, factor = 16, 2
+    low, high = synth.sr_linear_fields(n, factor, L, np.random.default_rng(9))
+    assert np.array_equal(low, synth.linear_field(n, L, np.random.default_rng(9)))
+    # fine field: modes beyond the coarse grid follow P(k) (pooled over the shells between the Nyquists)
+    k, p, nmodes = power_spectrum(high, L, nbins=n * factor // 2 - 1)
+    beyond = (k > np.pi * n / L) & (k < np.pi * n * factor / L * 0.9)
+    ratio = np.sum(nmodes[beyond] * p[beyond] / synth.linear_power(k[beyond])) / np.sum(nmodes[beyond])
+    assert abs(ratio - 1) < 0.05, ratio
+
+
+def test_synth_sr_writes_pairs_that_convert_into_one_store(tmp_path, capsys):
+    paths = synthesize(tmp_path / "sr", num_samples=2, ngrid=8, boxsize=32.0, seed=4, sr=2, density=True)
+    assert set(paths) == {"dis_lr", "dis_hr", "dens_lr", "dens_hr"}
+    for name, shape in (("dis_lr", (3, 8, 8, 8)), ("dis_hr", (3, 16, 16, 16)), ("dens_lr", (1, 8, 8, 8)),
+                        ("dens_hr", (1, 16, 16, 16))):
+        arr = np.load(paths[name][1])
+        assert arr.shape == shape and arr.dtype == np.float32 and np.all(np.isfinite(arr))
+    # the coarse displacement is the plain run's 2LPT displacement of the same seed
+    plain = synthesize(tmp_path / "plain", num_samples=2, ngrid=8, boxsize=32.0, seed=4)
+    assert np.array_equal(np.load(paths["dis_lr"][1]), np.load(plain["dis_2lpt"][1]))
+    # the fine 2LPT field's coarse modes agree with the coarse one's up to the 2LPT coupling of small scales
+    lo, hi = np.load(paths["dis_lr"][0]), np.load(paths["dis_hr"][0])
+    pts = np.random.default_rng(1).uniform(0, 32.0, (3, 4))
+    a, b = fourier_series(lo[0].astype(float), pts, 2, 32.0), fourier_series(hi[0].astype(float), pts, 2, 32.0)
+    assert np.abs(a - b).max() < 0.2 * np.abs(a).max()
+    record = json.loads(synth.params_path(tmp_path / "sr").read_text())
+    assert record["sr"] == 2 and record["ngrid_hr"] == 16 and set(record["fields"]) == set(paths)
+    assert main(["convert", str(tmp_path / "s.zarr"), f"--field=lr={tmp_path}/sr/*/dis_lr.npy",
+                 f"--field=hr={tmp_path}/sr/*/dis_hr.npy", "--boxsize", "32", "--crop", "4", "--no-progress"]) == 0
+    from map2map import store
+    st = store.open_store(tmp_path / "s.zarr")
+    assert st.field("hr").shape == (2, 3, 16, 16, 16) and np.array_equal(st.field("hr")[1], np.load(paths["dis_hr"][1]))
+
+
+@pytest.mark.parametrize("value", ["1", "0", "-2"])
+def test_sr_factor_below_two_is_refused(tmp_path, capsys, value):
+    refused(capsys, tmp_path, [str(tmp_path / "sims"), "--ngrid", "4", "--sr", value],
+            f"--sr {value}: expected a whole refinement factor >= 2")
+
+
+def test_sr_memory_counts_the_fine_grid(tmp_path, monkeypatch):
+    monkeypatch.setattr(synth, "available_memory", lambda: 200 * 8 ** 3)  # fits 8^3 alone, not 8^3 + 16^3
+    synth.check_resources(synth.SynthConfig(outdir=str(tmp_path / "s"), ngrid=8))
+    with pytest.raises(UserError, match="--ngrid 8 --sr 2: making one sample needs about"):
+        synth.check_resources(synth.SynthConfig(outdir=str(tmp_path / "s"), ngrid=8, sr=2))
+
+
+# ------------------------------------- issue 13: boxes at several redshifts and Omega_m, velocities, styles
+
+def test_styled_run_writes_every_pair_a_style_table_and_velocities(tmp_path, capsys):
+    out = tmp_path / "sims"
+    summary = synth.run(synth.SynthConfig(outdir=str(out), num_samples=2, ngrid=8, boxsize=32.0, seed=1,
+                                          redshifts=(0.0, 1.0), omega_m=(0.25, 0.35), velocity=True))
+    assert summary.style_table == str(out / "styles.csv") and "styles: Om, D" in summary.lines()[-1]
+    record = json.loads(synth.params_path(out).read_text())
+    assert [s["dir"] for s in record["samples"]] == [f"{i:03d}" for i in range(8)]
+    pairs = [(s["seed_sequence"][1], s["redshift"], s["omega_m"]) for s in record["samples"]]
+    assert pairs == [(i, z, om) for i in range(2) for z in (0.0, 1.0) for om in (0.25, 0.35)]
+    lines = (out / "styles.csv").read_text().splitlines()
+    assert lines[0] == "Om,D" and len(lines) == 9
+    for line, (_, z, om) in zip(lines[1:], pairs):
+        assert [float(v) for v in line.split(",")] == [om, cosmology.growth_factor(z, om)]
+    load = lambda i, name: np.load(out / f"{i:03d}" / f"{name}.npy").astype(np.float64)  # noqa: E731
+    # the same white noise at every pair: the 1LPT field grows as D
+    ratio = cosmology.growth_factor(1.0, 0.25)
+    np.testing.assert_allclose(load(2, "dis_za"), ratio * load(0, "dis_za"), rtol=1e-5, atol=1e-5)
+    # velocities: a H f (psi1 + 2 psi2), psi2 = dis_2lpt - dis_za
+    for i, (_, z, om) in enumerate(pairs[:4]):
+        psi1, psi = load(i, "dis_za"), load(i, "dis_2lpt")
+        factor = cosmology.scale_factor(z) * cosmology.hubble(z, om) * cosmology.growth_rate(z, om)
+        np.testing.assert_allclose(load(i, "vel_za"), factor * psi1, rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(load(i, "vel_2lpt"), factor * (2 * psi - psi1), rtol=1e-4, atol=1e-3)
+    # the table is what m2m convert --styles reads
+    assert main(["convert", str(tmp_path / "s.zarr"), f"--field=za={out}/*/dis_za.npy",
+                 f"--field=v={out}/*/vel_2lpt.npy", "--styles", str(out / "styles.csv"), "--no-progress"]) == 0
+    from map2map import store
+    names, values = store.read_styles(tmp_path / "s.zarr")
+    assert names == ("Om", "D")
+    assert np.array_equal(values, np.array([[om, cosmology.growth_factor(z, om)] for _, z, om in pairs], "f4"))
+    # --overwrite removes the table with the rest of what synth wrote
+    synth.run(synth.SynthConfig(outdir=str(out), ngrid=4, overwrite=True))
+    assert sorted(p.name for p in out.iterdir()) == ["000", "synth.json"]
+
+
+def test_plain_run_is_unchanged_by_the_styled_options(tmp_path):
+    """Without --redshifts / --omega-m / --velocity: the same files, bit for bit, and no table."""
+    plain = synthesize(tmp_path / "a", ngrid=8, redshift=0.5, seed=2)
+    one = synthesize(tmp_path / "b", ngrid=8, redshifts=(0.5,), seed=2)
+    assert plain["dis_2lpt"][0].read_bytes() == one["dis_2lpt"][0].read_bytes()
+    assert not (tmp_path / "a" / "styles.csv").exists() and (tmp_path / "b" / "styles.csv").exists()
+
+
+def test_a_foreign_style_table_is_never_replaced(tmp_path, capsys):
+    out = tmp_path / "sims"
+    out.mkdir()
+    (out / "styles.csv").write_text("mine\n")
+    refused(capsys, tmp_path, [str(out), "--ngrid", "4", "--redshifts", "0,1", "--overwrite"],
+            "already holds styles.csv, which no earlier m2m synth there wrote")
+    assert (out / "styles.csv").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--redshift", "1", "--redshifts", "0,1"], "--redshift and --redshifts exclude each other"),
+    (["--redshifts", "0,0"], "a value is given twice"),
+    (["--redshifts", "-1"], "--redshifts -1.0: expected redshifts > -1"),
+    (["--redshifts", "0,inf"], "--redshifts inf: expected finite numbers"),
+    (["--omega-m", "0.01"], "--omega-m 0.01: expected Omega_m above Omega_b"),
+    (["--omega-m", "1.5"], "--omega-m 1.5"),
+    (["--sr", "2", "--velocity"], "leave out --redshifts, --omega-m and --velocity"),
+    (["--sr", "2", "--omega-m", "0.3"], "--sr writes super-resolution pairs"),
+])
+def test_bad_styled_options_are_refused(tmp_path, capsys, args, message):
+    refused(capsys, tmp_path, [str(tmp_path / "new" / "sims"), "--ngrid", "4", *args], message)
+
+
+@settings(max_examples=30, deadline=None)
+@given(ngrid=st.integers(2, 16), factor=st.integers(2, 4))
+def test_shared_modes_index_the_same_frequencies_on_both_grids(ngrid, factor):
+    """Every rfftn frequency with |n_i| <= (ngrid - 1) // 2, each once, at its own place on both grids."""
+    lo, hi, freqs = synth.shared_modes(ngrid, factor)
+    m = (ngrid - 1) // 2
+
+    def frequencies(n: int, index) -> np.ndarray:
+        axes = [np.fft.fftfreq(n, 1 / n), np.fft.fftfreq(n, 1 / n), np.fft.rfftfreq(n, 1 / n)]
+        picked = [a[i] for a, i in zip(axes, index)]  # np.ix_ index: one array per axis, broadcasting
+        return np.stack(np.broadcast_arrays(*np.ix_(*[p.ravel() for p in picked]))).reshape(3, -1).T
+
+    want = np.stack(np.broadcast_arrays(*freqs)).reshape(3, -1).T
+    assert np.array_equal(frequencies(ngrid, lo), want) and np.array_equal(frequencies(ngrid * factor, hi), want)
+    every = {(a, b, c) for a in range(-m, m + 1) for b in range(-m, m + 1) for c in range(0, m + 1)}
+    assert len(want) == len(every) and set(map(tuple, want.astype(int))) == every
