@@ -7,7 +7,9 @@ Terms:
   ``--callback-at`` directory it came from, its keyword arguments, channels,
   scale factor and dimension, the input and target fields with their norms,
   the pads and crop it was trained with, its total stride, and where it was
-  trained (stores, store format, map2map version).
+  trained (stores, store format, map2map version); for a styled model the
+  names of its style parameters in the order it takes them and their style
+  norm (`map2map.data.styles.StyleNorm`), none for an unstyled one.
 * *fit*: a state dict fits a model when every key is present with the same
   shape and nothing else is there (`match_model_state`).
 * *cover*: a model's output covers a target crop when it is at least as large
@@ -63,7 +65,33 @@ class ModelCard:
     train_stores: tuple[str, ...]
     store_format_version: int | None
     map2map_version: str
+    style_names: tuple[str, ...] = ()  # empty: an unstyled model (and every card written before styles)
+    style_shift: tuple[float, ...] = ()
+    style_scale: tuple[float, ...] = ()
     card_version: int = CARD_VERSION
+
+    @property
+    def style_size(self) -> int | None:
+        """The number of style parameters the model takes; None for an unstyled model."""
+        return len(self.style_names) or None
+
+    @property
+    def style_norm(self):
+        """The `map2map.data.styles.StyleNorm` the model was trained with; None for an unstyled model."""
+        if not self.style_names:
+            return None
+        from map2map.data.styles import StyleNorm
+
+        return StyleNorm(self.style_names, self.style_shift, self.style_scale)
+
+    @staticmethod
+    def style_fields(norm) -> dict[str, tuple]:
+        """The card's style fields for a `StyleNorm` (None: unstyled), as keywords: ``ModelCard(...,
+        **ModelCard.style_fields(norm))``."""
+        if norm is None:
+            return {}
+        return {"style_names": tuple(norm.names), "style_shift": tuple(norm.shift),
+                "style_scale": tuple(norm.scale)}
 
     def to_dict(self) -> dict[str, Any]:
         from map2map.stage import jsonable
@@ -77,7 +105,7 @@ class ModelCard:
             if int(d.get("card_version", 0)) > CARD_VERSION:
                 raise UserError(f"{source} has a model card of version {d['card_version']}; this map2map "
                                 f"reads up to {CARD_VERSION}")
-            return cls(
+            card = cls(
                 model=str(d["model"]), in_chan=int(d["in_chan"]), out_chan=int(d["out_chan"]),
                 scale_factor=int(d["scale_factor"]), ndim=int(d["ndim"]),
                 model_kwargs=dict(d.get("model_kwargs") or {}), callback_at=d.get("callback_at"),
@@ -89,7 +117,12 @@ class ModelCard:
                 train_stores=_tuple(d.get("train_stores") or (), str),
                 store_format_version=d.get("store_format_version"),
                 map2map_version=str(d.get("map2map_version", "unknown")),
+                style_names=_tuple(d.get("style_names") or (), str),
+                style_shift=_tuple(d.get("style_shift") or (), float),
+                style_scale=_tuple(d.get("style_scale") or (), float),
                 card_version=int(d.get("card_version", CARD_VERSION)))
+            _ = card.style_norm  # built once here, so that a malformed style norm is refused with the rest
+            return card
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{source} has a malformed model card ({type(exc).__name__}: {exc})") from None
 
@@ -105,6 +138,8 @@ class ModelCard:
         lines.append(f"target     {_fields(self.tgt_fields, self.tgt_chans, self.tgt_norms)}")
         if self.norm_kwargs:
             lines.append(f"norm args  {dict(self.norm_kwargs)}")
+        if self.style_names:
+            lines.append(f"styles     {self.style_norm.describe()} (each range onto [-1, 1])")
         lines.append(f"crop       {list(self.crop)}, in-pad {pad}")
         lines.append(f"trained on {', '.join(self.train_stores) or 'unknown'}"
                      + (f" (store format {self.store_format_version})" if self.store_format_version else "")
@@ -230,6 +265,7 @@ class ModelSpec:
     ndim: int
     kwargs_json: str
     callback_at: str | None
+    style_size: int | None = None  # the model card's `ModelCard.style_size`
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -242,7 +278,8 @@ class ModelSpec:
         from map2map.models import build_model
 
         return build_model(self.name, self.in_chan, self.out_chan, scale_factor=self.scale_factor,
-                           ndim=self.ndim, kwargs=self.kwargs, callback_at=self.callback_at)
+                           ndim=self.ndim, kwargs=self.kwargs, callback_at=self.callback_at,
+                           style_size=self.style_size)
 
     def load(self):
         """The model with the checkpoint's weights, strictly, in eval mode."""

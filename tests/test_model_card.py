@@ -164,3 +164,53 @@ def test_checkpoint_without_card_needs_the_model(trained, tmp_path, capsys):
     fails(capsys, ["infer", "--load-state", str(bare), "--data", str(trained["test"]), "--out", str(out)],
           "has no model card", "--model")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- styles on the card (no training run needed)
+
+
+def _card(**styles) -> ModelCard:
+    return ModelCard(model="StyledVNet", in_chan=3, out_chan=3, scale_factor=1, ndim=3, model_kwargs={"width": 2},
+                     callback_at=None, in_fields=("za",), tgt_fields=("lpt",), in_chans=(3,), tgt_chans=(3,),
+                     in_norms=None, tgt_norms=None, norm_kwargs={}, in_pad=((20, 20),) * 3, tgt_pad=((0, 0),) * 3,
+                     total_stride=4, crop=(8, 8, 8), train_stores=("/data/train.zarr",), store_format_version=1,
+                     map2map_version="test", **styles)
+
+
+def test_card_records_the_style_names_and_norm_and_round_trips(tmp_path):
+    from map2map.data.styles import StyleNorm
+    from map2map.modelfit import ModelSpec, file_stamp
+    from map2map.models import StyledVNet
+
+    norm = StyleNorm(("Om", "D"), (0.3, 0.75), (0.05, 0.25))
+    card = _card(**ModelCard.style_fields(norm))
+    assert card.style_size == 2 and card.style_norm == norm
+    assert ModelCard.from_dict(json.loads(json.dumps(card.to_dict()))) == card
+    assert "styles     Om [0.25, 0.35], D [0.5, 1] (each range onto [-1, 1])" in card.describe()
+    # in a checkpoint, read back weights-only; the model card builds the styled model
+    model = StyledVNet(3, 3, 2, width=2)
+    path = tmp_path / "state.pt"
+    torch.save({"model": model.state_dict(), "card": card.to_dict(), "epoch": 1}, path)
+    back = read_checkpoint(str(path)).card
+    assert back == card
+    spec = ModelSpec(back.model, str(path), file_stamp(str(path)), back.in_chan, back.out_chan, back.scale_factor,
+                     back.ndim, json.dumps(dict(back.model_kwargs)), None, style_size=back.style_size)
+    loaded = spec.load()
+    assert loaded.style_size == 2 and not loaded.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_cards_without_styles_load_unchanged():
+    card = _card()
+    old = {k: v for k, v in card.to_dict().items() if not k.startswith("style_")}  # a card written before styles
+    back = ModelCard.from_dict(old)
+    assert back == card and back.style_size is None and back.style_norm is None
+    assert not any(line.startswith("styles") for line in back.describe())
+
+
+def test_malformed_style_norm_on_a_card():
+    from map2map.errors import UserError
+
+    bad = dict(_card().to_dict(), style_names=["Om", "D"], style_shift=[0.3], style_scale=[0.1, 0.2])
+    with pytest.raises(UserError, match="the checkpoint has a malformed model card .*one shift and scale per name"):
+        ModelCard.from_dict(bad)

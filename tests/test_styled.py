@@ -10,9 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from golden import golden
+from map2map.errors import UserError
+from map2map.modelfit import auto_pad, check_geometry
+from map2map.models.build import build_model, forward, style_size_of, zero_style
 from map2map.models.narrow import narrow_by
+from map2map.models.stride import output_shape, required_pad
+from map2map.models.srsgan import G
 from map2map.models.styled import (DEMOD_EPS, BatchNormStyled, ConvStyled, ConvStyledBlock, LeakyReLUStyled,
-                                   ResStyledBlock, StyledVNet)
+                                   ResStyledBlock, StyledG, StyledVNet)
+from map2map.models.stride import total_stride
+from map2map.models.vnet import VNet
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -315,3 +322,162 @@ def test_extra_keywords_ignored_and_declared_stride():
     assert model.total_stride == 4
     assert [name for name, _ in model.named_children()] == [
         "conv_l0", "down_l0", "conv_l1", "down_l1", "conv_c", "up_r1", "conv_r1", "up_r0", "conv_r0"]
+
+
+# --------------------------------------------------------------------------- how a model is called and built
+
+def test_forward_calls_styled_and_unstyled_models_their_way():
+    torch.manual_seed(0)
+    styled = StyledVNet(2, 2, 3, dim=2, width=2).eval()
+    plain = VNet(2, 2, dim=2, width=2).eval()
+    x, style = torch.randn(2, 2, 44, 48), torch.randn(2, 3)
+    assert style_size_of(styled) == 3 and style_size_of(plain) is None
+    with torch.no_grad():
+        torch.testing.assert_close(forward(styled, x, style), styled(x, style), rtol=0, atol=0)
+        torch.testing.assert_close(forward(plain, x), plain(x), rtol=0, atol=0)
+        torch.testing.assert_close(forward(styled, x, style.double()), styled(x, style), rtol=0, atol=0)
+    with pytest.raises(UserError, match=r"^model StyledVNet is styled \(3 style parameters\) but was given none"):
+        forward(styled, x)
+    with pytest.raises(UserError, match="^model VNet is not styled but was given styles"):
+        forward(plain, x, style)
+    with pytest.raises(UserError, match=r"shape \(batch, 3\) = \(2, 3\), got \(2, 2\)"):
+        forward(styled, x, style[:, :2])
+
+
+def test_styled_is_seen_through_wrappers():
+    model = StyledVNet(2, 2, 3, dim=2, width=2)
+    assert style_size_of(torch.compile(model)) == 3  # compiled lazily: nothing runs here
+    assert style_size_of(torch.nn.Module()) is None
+    assert zero_style(model, 2).shape == (2, 3) and not zero_style(model, 2).any()
+    assert zero_style(VNet(1, 1, dim=2, width=2), 2) is None
+
+
+def test_build_model_passes_the_style_size():
+    model = build_model("StyledVNet", 2, 2, scale_factor=1, ndim=2, kwargs={"width": 2}, style_size=3)
+    assert isinstance(model, StyledVNet) and model.style_size == 3 and model.dim == 2
+    unstyled = build_model("VNet", 2, 2, scale_factor=1, ndim=2, kwargs={"width": 2})
+    assert style_size_of(unstyled) is None
+
+
+@pytest.mark.parametrize("name, style_size, kwargs, match", [
+    ("StyledVNet", None, {}, "^model StyledVNet is styled .* but the data have no styles"),
+    ("VNet", 2, {}, "^model VNet takes no style_size argument"),
+    ("G", 2, {}, "^model G takes no style_size argument"),
+    ("StyledVNet", 0, {}, "^style_size must be a positive number"),
+    ("StyledVNet", 2, {"style_size": 2}, "^--misc-kwargs key 'style_size' is set from the data's styles")])
+def test_build_model_refuses_styles_that_do_not_fit(name, style_size, kwargs, match):
+    with pytest.raises(UserError, match=match) as info:
+        build_model(name, 2, 2, scale_factor=1, ndim=2, kwargs=kwargs, style_size=style_size)
+    assert "\n" not in str(info.value)
+
+
+def test_a_user_styled_model_gets_style_size_and_is_called_with_styles(tmp_path):
+    (tmp_path / "mine.py").write_text(
+        "import torch\n"
+        "class Shift(torch.nn.Module):\n"
+        "    def __init__(self, in_chan, out_chan, style_size, **kwargs):\n"
+        "        super().__init__()\n"
+        "        self.lin = torch.nn.Linear(style_size, out_chan)\n"
+        "    def forward(self, x, style):\n"
+        "        return x[:, :1, 1:-1, 1:-1] + self.lin(style)[:, :, None, None]\n")
+    model = build_model("mine.Shift", 1, 1, scale_factor=1, ndim=2, callback_at=str(tmp_path), style_size=2)
+    assert style_size_of(model) == 2  # recorded by build_model: the class does not keep it
+    x, style = torch.randn(2, 1, 6, 6), torch.randn(2, 2)
+    with torch.no_grad():
+        want = x[:, :, 1:-1, 1:-1] + model.lin(style)[:, :, None, None]
+        torch.testing.assert_close(forward(model, x, style), want)
+    assert output_shape(model, 1, (9, 7)) == (7, 5)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_shape_probe_pads_and_geometry_work_for_styled_models(dim):
+    model = StyledVNet(2, 2, 3, dim=dim, width=2)
+    shape = (44, 48, 52)[:dim]
+    with torch.no_grad():
+        real = model.eval()(torch.zeros(1, 2, *shape), torch.zeros(1, 3)).shape[2:]
+    model.train()
+    assert output_shape(model, 2, shape) == tuple(real) == tuple(s - 40 for s in shape)
+    assert model.training  # the probe leaves the mode as it was
+    assert output_shape(model, 2, (45,) * dim) is None
+    assert required_pad(model, 2, 8, dim) == 20
+    assert auto_pad(model, 2, (8,) * dim, dim, 1, ((0, 0),) * dim) == [20] * dim
+    assert check_geometry(model, 2, (8,) * dim, (8,) * dim, ((20, 20),) * dim, ((0, 0),) * dim, 1) == (4, (8,) * dim)
+
+
+# --------------------------------------------------------------------------- the styled super-resolution generator
+
+G_KW = {"chan_base": 8, "chan_min": 2, "chan_max": 6}
+
+
+def styled_g_params(chan: int, style_size: int, scale_factor: int, dim: int, base=8, lo=2, hi=6) -> int:
+    """Parameters of StyledG: block0, then per level two 3-voxel and one 1-voxel modulated convolutions."""
+    def width(b):
+        return min(max(base >> b, lo), hi)
+
+    total = conv_params(style_size, chan, width(0), 1, dim)
+    for b in range(scale_factor.bit_length() - 1):
+        total += (conv_params(style_size, width(b), width(b + 1), 3, dim)
+                  + conv_params(style_size, width(b + 1), width(b + 1), 3, dim)
+                  + conv_params(style_size, width(b + 1), chan, 1, dim))
+    return total
+
+
+@pytest.mark.parametrize("dim, scale_factor, shape", [(2, 2, (9, 12)), (2, 4, (10, 11)), (3, 2, (7, 8, 9)),
+                                                      (3, 4, (6, 7, 8))])
+def test_styled_g_sizes_are_those_of_g(dim, scale_factor, shape):
+    torch.manual_seed(0)
+    model = StyledG(2, 2, 3, scale_factor=scale_factor, dim=dim, **G_KW).eval()
+    plain = G(2, 2, scale_factor=scale_factor, dim=dim, **G_KW).eval()
+    x, style = torch.randn(2, 2, *shape), torch.randn(2, 3)
+    with torch.no_grad():
+        out = model(x, style)
+        want = plain(x).shape
+    assert out.shape == want
+    size = list(shape)
+    for _ in range(scale_factor.bit_length() - 1):
+        size = [2 * n - 6 for n in size]
+    assert tuple(out.shape[2:]) == tuple(size)
+    assert n_params(model) == styled_g_params(2, 3, scale_factor, dim)
+    assert total_stride(model) == 1
+    assert output_shape(model, 2, shape) == tuple(size)
+    for crop in (4, 6):
+        assert required_pad(model, 2, crop, dim, scale_factor) == required_pad(plain, 2, crop, dim, scale_factor)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_styled_g_batch_equals_single_samples(dim):
+    torch.manual_seed(1)
+    model = StyledG(1, 1, 2, scale_factor=4, dim=dim, **G_KW).eval()
+    x, style = torch.randn(3, 1, *(7,) * dim), torch.randn(3, 2)
+    with torch.no_grad():
+        batch = model(x, style)
+        for n in range(3):
+            torch.testing.assert_close(batch[n:n + 1], model(x[n:n + 1], style[n:n + 1]), rtol=1e-5, atol=1e-6)
+        assert (batch[0] - model(x[:1], style[1:2])[0]).abs().max() > 1e-4  # the style matters
+
+
+def test_styled_g_is_the_upsampled_input_plus_corrections():
+    """One level recomposed by hand from its layers and `resample`: the input linearly upsampled and
+    narrowed, plus the projected features."""
+    from map2map.models.resample import resample
+
+    torch.manual_seed(2)
+    model = StyledG(1, 1, 2, scale_factor=2, dim=2, **G_KW).eval()
+    x, style = torch.randn(2, 1, 10, 10), torch.randn(2, 2)
+    with torch.no_grad():
+        block = model.blocks[0]
+        h = model.act(model.block0(x, style))
+        h = model.act(block.conv2(model.act(block.conv1(resample(h, 2), style)), style))
+        want = narrow_by(resample(x, 2), 2) + model.act(block.proj(h, style))
+        torch.testing.assert_close(model(x, style), want)
+
+
+def test_styled_g_builds_by_name_and_refuses_bad_arguments():
+    model = build_model("styled.StyledG", 1, 1, scale_factor=2, ndim=2, kwargs=G_KW, style_size=2)
+    assert isinstance(model, StyledG) and model.style_size == 2 and model.scale_factor == 2 and model.dim == 2
+    with pytest.raises(ValueError, match="needs in_chan == out_chan"):
+        StyledG(1, 2, 2)
+    with pytest.raises(ValueError, match="power of 2"):
+        StyledG(1, 1, 2, scale_factor=3)
+    with pytest.raises(UserError, match="is styled"):
+        build_model("styled.StyledG", 1, 1, scale_factor=2, ndim=2, kwargs=G_KW)

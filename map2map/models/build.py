@@ -3,7 +3,8 @@
 ``Model(in_chan, out_chan, scale_factor=..., **kwargs)`` as the original
 toolkit does, with `scale_factor` and ``dim`` passed when the class accepts
 them (by name or through ``**kwargs``; ``dim`` only if the caller did not
-set it).
+set it), and ``style_size`` when the data have styles.  `forward` is the one
+place that calls a model on a batch.
 
 Terms:
 
@@ -16,6 +17,11 @@ Terms:
   (or takes any keyword); an unknown key is a `UserError` (a typo such as
   ``widht`` must not train the default width).  A model that neither names a
   key nor takes any keyword is not given it (it is one for the norms).
+* *styled* model: one whose ``style_size`` attribute is a positive integer
+  (`style_size_of`; a DDP or compiled wrapper is looked through).  It is
+  called as ``model(x, style)`` with `style` (batch, style_size); any other
+  model as ``model(x)``.  `build_model` given ``style_size`` passes it to the
+  class and sets the attribute on the model if the class did not.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from torch import nn
 from map2map.errors import UserCodeError, UserError, user_code_error
 from map2map.utils.imports import import_attr
 
-PASSED = ("scale_factor", "dim")  # keywords build_model itself passes, not the user's extra keywords
+PASSED = ("scale_factor", "dim", "style_size")  # keywords build_model itself passes, not the user's extra keywords
 
 
 def _ours(obj: Any) -> bool:
@@ -112,17 +118,94 @@ def _where(exc: BaseException, cls: type) -> str:
     return f" (raised at {source}:{frames[-1].lineno})" if frames else ""
 
 
+def _requires(cls: type, name: str) -> bool:
+    """Whether the signature of `cls` has a parameter `name` without a default."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params and params[name].default is inspect.Parameter.empty
+
+
+def _style_kwargs(cls: type, name: str, style_size: int | None) -> dict[str, int]:
+    """The ``style_size`` keyword for model `cls`, or a `UserError` when model and data disagree."""
+    if style_size is None:
+        if _requires(cls, "style_size"):
+            raise UserError(f"model {name} is styled (it needs style_size) but the data have no styles; "
+                            "use a store with styles (m2m convert --styles) or an unstyled model")
+        return {}
+    if isinstance(style_size, bool) or not isinstance(style_size, int) or style_size < 1:
+        raise UserError(f"style_size must be a positive number of style parameters, got {style_size!r}")
+    named = named_keywords(cls)
+    if named is not None and "style_size" not in named:
+        raise UserError(f"model {name} takes no style_size argument, so it cannot use {style_size} style "
+                        "parameter(s); choose a styled model (e.g. StyledVNet) or train without --style")
+    return {"style_size": style_size}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        inner = model._modules.get("module") if type(model).__name__ == "DistributedDataParallel" else None
+        inner = inner if inner is not None else model._modules.get("_orig_mod")
+        if inner is None:
+            return model
+        model = inner
+
+
+def style_size_of(model: nn.Module) -> int | None:
+    """The number of style parameters `model` takes (see *styled* in the module docstring), else None."""
+    size = getattr(_unwrap(model), "style_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def forward(model: nn.Module, x, style=None):
+    """`model` on the batch `x` (N, C, *spatial): ``model(x, style)`` for a styled model, with `style`
+    (N, style_size) cast to the dtype of `x`, ``model(x)`` for any other; a one-line `UserError` for a
+    style given to an unstyled model, missing for a styled one, or of the wrong shape."""
+    size = style_size_of(model)
+    what = type(_unwrap(model)).__name__
+    if size is None:
+        if style is not None:
+            raise UserError(f"model {what} is not styled but was given styles; drop --style, or train a styled "
+                            "model (e.g. StyledVNet)")
+        return model(x)
+    if style is None:
+        raise UserError(f"model {what} is styled ({size} style parameters) but was given none; use a store "
+                        "with styles, or give them with --style NAME=VALUE,...")
+    if tuple(style.shape) != (x.shape[0], size):
+        raise UserError(f"model {what} takes styles of shape (batch, {size}) = ({x.shape[0]}, {size}), got "
+                        f"{tuple(style.shape)}; check --style against the model's style parameters")
+    if style.dtype != x.dtype and x.dtype.is_floating_point:
+        style = style.to(x.dtype)
+    return model(x, style)
+
+
+def zero_style(model: nn.Module, batch: int, device=None):
+    """A zero style batch (`batch`, style_size) for a styled `model` (shape probes), None for any other."""
+    import torch
+
+    size = style_size_of(model)
+    return None if size is None else torch.zeros(batch, size, device=device)
+
+
 def build_model(name: str, in_chan: int, out_chan: int, *, scale_factor: int, ndim: int,
                 kwargs: Mapping[str, Any] | None = None, callback_at: str | None = None,
-                norms: Iterable[Callable | None] = (), option: str = "--misc-kwargs") -> nn.Module:
+                norms: Iterable[Callable | None] = (), option: str = "--misc-kwargs",
+                style_size: int | None = None) -> nn.Module:
     """Look `name` up in `map2map.models` (then `callback_at`) and construct it; one-line errors.
 
     `kwargs` are the extra keywords, checked and filtered by `model_kwargs`
     against the model and `norms` (the norms they also go to); `option`
-    names where they came from in errors.
+    names where they came from in errors.  `style_size` (the number of style
+    parameters of the data, None without styles) is passed to a model that
+    takes it; a model that needs it without styles, or styles for a model
+    that takes none, is a `UserError`.
     """
     cls = import_attr(name, ["map2map.models"], callback_at, what="model")
     given = dict(kwargs or {})
+    if "style_size" in given:
+        raise UserError(f"{option} key 'style_size' is set from the data's styles; choose them with --style")
     if given.get("scale_factor", scale_factor) != scale_factor:
         raise UserError(f"model keyword scale_factor={given['scale_factor']} contradicts --scale-factor "
                         f"{scale_factor}; give it once, as --scale-factor")
@@ -134,6 +217,7 @@ def build_model(name: str, in_chan: int, out_chan: int, *, scale_factor: int, nd
                         f"{scale_factor}")
     if "dim" not in kwargs and _accepts(cls, "dim"):
         kwargs["dim"] = ndim
+    kwargs.update(_style_kwargs(cls, name, style_size))
     with warnings.catch_warnings(record=True) as caught:  # e.g. torch on zero-sized weights, if it then fails
         warnings.simplefilter("always")
         try:
@@ -153,4 +237,9 @@ def build_model(name: str, in_chan: int, out_chan: int, *, scale_factor: int, nd
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if not isinstance(model, nn.Module):
         raise UserError(f"model {name} built a {type(model).__name__}, not a torch.nn.Module")
+    if style_size is not None and style_size_of(model) is None:
+        model.style_size = style_size  # a user's styled model that does not record it itself
+    if style_size_of(model) not in (None, style_size):
+        raise UserError(f"model {name} says it takes {style_size_of(model)} style parameters, built with "
+                        f"style_size={style_size}")
     return model

@@ -19,6 +19,7 @@ from torch import nn
 
 from map2map.errors import UserError
 
+from .build import forward, zero_style
 from .resample import Resampler
 
 
@@ -91,13 +92,15 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 def _forward_shape(model: nn.Module, in_chan: int, shape: Sequence[int]) -> tuple[int, ...] | None:
     """Spatial output shape of one pass of `model` (eval, no grad) on zeros of spatial `shape` on its
-    device, or None if the model rejects that size."""
+    device (with a zero style for a styled model, `map2map.models.build.forward`), or None if the model
+    rejects that size."""
     device = next(model.parameters(), torch.empty(0)).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return tuple(model(torch.zeros((1, in_chan, *shape), device=device)).shape[2:])
+            x = torch.zeros((1, in_chan, *shape), device=device)
+            return tuple(forward(model, x, zero_style(model, 1, device)).shape[2:])
     except (RuntimeError, ValueError, NotImplementedError):
         return None
     finally:

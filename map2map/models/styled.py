@@ -26,6 +26,9 @@ with every layer called as ``layer(x, style)`` (batch normalization and
 activations ignore the style).  `StyledVNet` is the original toolkit's
 styled-emulator V-Net: the same layout, narrowing and bypass as its `VNet`,
 with these blocks, so its checkpoints load parameter for parameter.
+`StyledG` is the styled counterpart of the super-resolution generator
+`map2map.models.srsgan.G`: the same levels, sizes and channel rule, every
+convolution modulated.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from torch import nn
 from .bypass import resolve_bypass
 from .conv import check_seq, layer_channels
 from .narrow import narrow_by, narrow_like
+from .resample import Resampler
+from .srsgan import AddNoise, n_blocks
 
 DEMOD_EPS = 1e-8  # added to the sum of squares before the square root of the demodulation
 KINDS = "CDU"
@@ -268,3 +273,73 @@ class StyledVNet(nn.Module):
         y = self.up_r0(y, style)
         y = self.conv_r0(torch.cat([narrow_by(y0, 16), y], dim=1), style)
         return y + narrow_by(x, self.PAD) if self.bypass else y
+
+
+class HBlockStyled(nn.Module):
+    """One factor-2 level of `StyledG`: `map2map.models.srsgan.HBlock` with modulated convolutions
+    (``conv1``, ``conv2`` 3-voxel, ``proj`` 1-voxel), noise injection only with `noise`."""
+
+    def __init__(self, style_size: int, prev_chan: int, next_chan: int, out_chan: int, noise: bool,
+                 dim: int = 3) -> None:
+        super().__init__()
+        self.upsample = Resampler(dim, 2)
+        self.noise1 = AddNoise(False, chan=prev_chan) if noise else None
+        self.conv1 = ConvStyled(style_size, prev_chan, next_chan, dim=dim)
+        self.noise2 = AddNoise(False, chan=next_chan) if noise else None
+        self.conv2 = ConvStyled(style_size, next_chan, next_chan, dim=dim)
+        self.proj = ConvStyled(style_size, next_chan, out_chan, kernel_size=1, dim=dim)
+        self.act = nn.LeakyReLU(0.2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, style: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.upsample(x if self.noise1 is None else self.noise1(x))
+        x = self.act(self.conv1(x, style))
+        x = self.act(self.conv2(x if self.noise2 is None else self.noise2(x), style))
+        y = narrow_by(self.upsample(y), 2)
+        return x, y + self.act(self.proj(x, style))
+
+
+class StyledG(nn.Module):
+    """The styled super-resolution generator, called as ``model(x, style)`` with `style` (N, `style_size`).
+
+    As `map2map.models.srsgan.G` (whose module docstring gives the layout):
+    ``block0`` a 1-voxel modulated convolution in_chan -> chan(0) and
+    LeakyReLU(0.2), then one `HBlockStyled` per factor of 2 of
+    `scale_factor`, each mapping s voxels per axis to 2s - 6; channels of
+    level b are ``chan_base >> b`` clipped to [chan_min, chan_max].  The
+    output is the input linearly upsampled plus learned corrections, so
+    in_chan must equal out_chan.  Without `noise` (the default) the output
+    is a deterministic function of input and style (as velocities by
+    differentiation need); with it, noise is injected as in `G`.
+    """
+
+    total_stride = 1  # no downsampling; trusted by `map2map.models.stride.total_stride`
+
+    def __init__(self, in_chan: int, out_chan: int, style_size: int, scale_factor: int = 16,
+                 chan_base: int = 512, chan_min: int = 64, chan_max: int = 512, noise: bool = False,
+                 dim: int = 3, **kwargs) -> None:
+        super().__init__()
+        if in_chan != out_chan:
+            raise ValueError(f"StyledG adds its upsampled input to its output, so it needs in_chan == out_chan, "
+                             f"got {in_chan} and {out_chan}")
+        if not 1 <= chan_min <= chan_max:
+            raise ValueError(f"StyledG needs 1 <= chan_min <= chan_max, got chan_min {chan_min} and chan_max "
+                             f"{chan_max}")
+        self.style_size, self.scale_factor, self.dim = style_size, scale_factor, dim
+
+        def chan(b: int) -> int:
+            return min(max(chan_base >> b, chan_min), chan_max)
+
+        self.block0 = ConvStyled(style_size, in_chan, chan(0), kernel_size=1, dim=dim)
+        self.act = nn.LeakyReLU(0.2)
+        self.blocks = nn.ModuleList(HBlockStyled(style_size, chan(b), chan(b + 1), out_chan, noise, dim)
+                                    for b in range(n_blocks(scale_factor)))
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self.dim + 2:
+            raise ValueError(f"expected an input of {self.dim} spatial axes (N, C, ...), got shape {tuple(x.shape)}")
+        check_style(style, x.shape[0], self.style_size)
+        y = x
+        x = self.act(self.block0(x, style))
+        for block in self.blocks:
+            x, y = block(x, y, style)
+        return y
