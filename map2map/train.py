@@ -27,12 +27,16 @@ The flow, top to bottom in `run` (a `TrainConfig` in, a `TrainSummary` out):
    auto`` finds the smallest pad that covers it).
    ``--sync-bn`` turns its BatchNorm layers into SyncBatchNorm under DDP.
 4. Criterion, optimizer, the optional ReduceLROnPlateau scheduler, and for
-   ``--amp fp16`` a loss scaler (`map2map.utils.precision`).
+   ``--amp fp16`` a loss scaler (`map2map.utils.precision`); with
+   ``--adv-model`` the adversary: a discriminator with its own criterion,
+   optimizer and scheduler (`build_adversary`, `map2map.adversary`), which
+   from epoch ``--adv-start`` on steps at every batch of `train_epoch` and
+   gives the generator its loss.  Without it nothing of it is built or run.
    Nothing is written before here: a bad option leaves no trace.  Then rank 0
    takes the run directory's writer lock (`map2map.utils.locks`) and holds
    it to the end, so a second training in the same directory is refused.
 5. State: the state agreed on in 1b restores model, optimizer, scheduler,
-   loss scaler and RNG states, or training starts fresh.  Then ``--compile``
+   loss scaler, the adversary and RNG states, or training starts fresh.  Then ``--compile``
    compiles the model in place (so its state_dict keeps the plain names) and
    DDP wraps it.
 6. Epochs: train and validate (forward passes and losses under ``--amp``'s
@@ -73,12 +77,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from map2map import __version__, modelfit, store
+from map2map import __version__, adversary, modelfit, store
 from map2map.data.batching import collate
 from map2map.data.fields import FieldDataset
 from map2map.data.sampler import DistFieldSampler
 from map2map.errors import UserError, describe, is_resource_error, one_line, user_code_error
-from map2map.models import build_model, narrow_cast
+from map2map.models import add_spectral_norm, build_model, narrow_cast
 from map2map.stage import Summary
 from map2map.utils import checkpoint as ckpt
 from map2map.utils import precision
@@ -158,10 +162,29 @@ class TrainConfig:
     compile: bool = False
     sync_bn: bool = False
     tf32: str | None = None
+    # the adversary (`map2map.adversary`); all off without adv_model
+    adv_model: str | None = None
+    adv_model_spectral_norm: bool = False
+    adv_criterion: str = "BCEWithLogitsLoss"
+    adv_lr: float | None = None  # None: --lr
+    adv_optimizer_args: Mapping[str, Any] | None = None  # None: --optimizer-args
+    adv_start: int = 0
+    adv_iter_ratio: int = 1
+    adv_weight: float | None = None  # None: the adversarial loss alone once the adversary is active
+    adv_label_smoothing: float = 1.0
+    adv_r1_reg_interval: int = 0
+    adv_r1_reg_gamma: float = 2.0
+    adv_wgan_gp_interval: int = 0
+    cgan: bool = False
+    instance_noise: float = 0.0
+    instance_noise_batches: int = 10000
 
     def __post_init__(self) -> None:
         for name in ("optimizer_args", "scheduler_args", "misc_kwargs"):
             object.__setattr__(self, name, _json_dict(getattr(self, name), "--" + name.replace("_", "-")))
+        if self.adv_optimizer_args is not None:
+            object.__setattr__(self, "adv_optimizer_args", _json_dict(self.adv_optimizer_args,
+                                                                      "--adv-optimizer-args"))
 
     @property
     def state_path(self) -> str:
@@ -182,6 +205,7 @@ class EpochRecord:
     batch_losses: list[tuple[int, float]]
     checkpoint: str | None = None
     first_batch_s: float = 0.0  # seconds from the epoch's start to its first training batch
+    adv: dict[str, float] | None = None  # the adversary's epoch means (`map2map.adversary`), when it was active
 
     def __getitem__(self, key: str) -> Any:  # records read like the dicts they were
         return getattr(self, key)
@@ -608,20 +632,31 @@ def sync_batchnorm(model: nn.Module, env: DistEnv, say) -> nn.Module:
 # ---------------------------------------------------------------- 4. criterion, optimizer, scheduler
 
 
-def build_optim(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer, Any, list[str]]:
+def build_optim(cfg: TrainConfig, model: nn.Module, adv: bool = False
+                ) -> tuple[nn.Module, torch.optim.Optimizer, Any, list[str]]:
+    """Criterion, optimizer, scheduler (or None) and notes for the generator, or with `adv` for the
+    discriminator: ``--adv-criterion`` (also found in `map2map.models`, e.g. WDistLoss), the same optimizer
+    with ``--adv-lr`` and ``--adv-optimizer-args`` (each defaulting to the generator's)."""
     notes = []
-    crit_cls = import_attr(cfg.criterion, ["torch.nn"], cfg.callback_at, what="criterion")
+    crit_name, lr, opt_args = cfg.criterion, cfg.lr, dict(cfg.optimizer_args)
+    crit_option, lr_option, args_option = "--criterion", "lr", "--optimizer-args"
+    places = ["torch.nn"]
+    if adv:
+        crit_name, crit_option, places = cfg.adv_criterion, "--adv-criterion", ["torch.nn", "map2map.models"]
+        lr, lr_option = (cfg.lr, "lr") if cfg.adv_lr is None else (cfg.adv_lr, "--adv-lr")
+        if cfg.adv_optimizer_args is not None:
+            opt_args, args_option = dict(cfg.adv_optimizer_args), "--adv-optimizer-args"
+    crit_cls = import_attr(crit_name, places, cfg.callback_at, what="adversarial criterion" if adv else "criterion")
     try:
         criterion = crit_cls()
     except TypeError as exc:
-        raise UserError(f"cannot build --criterion {cfg.criterion}(): {exc}") from None
+        raise UserError(f"cannot build {crit_option} {crit_name}(): {exc}") from None
     opt_cls = import_attr(cfg.optimizer, ["torch.optim"], cfg.callback_at, what="optimizer")
-    opt_args = dict(cfg.optimizer_args)
     try:
-        optimizer = opt_cls(model.parameters(), lr=cfg.lr, **opt_args)
+        optimizer = opt_cls(model.parameters(), lr=lr, **opt_args)
     except (TypeError, ValueError) as exc:
-        raise UserError(f"cannot build --optimizer {cfg.optimizer} with lr={cfg.lr} and "
-                        f"--optimizer-args {json.dumps(opt_args)}: {exc}") from None
+        raise UserError(f"cannot build --optimizer {cfg.optimizer} with {lr_option}={lr} and "
+                        f"{args_option} {json.dumps(opt_args)}: {exc}") from None
     scheduler = None
     if cfg.reduce_lr_on_plateau:
         sched_args = dict(cfg.scheduler_args)
@@ -634,6 +669,42 @@ def build_optim(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, torch.op
             raise UserError(f"cannot build ReduceLROnPlateau with --scheduler-args {json.dumps(sched_args)}: "
                             f"{exc}") from None
     return criterion, optimizer, scheduler, notes
+
+
+def build_adversary(cfg: TrainConfig, env: DistEnv, device: torch.device, train_ds: FieldDataset,
+                    out_shape: Sequence[int]) -> adversary.Adversary | None:
+    """``--adv-model``: the discriminator (``Model(target channels [+ input channels with --cgan], 1)``,
+    found by name like the generator, spectral norm on its layers with ``--adv-model-spectral-norm``), its
+    criterion, optimizer and scheduler (`build_optim`); None without it.  Built from a seed of its own
+    inside a forked RNG, so the global random streams are those of a run without it.  It must score the
+    samples it will see (the output narrowed to the target crop): tried once on zeros, in eval mode (which
+    changes no statistics), so a discriminator too deep for the crop is one line here."""
+    if cfg.adv_model is None:
+        return None
+    import_attr(cfg.adv_model, ["map2map.models"], cfg.callback_at, what="discriminator")
+    in_chan = sum(train_ds.tgt_chan) + (sum(train_ds.in_chan) if cfg.cgan else 0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        model = build_model(cfg.adv_model, in_chan, 1, scale_factor=1, ndim=train_ds.ndim, kwargs={},
+                            callback_at=cfg.callback_at, option="--adv-model")
+        if cfg.adv_model_spectral_norm:
+            add_spectral_norm(model)
+    model.to(device)
+    tgt = [c * cfg.scale_factor + lo + hi for c, (lo, hi) in zip(train_ds.crop, train_ds.tgt_pad)]
+    shape = [min(o, t) for o, t in zip(out_shape, tgt)]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chan, *shape, device=device))
+    except RuntimeError as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--adv-model {cfg.adv_model} cannot score samples of {in_chan} channels and shape {shape} "
+                        f"(the output narrowed to the target crop): {why}; give a larger --crop or a shallower "
+                        "discriminator") from None
+    model.train()
+    criterion, optimizer, scheduler, _ = build_optim(cfg, model, adv=True)
+    criterion.to(device)
+    return adversary.Adversary(cfg, model, criterion, optimizer, scheduler, env.distributed)
 
 
 # ---------------------------------------------------------------- 5. state
@@ -828,6 +899,7 @@ class EpochStats:
     first_wait: float = 0.0
     batch_losses: list[tuple[int, float]] = field(default_factory=list)
     last: dict[str, torch.Tensor] = field(default_factory=dict)
+    adv: dict[str, float] | None = None  # the adversary's means over its active batches and all ranks
 
 
 class _Timed:
@@ -877,35 +949,50 @@ def _keep(input: torch.Tensor, output: torch.Tensor, target: torch.Tensor) -> di
 
 def train_epoch(epoch: int, loader: DataLoader, model: nn.Module, criterion: nn.Module,
                 optimizer: torch.optim.Optimizer, env: DistEnv, device: torch.device, cfg: TrainConfig,
-                writer: Any, bar: Any, scaler: torch.amp.GradScaler | None = None) -> EpochStats:
-    """One epoch of training; with a loss `scaler` (``--amp fp16``) the backward pass and step go through it."""
+                writer: Any, bar: Any, scaler: torch.amp.GradScaler | None = None,
+                adv: adversary.Adversary | None = None) -> EpochStats:
+    """One epoch of training; with a loss `scaler` (``--amp fp16``) the backward pass and step go through it.
+    With an active adversary (`map2map.adversary`) each batch also steps the discriminator, and the
+    generator steps on the adversary's loss at its batches only; the supervised loss is still the one
+    logged as the training loss."""
     model.train()
     stats, timed = EpochStats(), _Timed(loader)
     nbatch = len(loader)
     weighted = 0.0
+    adversarial = adv is not None and adv.active(epoch)
+    if adversarial:
+        adv.stats = adversary.AdvStats()
     t_start = time.perf_counter()
     for i, batch in enumerate(timed):
+        step = epoch * nbatch + i + 1
         input = batch["input"].to(device, non_blocking=True)
         target = batch["target"].to(device, non_blocking=True)
-        with precision.autocast(device, cfg.amp):
+        steps = not adversarial or adv.generator_steps(step)  # whether the generator steps at this batch
+        with precision.autocast(device, cfg.amp), torch.set_grad_enabled(steps):
             output = model(input)
             out, tgt = narrow_cast(output, target)
             loss = criterion(out, tgt)
         value = _mean_over_ranks(loss.detach().reshape(()).double(), env).item()
         if not math.isfinite(value):
             raise _nonfinite("loss", value, epoch, i)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:  # steps whose scaled gradients overflowed are skipped, and the scale shrinks
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        if adversarial:
+            with precision.autocast(device, cfg.amp):
+                loss, adv_log = adv.step(step, input, out, tgt, loss)
+            if not math.isfinite(adv_log["D"]):
+                raise _nonfinite("discriminator loss", adv_log["D"], epoch, i)
+            _log_adversary(writer, adv, adv_log, env, step, cfg.log_interval)
+        if loss is not None:
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:  # steps whose scaled gradients overflowed are skipped, and the scale shrinks
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
         n = input.shape[0]
         weighted += value * n
         stats.items += n
-        step = epoch * nbatch + i + 1
         if step % cfg.log_interval == 0:
             stats.batch_losses.append((step, value))
             if writer is not None:
@@ -918,7 +1005,34 @@ def train_epoch(epoch: int, loader: DataLoader, model: nn.Module, criterion: nn.
     stats.wait, stats.first_wait = timed.wait, timed.first
     stats.loss = weighted / max(stats.items, 1)
     stats.items *= env.world_size
+    if adversarial:
+        stats.adv = _dict_mean_over_ranks(adv.stats.means(), env)
     return stats
+
+
+def _dict_mean_over_ranks(values: Mapping[str, float], env: DistEnv) -> dict[str, float]:
+    """`values` (the same keys on every rank) averaged over ranks, in one collective."""
+    keys = sorted(values)
+    if not env.distributed or not keys:
+        return {k: values[k] for k in keys}
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    t = _mean_over_ranks(t, env).cpu()
+    return dict(zip(keys, t.tolist()))
+
+
+def _log_adversary(writer: Any, adv: adversary.Adversary, log: Mapping[str, float], env: DistEnv, step: int,
+                   interval: int) -> None:
+    """The adversary's values of one batch: into its epoch means, and to TensorBoard (rank 0) every
+    `interval` batches, R1 and the gradient penalty at every batch they are computed."""
+    adv.stats.add(log)
+    if step % interval == 0 or "r1" in log or "gp" in log:
+        means = _dict_mean_over_ranks(log, env)
+        if writer is not None:
+            for key, value in means.items():
+                if step % interval == 0 or key in ("r1", "gp"):
+                    writer.add_scalar(adversary.TAGS[key], value, global_step=step)
 
 
 def validate(epoch: int, loader: DataLoader, model: nn.Module, criterion: nn.Module, env: DistEnv,
@@ -1055,6 +1169,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--device {cfg.device!r}: expected one of {', '.join(DEVICES)}")
     precision.check_amp(cfg.amp)
     precision.check_tf32(cfg.tf32)
+    adversary.check_options(cfg)
     if not isinstance(cfg.scale_factor, int) or cfg.scale_factor < 1:
         raise UserError(f"--scale-factor must be a positive integer, got {cfg.scale_factor}")
     shifts = [cfg.aug_shift] if isinstance(cfg.aug_shift, int) else list(cfg.aug_shift or ())
@@ -1112,8 +1227,9 @@ def _data_and_model(cfg: TrainConfig, env: DistEnv, device: torch.device, say) -
 
 
 def _describe(cfg: TrainConfig, env: DistEnv, device: torch.device, model: nn.Module, train_ds: FieldDataset,
-              val_ds: FieldDataset | None, stride: int, out_shape: Sequence[int]) -> list[str]:
-    """What is about to be trained, on what (two lines for the log)."""
+              val_ds: FieldDataset | None, stride: int, out_shape: Sequence[int],
+              adv: adversary.Adversary | None = None) -> list[str]:
+    """What is about to be trained, on what (two lines for the log, three with an adversary)."""
     in_chan, out_chan = sum(train_ds.in_chan), sum(train_ds.tgt_chan)
     nparam = sum(p.numel() for p in model.parameters())
     return [f"model {cfg.model}: {nparam} parameters, total stride {stride}; input "
@@ -1122,7 +1238,7 @@ def _describe(cfg: TrainConfig, env: DistEnv, device: torch.device, model: nn.Mo
             f"{len(train_ds)} training items ({train_ds.nsample} samples x {train_ds.ncrop} crops)"
             + (f", {len(val_ds)} validation items" if val_ds is not None else "")
             + f"; {env.world_size} process(es) on {device.type}, batch size {cfg.batch_size} per process, "
-            f"{cfg.loader_workers} loader workers"]
+            f"{cfg.loader_workers} loader workers"] + ([adversary.describe(adv)] if adv is not None else [])
 
 
 def model_card(cfg: TrainConfig, ds: FieldDataset, stride: int) -> modelfit.ModelCard:
@@ -1151,6 +1267,8 @@ def _log_epoch(writer: Any, record: EpochRecord, stats: EpochStats, val_last: di
     if record.val_loss is not None:
         writer.add_scalar("loss/epoch/val", record.val_loss, global_step=step)
     writer.add_scalar("lr", record.lr, global_step=step)
+    for key, value in (record.adv or {}).items():
+        writer.add_scalar(adversary.TAGS[key].replace("/batch/", "/epoch/"), value, global_step=step)
     log_images(writer, "train", stats.last, in_pad, step)
     log_images(writer, "val", val_last, in_pad, step)
     log_spectra(writer, "val" if val_last else "train", val_last or stats.last, step, boxsize)
@@ -1203,6 +1321,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
     scaler = precision.grad_scaler(device, cfg.amp)
     for n in notes:
         say(f"note: {n}")
+    adv = build_adversary(cfg, env, device, train_ds, out_shape)
 
     os.makedirs(cfg.run_dir, exist_ok=True)
     if env.is_main:  # one training per run directory: rank 0 holds its lock until the run ends
@@ -1212,6 +1331,13 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
         for name in ckpt.remove_stale(cfg.run_dir):
             say(f"removed {name}, left by an interrupted checkpoint write")
     start_epoch, min_loss, losses = restore(cfg, state, model, optimizer, scheduler, env, say, scaler)
+    if adv is not None:
+        if state is not None:
+            adv.restore(state.get("adv"), cfg.state_path, say)
+        adv.sync_parameters()
+    elif state is not None and state.get("adv"):
+        say(f"note: {cfg.state_path} holds a discriminator; without --adv-model this run trains without it, "
+            "and its checkpoints leave it out")
     del state  # its tensors are in the model and optimizer now
     if start_epoch == 0:  # per-rank streams from here on (e.g. dropout); a resumed run restored its own
         ckpt.seed_all([cfg.seed, 0, env.rank])
@@ -1229,13 +1355,15 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
     if val_ds is not None:
         val_loader, val_sampler = make_loader(val_ds, cfg, env, device, training=False)
         opened["stack"].callback(end_workers, val_loader)
-    for line in _describe(cfg, env, device, raw_model, train_ds, val_ds, stride, out_shape):
+    for line in _describe(cfg, env, device, raw_model, train_ds, val_ds, stride, out_shape, adv):
         say(line)
 
     writer = opened["writer"] = _writer(cfg.run_dir) if env.is_main else None
     boxsize = _crop_boxsize(cfg, train_ds, out_shape) if env.is_main else None
     card = model_card(cfg, train_ds, stride).to_dict()
     config = dataclasses.asdict(cfg)
+    if adv is None:  # checkpoints of runs without an adversary stay as they were
+        config = {k: v for k, v in config.items() if k not in adversary.FIELDS}
 
     summary = TrainSummary(run_dir=os.path.abspath(cfg.run_dir), start_epoch=start_epoch, epochs=[],
                            in_pad=[list(p) for p in train_ds.in_pad], total_stride=stride,
@@ -1250,7 +1378,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
         bar = _bar(env, len(train_loader), epoch, cfg.epochs)
         try:
             stats = train_epoch(epoch, train_loader, model, criterion, optimizer, env, device, cfg,
-                                writer, bar, scaler)
+                                writer, bar, scaler, adv)
         finally:
             bar.close()
         val_loss, val_last = None, {}
@@ -1260,13 +1388,15 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
         epoch_loss = val_loss if val_loss is not None else stats.loss
         if scheduler is not None:
             scheduler.step(epoch_loss)
+        if stats.adv and adv.scheduler is not None:
+            adv.scheduler.step(stats.adv["D"])
         if min_loss is None or epoch_loss < min_loss:
             min_loss = epoch_loss
         rngs = gather_rng(env)
         record = EpochRecord(epoch=epoch + 1, train_loss=stats.loss, val_loss=val_loss, lr=lr,
                              items_per_s=stats.items / max(stats.seconds, 1e-9),
                              data_wait=stats.wait / max(stats.seconds, 1e-9), batch_losses=stats.batch_losses,
-                             first_batch_s=stats.first_wait)
+                             first_batch_s=stats.first_wait, adv=stats.adv)
         summary.epochs.append(record)
         losses.append({"epoch": epoch + 1, "train": stats.loss, "val": val_loss, "lr": lr})
         if env.is_main:
@@ -1276,9 +1406,14 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
                      "scaler": scaler.state_dict() if scaler is not None else None,
                      "rng": rngs, "min_loss": min_loss, "losses": losses, "config": json.loads(json.dumps(config, default=str)),
                      "card": card}
+            if adv is not None:
+                state["adv"] = adv.state_dict()
             path = save_checkpoint(state, cfg.run_dir)
             record.checkpoint = summary.checkpoint = str(path)
             val_text = f", val loss {val_loss:.4e}" if val_loss is not None else ""
+            if stats.adv:
+                val_text += f", discriminator loss {stats.adv['D']:.4e}" + (
+                    f", adversarial loss {stats.adv['G']:.4e}" if "G" in stats.adv else "")
             say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats.loss:.4e}{val_text}, lr {lr:.3g}, "
                 f"{record.items_per_s:.1f} items/s, data wait {record.data_wait:.1%}; saved {path.name}")
             new_lr = optimizer.param_groups[0]["lr"]

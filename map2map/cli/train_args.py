@@ -117,6 +117,47 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                        help="directory of your own models, criteria, optimizers and norms, named module.Name; "
                             "searched after the default places")
 
+    adv = p.add_argument_group(
+        "adversarial training",
+        "train the model (the generator) against a discriminator, as the original toolkit's GAN options do; "
+        "each batch steps the discriminator on the generator's output (fake) and the target (real)")
+    adv.add_argument("--adv-model", metavar="NAME",
+                     help="discriminator: a name in map2map.models (PatchGAN, PatchGAN42; 2D or 3D like the data) "
+                          "or module.Name in --callback-at; built as Model(target channels [+ input channels "
+                          "with --cgan], 1)")
+    adv.add_argument("--adv-model-spectral-norm", action="store_true",
+                     help="spectral normalization on every convolution and linear layer of the discriminator")
+    adv.add_argument("--adv-criterion", default="BCEWithLogitsLoss",
+                     help="discriminator loss on its scores and labels: a torch.nn name, WDistLoss (a "
+                          "Wasserstein critic) or module.Name in --callback-at")
+    adv.add_argument("--adv-lr", type=float, metavar="LR", help="discriminator learning rate (default: --lr)")
+    adv.add_argument("--adv-optimizer-args", type=_json_object, metavar="JSON",
+                     help="discriminator optimizer arguments (same --optimizer; default: --optimizer-args)")
+    adv.add_argument("--adv-start", type=int, default=0, metavar="EPOCH",
+                     help="epochs of supervised training before the adversary starts")
+    adv.add_argument("--adv-weight", type=float, metavar="W",
+                     help="generator loss supervised + W x adversarial; default: the adversarial loss alone once "
+                          "the adversary has started (as the original; the supervised loss is still logged)")
+    adv.add_argument("--adv-iter-ratio", type=int, default=1, metavar="N",
+                     help="discriminator steps per generator step: the generator steps every N-th batch")
+    adv.add_argument("--adv-label-smoothing", type=float, default=1.0, metavar="L",
+                     help="the real label in the discriminator's loss, in (0, 1] (one-sided label smoothing)")
+    adv.add_argument("--adv-r1-reg-interval", type=int, default=0, metavar="N",
+                     help="lazy R1 regularization: every N batches add gamma/2 x N x R1 (the squared gradient of "
+                          "the discriminator on real samples) to its loss; 0: off")
+    adv.add_argument("--adv-r1-reg-gamma", type=float, default=2.0, metavar="GAMMA",
+                     help="weight gamma of R1 (the default 2 gives the original's N x R1)")
+    adv.add_argument("--adv-wgan-gp-interval", type=int, default=0, metavar="N",
+                     help="every N batches add N x the WGAN gradient penalty (weight 10) to the critic's loss; 0: off")
+    adv.add_argument("--cgan", action="store_true",
+                     help="conditional GAN: the discriminator also sees the input, brought to the target's grid "
+                          "(interpolated by --scale-factor), in front of the fields' channels")
+    adv.add_argument("--instance-noise", type=float, default=0.0, metavar="STD",
+                     help="instance noise: Gaussian noise of this std added to real and fake samples, decaying "
+                          "linearly to 0 over --instance-noise-batches")
+    adv.add_argument("--instance-noise-batches", type=int, default=10000, metavar="N",
+                     help="batches over which the instance noise decays to 0")
+
     run = p.add_argument_group("run")
     run.add_argument("--epochs", type=int, default=128, help="total number of epochs (a resumed run continues "
                                                              "up to this many; 0 or fewer than done: nothing to do)")

@@ -10,6 +10,8 @@ them, import unchanged (``from map2map.models import VNet, narrow_by``).
 """
 
 from .build import build_model
+from .adversarial import (DiceLoss, InstanceNoise, WDistLoss, add_spectral_norm, grad_penalty_reg,
+                          rm_spectral_norm, wgan_grad_penalty)
 from .bypass import resolve_bypass
 from .conv import ConvBlock, ResBlock
 from .init import init_weights
@@ -29,4 +31,6 @@ __all__ = [
     "ConvStyled", "ConvStyledBlock", "ResStyledBlock", "StyledVNet",
     "check_stride", "init_weights", "lag2eul", "narrow_by", "narrow_cast", "narrow_like", "power",
     "required_pad", "resample", "resample_edge", "resolve_bypass", "total_stride",
+    "DiceLoss", "InstanceNoise", "WDistLoss", "add_spectral_norm", "grad_penalty_reg", "rm_spectral_norm",
+    "wgan_grad_penalty",
 ]

@@ -13,7 +13,11 @@ A state is a dict of tensors and plain Python values only, so that
 * ``losses``: one ``{"epoch", "train", "val", "lr"}`` per epoch so far;
 * ``config``: the training config (`map2map.train.TrainConfig`) as JSON-compatible values;
 * ``card``: the model card (`map2map.modelfit.ModelCard.to_dict`): what inference needs
-  to rebuild the model and its inputs.
+  to rebuild the model and its inputs;
+* ``adv``: only in runs with a discriminator (``--adv-model``, `map2map.adversary`): its ``model``,
+  ``optimizer`` and ``scheduler`` (or None) state dicts and the instance-noise schedule ``noise``
+  (``{"init_std", "batches", "drawn"}``).  A state without it resumes such a run with a fresh
+  discriminator; inference reads ``model`` alone.
 
 Writing: the state goes to a hidden temporary file in the same directory,
 is flushed and fsynced, then renamed over ``state_{epoch}.pt``; then a
