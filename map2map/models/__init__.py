@@ -9,7 +9,7 @@ The names the original toolkit exported from here, where this package has
 them, import unchanged (``from map2map.models import VNet, narrow_by``).
 """
 
-from .build import build_model
+from .build import build_model, forward, style_size_of
 from .adversarial import (DiceLoss, InstanceNoise, WDistLoss, add_spectral_norm, grad_penalty_reg,
                           rm_spectral_norm, wgan_grad_penalty)
 from .bypass import resolve_bypass
@@ -21,14 +21,16 @@ from .patchgan import PatchGAN, PatchGAN42
 from .power import power
 from .resample import Resampler, resample, resample_edge
 from .srsgan import G
-from .styled import ConvStyled, ConvStyledBlock, ResStyledBlock, StyledVNet
+from .eulerian import LagEulLoss
+from .styled import ConvStyled, ConvStyledBlock, ResStyledBlock, StyledG, StyledVNet
 from .stride import StrideError, check_stride, required_pad, total_stride
 from .unet import UNet
 from .vnet import VNet
 
 __all__ = [
     "ConvBlock", "G", "PatchGAN", "PatchGAN42", "build_model", "ResBlock", "Resampler", "StrideError", "UNet", "VNet",
-    "ConvStyled", "ConvStyledBlock", "ResStyledBlock", "StyledVNet",
+    "ConvStyled", "ConvStyledBlock", "ResStyledBlock", "StyledG", "StyledVNet", "forward", "style_size_of",
+    "LagEulLoss",
     "check_stride", "init_weights", "lag2eul", "narrow_by", "narrow_cast", "narrow_like", "power",
     "required_pad", "resample", "resample_edge", "resolve_bypass", "total_stride",
     "DiceLoss", "InstanceNoise", "WDistLoss", "add_spectral_norm", "grad_penalty_reg", "rm_spectral_norm",
