@@ -7,9 +7,16 @@ Prints one JSON line.  In the same run, on one random 3-channel box:
 (b) ``tiles``: the same model over the same tiles and batches as (c), in this
     process, windows sliced from the padded box in memory: no I/O, no Dask;
 (c) ``infer``: the `m2m infer` stage end to end in a child process with its default
-    local cluster, reading the box from a store and writing the prediction store.
+    placement (the tiles in that process, or its local cluster with ``--workers``),
+    reading the box from a store and writing the prediction store;
+(d) ``original``: the original toolkit's algorithm end to end in a child process:
+    import, load the whole box from .npy into memory, load the model, run (b)'s
+    tiles stitched into one array in memory, save it as .npy.  The goals compare
+    (c) with (d): ``infer_over_original`` (wall time) and
+    ``largest_process_over_original`` (the largest peak RSS of (c)'s processes over
+    (d)'s).
 
-(c) and (b) run alternately ``--repeat`` times and the best time of each
+(c), (b) and (d) run alternately ``--repeat`` times and the best time of each
 counts: other load on a shared machine slows them unevenly.  Rates are
 voxels/s of the box.  ``overhead_tiles`` is the extra time of (c)'s
 tile phase (from its first task submitted to its last result: I/O, stitching,
@@ -21,8 +28,11 @@ From inside (c): ``worker_read_model_write_s`` splits the task time, summed
 over workers, into reading + normalizing, the forward pass, and narrowing +
 writing + marking done; ``worker_io_over_model`` is the I/O and stitching
 cost relative to the model in the same processes (robust to other load on
-the machine, which slows both alike); ``worker_busy_fraction`` is the task
-time over the tile phase times the task slots (the rest: scheduling, idle).
+the machine, which slows both alike); ``worker_busy_fraction`` is the
+read + model + write time over the tile phase times the task slots (above 1
+when the pipeline's threads overlap them); ``infer_model_busy`` is the model's
+share alone (`InferSummary.model_busy`), ``infer_setup_s`` and
+``infer_finish_s`` (c)'s time before the tile phase and after it.
 
 Peak RSS per worker is the kernel's high-water mark (VmHWM in
 /proc/PID/status) of each worker process of (c), read until the process
@@ -31,6 +41,17 @@ does not grow with the box.
 
     python bench/infer.py                 # 256^3, a 3->32->3 two-convolution model, crop 64
     python bench/infer.py --n 512
+
+``--finish-tiles N`` measures instead the client's finishing of a run of N
+tiles (a cube number; one shard each, fsynced and marked as workers do):
+``scan_s`` finds the finished tiles (one directory scan), ``legacy_scan_s``
+does the same with one JSON file opened per tile (the earlier marker format),
+``refsync_s`` is what fsyncing every file of the store again costs (what
+`map2map.store.mark_complete` does before its mark), ``dirs_s`` fsyncs only
+its directories and metadata files, ``finish_s`` is the engine's whole
+finishing step (check, losses, mark complete).
+
+    python bench/infer.py --finish-tiles 4096
 """
 
 from __future__ import annotations
@@ -50,7 +71,7 @@ import psutil
 import torch
 import zarr
 
-from map2map import convert, tiles
+from map2map import convert, store, tiles
 from map2map.models import narrow_like
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -82,6 +103,41 @@ import json, sys
 from map2map import infer
 print(infer.run(infer.InferConfig(**json.loads(sys.argv[1]))).dumps())
 """
+
+
+ORIGINAL = """
+import json, sys, time
+import numpy as np
+import torch
+sys.path.insert(0, sys.argv[1])
+import infer as bench
+from map2map import tiles
+a = json.loads(sys.argv[2])
+torch.set_num_threads(a["threads"])
+x = np.load(a["input"])
+model = bench.TwoConv(x.shape[0], x.shape[0], width=a["width"])
+model.load_state_dict(torch.load(a["ckpt"])["model"])
+model.eval()
+plan = tiles.TilePlan(x.shape[1:], (a["crop"],) * 3, ((1, 1),) * 3)
+out = np.empty_like(x)
+bench.tiles_in_memory(model, x, plan, a["batch_size"], out)
+np.save(a["output"], out)
+"""
+
+
+def run_original(args: dict) -> tuple[float, int]:
+    """(d): the original's algorithm end to end in a child process; returns wall time and peak RSS."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", ORIGINAL, str(Path(__file__).resolve().parent), json.dumps(args)],
+                            stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, vm_hwm(proc.pid) or 0)
+        time.sleep(0.05)
+    err = proc.communicate()[1]
+    if proc.returncode:
+        raise RuntimeError(f"the original's algorithm failed ({proc.returncode}): {err[-2000:]}")
+    return time.perf_counter() - t0, peak
 
 
 def run_infer(config: dict, interval: float = 0.1) -> tuple[float, dict, dict[int, int], int]:
@@ -116,12 +172,13 @@ def run_infer(config: dict, interval: float = 0.1) -> tuple[float, dict, dict[in
     return wall, json.loads(out.strip().splitlines()[-1]), workers, client
 
 
-def tiles_in_memory(model, x: np.ndarray, plan: tiles.TilePlan, batch: int) -> float:
-    """(b): the model over every tile, windows cut from the padded box in memory; returns seconds."""
+def tiles_in_memory(model, x: np.ndarray, plan: tiles.TilePlan, batch: int, out: np.ndarray | None = None) -> float:
+    """(b): the model over every tile, windows cut from the padded box in memory, stitched into `out` (a new
+    array if None); returns seconds."""
     (lo, hi), = set(plan.pad)
     extra = max(t * c - n for t, c, n in zip(plan.tile, plan.counts, plan.box))  # full windows past the edge
     padded = np.pad(x, [(0, 0)] + [(lo, hi + extra)] * 3, mode="wrap")
-    out = np.empty_like(x)
+    out = np.empty_like(x) if out is None else out
     t0 = time.perf_counter()
     with torch.inference_mode():
         for ids in tiles.batches(range(plan.ntiles), batch):
@@ -133,6 +190,50 @@ def tiles_in_memory(model, x: np.ndarray, plan: tiles.TilePlan, batch: int) -> f
                 out[(slice(None),) + tuple(slice(a, b) for a, b in ext)] = \
                     y[b][(slice(None),) + tuple(slice(0, b - a) for a, b in ext)]
     return time.perf_counter() - t0
+
+
+def finish_bench(root: Path, ntiles: int) -> dict:
+    """Time the finishing of a run of `ntiles` tiles of 4^3 voxels, one shard each (see the module doc)."""
+    from map2map.infer import engine, markers
+    from map2map.infer.specs import DONE_DIR
+    from map2map.utils import durable
+
+    side = round(ntiles ** (1 / 3))
+    if side ** 3 != ntiles:
+        raise SystemExit(f"--finish-tiles {ntiles}: expected a cube number (e.g. 4096 = 16^3)")
+    out = root / "finish.zarr"
+    box = (4 * side,) * 3
+    group = store.create(str(out), [store.FieldLayout("prediction", 1, box, (4,) * 3, (4,) * 3)], nsample=1,
+                         boxsize=None, settings={})
+    group["prediction"][0] = np.random.default_rng(0).standard_normal((1,) + box).astype(np.float32)
+    done = out / DONE_DIR
+    done.mkdir()
+    durable.fsync_tree(out)  # as the workers leave it: every shard on disk
+    markers.mark_all(str(done), [(0, t, 0.5, 64) for t in range(ntiles)])
+    legacy = root / "legacy"
+    legacy.mkdir()
+    for t in range(ntiles):
+        (legacy / f"0-{t}").write_text(json.dumps({"loss": 0.5, "n": 64}))
+    os.sync()
+    t0 = time.perf_counter()
+    found = markers.read_done(str(done))
+    t1 = time.perf_counter()
+    legacy_found = {}
+    for name in os.listdir(legacy):  # the earlier read: one file opened per tile
+        with open(legacy / name) as f:
+            legacy_found[name] = json.load(f)
+    t2 = time.perf_counter()
+    nfiles = durable.fsync_tree(out)
+    t3 = time.perf_counter()
+    dirs = [d for d, _, _ in os.walk(out)]
+    durable.fsync_files([os.path.join(d, "zarr.json") for d in dirs] + dirs)
+    t4 = time.perf_counter()
+    engine._finish(str(out), str(out), 1, ntiles, "MSELoss")
+    t5 = time.perf_counter()
+    assert len(found) == len(legacy_found) == ntiles and store.open_store(out).nsample == 1
+    return {"bench": "infer-finish", "tiles": ntiles, "files": nfiles, "dirs": len(dirs),
+            "scan_s": round(t1 - t0, 4), "legacy_scan_s": round(t2 - t1, 4), "refsync_s": round(t3 - t2, 4),
+            "dirs_s": round(t4 - t3, 4), "finish_s": round(t5 - t4, 4), "load_avg_1min": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -148,10 +249,15 @@ def main() -> None:
     p.add_argument("--whole", choices=["auto", "yes", "no"], default="auto", help="run (a)")
     p.add_argument("--repeat", type=int, default=2, help="runs of (c) and (b), alternating; the best of each counts")
     p.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--finish-tiles", type=int, default=None, metavar="N",
+                   help="measure only the finishing of a run of N tiles (see above)")
     args = p.parse_args()
     n, c = args.n, args.channels
     root = Path(tempfile.mkdtemp(prefix="m2m-bench-infer-", dir=args.dir))
     try:
+        if args.finish_tiles:
+            print(json.dumps(finish_bench(root, args.finish_tiles)))
+            return
         src = make_input(root, n, c)
         data = root / "in.zarr"
         convert.run(convert.ConvertConfig(output=str(data), field=(f"disp={src}",), crop=(args.crop,),
@@ -167,7 +273,7 @@ def main() -> None:
         pad = 1
         plan = tiles.TilePlan((n,) * 3, (args.crop,) * 3, ((pad, pad),) * 3)
         os.sync()  # the inputs just written must not be flushed while (c) runs
-        runs_c, runs_b = [], []
+        runs_c, runs_b, runs_d = [], [], []
         for r in range(args.repeat):  # alternate (c) and (b): other load on the machine hits both alike
             out = root / f"out{r}.zarr"
             config = {"data": str(data), "in_fields": ["disp"], "model": "twoconv.TwoConv",
@@ -179,7 +285,9 @@ def main() -> None:
             split = [round(sum(w[k + "_s"] for w in summary["workers"].values()), 2)
                      for k in ("read", "model", "write")]
             runs_c.append({"tiles": summary["tiles_s"], "wall": wall_c, "cluster": summary["cluster"],
-                           "split": split, "workers": workers, "client": client_rss})
+                           "split": split, "workers": workers, "client": client_rss,
+                           "busy": summary.get("model_busy"), "setup": summary["setup_s"],
+                           "finish": summary["finish_s"]})
             cluster = summary["cluster"]
             nworkers = len(summary["workers"])
             threads = summary["threads_per_worker"]
@@ -188,6 +296,10 @@ def main() -> None:
             with torch.inference_mode():  # warm up: the first pass of a shape picks its algorithms
                 model(torch.zeros((args.batch_size, c) + plan.window_shape))
             runs_b.append(tiles_in_memory(model, x, plan, args.batch_size))
+            runs_d.append(run_original({"input": str(src), "ckpt": str(ckpt), "width": args.width, "crop": args.crop,
+                                        "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+                                        "output": str(root / "original_out.npy")}))
+            (root / "original_out.npy").unlink()
         best = min(runs_c, key=lambda r: r["tiles"])
         tiles_c, wall_c = best["tiles"], min(r["wall"] for r in runs_c)
         t_b = min(runs_b)
@@ -204,6 +316,9 @@ def main() -> None:
             del xp
         vox = n ** 3
         rss = sorted(v for r in runs_c for v in r["workers"].values())
+        wall_d = min(t for t, _ in runs_d)
+        rss_d = max(m for _, m in runs_d)
+        largest = max(rss + [max(r["client"] for r in runs_c)])
         print(json.dumps({
             "bench": "infer", "n": n, "channels": c, "model": f"TwoConv(width {args.width}): conv3+act+conv1",
             "crop": args.crop, "pad": pad, "input_inner_chunk": in_chunk, "ntiles": plan.ntiles,
@@ -222,6 +337,13 @@ def main() -> None:
             "overhead_end_to_end": round(wall_c / t_b - 1, 3),
             "worker_peak_rss_MiB": [round(r / 2**20, 1) for r in rss],
             "client_peak_rss_MiB": round(max(r["client"] for r in runs_c) / 2**20, 1),
+            "original_end_to_end_s": round(wall_d, 2), "original_peak_rss_MiB": round(rss_d / 2**20, 1),
+            "infer_over_original": round(wall_c / wall_d, 3),
+            "largest_process_over_original": round(largest / rss_d, 3),
+            "infer_model_busy": round(best["busy"], 3), "infer_setup_s": round(best["setup"], 2),
+            "infer_finish_s": round(best["finish"], 2),
+            "runs_infer_end_to_end_s": [round(r["wall"], 2) for r in runs_c],
+            "runs_original_s": [round(t, 2) for t, _ in runs_d],
             "repeat": args.repeat, "runs_infer_tiles_s": [round(r["tiles"], 2) for r in runs_c],
             "runs_tiles_no_io_s": [round(t, 2) for t in runs_b], "load_avg_1min_at_end": os.getloadavg()[0],
             "box_MiB": round(4 * c * vox / 2**20, 1),

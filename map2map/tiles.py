@@ -21,6 +21,7 @@ different inner chunks of one shard corrupt it.  That holds exactly when
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from dataclasses import dataclass
@@ -81,6 +82,67 @@ def check_tile(tile: Sequence[int], box: Sequence[int], stride: int, scale: int,
                            f"a multiple of the output shard {s}")
             raise TileError(f"crop {t} on axis {d} must be {' and '.join(why)}; "
                             f"use e.g. {' or '.join(map(str, suggest(t, step, n)))}")
+
+
+def tile_work(box: Sequence[int], tile: Sequence[int], halo: Sequence[int]) -> int:
+    """Input voxels all forward passes over the box compute: ``prod_d ceil(box_d / tile_d) * (tile_d +
+    halo_d)``, with ``halo_d`` the window's extra voxels on axis d (low plus high pad); a clipped last tile
+    still computes a full window."""
+    return math.prod(-(-n // t) * (t + h) for n, t, h in zip(box, tile, halo))
+
+
+def _side_candidates(n: int, step: int) -> list[int]:
+    """Per axis, the sides that can be optimal: for each count k of tiles along the axis, the smallest
+    multiple of `step` that covers `n` in k tiles (any other side with k tiles computes more); ascending."""
+    sides = set()
+    for k in range(1, n + 1):
+        side = -(-(-(-n // k)) // step) * step
+        if side <= n // step * step:
+            sides.add(side)
+        if side == step:
+            break
+    return sorted(sides)
+
+
+def auto_tile(box: Sequence[int], step: Sequence[int], halo: Sequence[int], max_window: int) -> Shape | None:
+    """The tile `--crop auto` chooses, or None if none fits.
+
+    Terms: a *valid* tile has on every axis d a side that is a positive
+    multiple of ``step[d]`` (`tile_step`: the model's stride and the output
+    shard) and at most ``box[d]``; its *window* is ``prod_d (tile_d +
+    halo_d)`` voxels, the input of one forward pass; its *work* is
+    `tile_work`, the voxels all passes compute.  The tile is the valid one
+    whose window is at most `max_window` voxels with the least work; among
+    equal work the one keeping the most voxels per pass, then the
+    (lexicographically) largest.  Least work, rather than the largest side,
+    avoids a thin last tile that costs a full window (a box of 130 voxels is
+    cheaper in two tiles of 68 than in one of 128 and a clipped one of 128).
+    """
+    if not (len(box) == len(step) == len(halo)):
+        raise ValueError(f"box {tuple(box)}, step {tuple(step)} and halo {tuple(halo)} differ in dimensions")
+    if any(s < 1 for s in step) or any(h < 0 for h in halo):
+        raise ValueError(f"steps {tuple(step)} must be positive and halos {tuple(halo)} non-negative")
+    cands = [_side_candidates(n, s) for n, s in zip(box, step)]
+    if not all(cands):
+        return None
+    # the last axis, for a bound on its side: the best side up to each candidate, by (its work, -side)
+    last_work = [tile_work(box[-1:], (t,), halo[-1:]) for t in cands[-1]]
+    prefix: list[int] = []
+    for i, w in enumerate(last_work):
+        prefix.append(i if not prefix or (w, -cands[-1][i]) < (last_work[prefix[-1]], -cands[-1][prefix[-1]])
+                      else prefix[-1])
+    best: tuple | None = None
+    for head in itertools.product(*cands[:-1]):
+        head_window = math.prod(t + h for t, h in zip(head, halo))
+        fits = bisect.bisect_right(cands[-1], max_window // head_window - halo[-1])  # sides with a window fitting
+        if fits == 0:
+            continue
+        i = prefix[fits - 1]
+        tile = tuple(head) + (cands[-1][i],)
+        key = (tile_work(box[:-1], head, halo[:-1]) * last_work[i], -math.prod(tile), tuple(-v for v in tile))
+        if best is None or key < best[0]:
+            best = (key, tile)
+    return None if best is None else best[1]
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections import namedtuple
 from types import SimpleNamespace
 
@@ -171,20 +170,20 @@ def test_worker_state_keeps_two_models_and_this_runs_readers(two_fields):
     assert [k[0].name for k in state.models] == ["C", "B"]
 
     job = fake_job("r5", "B", source, norms=("field.log1p",))
-    stack = state.stack(job, "in")
-    assert state.stack(job, "in") is stack and stack.norms[0].__name__ == "log1p"
-    other = []
-    t = threading.Thread(target=lambda: other.append(state.stack(job, "in")))
-    t.start()
-    t.join()
-    assert other[0] is not stack  # readers are per thread
+    number, stack = state.acquire_stack(job, "in")
+    assert stack.norms[0].__name__ == "log1p"
+    other_number, other = state.acquire_stack(job, "in")
+    assert other is not stack and other_number != number  # a held reader is never handed out twice
+    state.release_stack(job, "in", number)
+    assert state.acquire_stack(job, "in") == (number, stack)  # a released one is reused
     state.begin("r6")
-    assert not state.stacks and state.stack(fake_job("r6", "B", source), "in") is not stack
+    assert not state.stacks and state.acquire_stack(fake_job("r6", "B", source), "in")[1] is not stack
 
-    state.record("r6", 1.0, 2.0, 3.0, 4, 100)
-    state.record("r6", 1.0, 2.0, 3.0, 4, 50)
-    assert state.run_stats("r6") == {"model_loads": 0, "tasks": 2, "tiles": 8, "max_task_bytes": 100,
-                                     "read_s": 2.0, "model_s": 4.0, "write_s": 6.0}
+    state.record("r6", read_s=1.0, model_s=2.0, write_s=3.0, tiles=4, max_task_bytes=100)
+    state.record("r6", read_s=1.0, model_s=2.0, write_s=3.0, tiles=4, max_task_bytes=50)
+    stats = state.run_stats("r6")
+    assert (stats["tiles"], stats["max_task_bytes"], stats["read_s"], stats["model_s"], stats["write_s"]) == \
+        (8, 100, 2.0, 4.0, 6.0)
     for i in range(worker.RUNS_KEPT + 1):
         state.begin(f"later{i}")
     assert state.run_stats("r6") == {} and len(state.stats) == worker.RUNS_KEPT

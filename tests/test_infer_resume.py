@@ -215,9 +215,13 @@ def test_markers_round_trip_and_skip_leftovers(tmp_path):
 
     infer.mark_done(str(tmp_path), 0, 3, 0.5, 64)
     infer.mark_done(str(tmp_path), 1, 0, None, 8)
-    assert sorted(os.listdir(tmp_path)) == ["0-3", "1-0"]  # nothing else left behind
+    from map2map.infer.markers import marker_name
+
+    assert sorted(os.listdir(tmp_path)) == ["0-3_64_0.5", "1-0_8_none"] == sorted(
+        [marker_name(0, 3, 0.5, 64), marker_name(1, 0, None, 8)])  # nothing else left behind
     durable.temporary_name(tmp_path / "2-2").write_text('{"loss": 0.1, "n": 8}')
     (tmp_path / "notes.txt").write_text("mine")
-    (tmp_path / "4-4").write_text('{"loss": 0.1')
+    (tmp_path / "4-4").write_text('{"loss": 0.1')  # a record of the earlier format, cut short
+    (tmp_path / "5-x_8_none").write_text("")  # a name that is no marker
     assert infer.read_done(str(tmp_path)) == {(0, 3): {"loss": 0.5, "n": 64}, (1, 0): {"loss": None, "n": 8}}
     assert infer.read_done(str(tmp_path / "missing")) == {}

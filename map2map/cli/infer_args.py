@@ -13,6 +13,11 @@ from map2map.cli.types import positive as _positive
 from map2map.cli.types import positive_float as _positive_float
 
 
+def _crop(text: str):
+    """``auto`` or integers (`map2map.cli.types.ints`)."""
+    return "auto" if text.strip() == "auto" else _ints(text)
+
+
 def _add_model_and_tiling(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (default: the checkpoint's model card; options given here override it)")
     g.add_argument("--load-state", required=True, metavar="CKPT",
@@ -40,11 +45,19 @@ def _add_model_and_tiling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--criterion", default="MSELoss",
                    help="loss reported against the target (torch.nn name or module.Name), on normalized fields")
     t = p.add_argument_group("tiling and output")
-    t.add_argument("--crop", type=_ints, default=None, metavar="N[,N,N]",
+    t.add_argument("--crop", type=_crop, default=None, metavar="auto|N[,N,N]",
                    help="tile size in input voxels: a multiple of the model's total stride (and, times the "
-                        "scale factor, of --out-shard); the last tile along an axis may be smaller "
-                        "(default: the input store's shard, i.e. the training crop, rounded down to the "
-                        "stride)%(default).0s")
+                        "scale factor, of --out-shard); the last tile along an axis may be smaller; 'auto': the "
+                        "largest tile that fits --tile-memory (default: the input store's shard, i.e. the "
+                        "training crop, rounded down to the stride)%(default).0s")
+    t.add_argument("--tile-memory", type=_positive_float, default=None, metavar="GiB",
+                   help="memory budget of one forward pass for --crop auto (default: a safe share of the GPU's "
+                        "memory, or of the RAM per worker on CPU)%(default).0s")
+    t.add_argument("--tta", choices=["none", "flips", "all"], default="none",
+                   help="test-time augmentation: average each forward pass over the reflections of the grid "
+                        "(flips: 8 in 3D, 4 in 2D) or all its symmetries (all: 48 in 3D, 8 in 2D), each "
+                        "output transformed back and vector components turned with space; costs as many "
+                        "forward passes")
     t.add_argument("--in-pad", type=_pad, default="auto", metavar="auto|N[,...]",
                    help="halo read around each tile, periodic: 'auto' asks the model (smallest pad whose output "
                         "covers the tile), or N, one per axis, or one per side lo0,hi0,...")
@@ -73,9 +86,11 @@ def _add_model_and_tiling(p: argparse.ArgumentParser) -> None:
     where.add_argument("--scheduler-file", default=None, metavar="FILE",
                        help="use the running Dask cluster described by this scheduler file")
     c.add_argument("--workers", type=_positive, default=None,
-                   help="worker processes of the local cluster (default: one per GPU with cuda, "
-                        "else min(2, CPU cores))%(default).0s")
-    c.add_argument("--threads-per-worker", type=_positive, default=1, help="tasks run at once per worker")
+                   help="worker processes of the local cluster, started while the run plans (default: one per "
+                        "GPU with cuda, else 1); 1 starts none: the tiles run in this process, the model on "
+                        "every core while other threads read and write%(default).0s")
+    c.add_argument("--threads-per-worker", type=_positive, default=1,
+                   help="streams of tiles run at once per worker (each a read/model/write pipeline)")
     c.add_argument("--torch-threads", type=_positive, default=None,
                    help="torch threads per worker (default on a local CPU cluster: cores / (workers x threads); "
                         "an existing cluster keeps its own)%(default).0s")

@@ -1,5 +1,10 @@
-"""The client side: a Dask client (given scheduler or local cluster), the workers' state, model preloading,
-task submission and the workers' statistics.
+"""The client side: where the tiles run (this process, a local cluster or a given scheduler), the
+workers' state, model preloading, streams of batches as tasks, progress and the workers' statistics.
+
+Without ``--scheduler`` a run that needs one worker process (`local_workers`)
+runs in this process, on threads (`run_in_process`): no cluster to start.
+A run that needs several starts its local cluster in a thread
+(`start_local`) while the client plans, and connects when the plan is ready.
 
 A client that fails to connect is closed before the error leaves (no
 ``Client.__del__`` traceback later), and a client that was connected is
@@ -18,17 +23,22 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterator, Sequence
 
 from distributed import Client
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from map2map.errors import UserError, describe, one_line
 from map2map.infer.specs import InferConfig, Job
-from map2map.infer.worker import WorkerState, preload, run_tiles, stats_of
+from map2map.infer.worker import Result, Work, WorkerState, preload, run_stream, run_tiles, stats_of
 from map2map.utils.progress import advance
 
 CLOSE_TIMEOUT = 10.0  # seconds a client or local cluster gets to shut down
+STREAMS_PER_SLOT = 4  # streams per task slot at least: a slow worker leaves the others little to wait for
+MAX_STREAM_BATCHES = 16  # batches per stream at most: the progress bar advances a stream at a time
+IN_PROCESS = "this process"  # the name of the in-process "worker" in the statistics
+BAR_FORMAT = "{desc}: {n_fmt}/{total_fmt} tiles {percentage:3.0f}%|{bar}| {rate_fmt}, ETA {remaining}"
 ADDRESS_HELP = "expected a scheduler address such as tcp://host:8786"
 
 
@@ -166,9 +176,39 @@ def _kill(pids: list[int]) -> None:
     psutil.wait_procs(procs, timeout=CLOSE_TIMEOUT)
 
 
+def local_workers(opts: InferConfig, device: str) -> int:
+    """Worker processes a run without ``--scheduler`` needs: ``--workers`` if given, else one per GPU with
+    cuda, else 1.  One means none: the run stays in this process (`run_in_process`), where the model
+    uses every core through torch threads while other threads read and write."""
+    workers = opts.workers
+    if workers is None:
+        workers = max(1, cuda_count()) if device == "cuda" else 1
+    if workers < 1 or opts.threads_per_worker < 1:
+        raise UserError(f"--workers {workers} and --threads-per-worker {opts.threads_per_worker} must be positive")
+    return workers
+
+
+def start_local(workers: int, threads_per_worker: int) -> Future:
+    """Start a `local_cluster` in a thread (the caller plans meanwhile); the future's result is the cluster.
+    Whoever takes it closes it; `close_started` closes one that nobody took."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="m2m-cluster-start")
+    try:
+        return pool.submit(local_cluster, workers, threads_per_worker)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def close_started(starting: Future | None) -> None:
+    """Close the cluster `start_local` started, once it is up (nothing if it failed to start)."""
+    if starting is not None and starting.exception() is None:
+        starting.result().close(timeout=CLOSE_TIMEOUT)
+
+
 @contextlib.contextmanager
-def dask_client(opts: InferConfig, device: str) -> Iterator[tuple[Any, dict[str, Any]]]:
-    """A Dask client: to `--scheduler` / `--scheduler-file`, or to a local cluster of worker processes."""
+def dask_client(opts: InferConfig, device: str, starting: Future | None = None
+                ) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """A Dask client: to `--scheduler` / `--scheduler-file`, or to a local cluster of worker processes
+    (the one `starting` brings, from `start_local`, else one started here)."""
     timeout = positive_seconds(opts.connect_timeout, "--connect-timeout")
     wait = positive_seconds(opts.wait_workers, "wait_workers")
     client = cluster = None
@@ -178,12 +218,8 @@ def dask_client(opts: InferConfig, device: str) -> Iterator[tuple[Any, dict[str,
         client = connect(address, what, timeout)
         info["cluster"] = opts.scheduler or opts.scheduler_file
     else:
-        workers = opts.workers
-        if workers is None:
-            workers = max(1, cuda_count()) if device == "cuda" else min(2, os.cpu_count() or 1)
-        if workers < 1 or opts.threads_per_worker < 1:
-            raise UserError(f"--workers {workers} and --threads-per-worker {opts.threads_per_worker} must be positive")
-        cluster = local_cluster(workers, opts.threads_per_worker)
+        workers = local_workers(opts, device)
+        cluster = starting.result() if starting is not None else local_cluster(workers, opts.threads_per_worker)
         info["cluster"] = f"local, {workers} worker processes x {opts.threads_per_worker} threads"
         info["workers"] = workers
     local_pids: list[int] = []
@@ -243,32 +279,74 @@ def preload_all(client, job: Job) -> None:
             fut.cancel()
 
 
-def submit_all(client, job: Job, todo: list[tuple[int, list[int]]], total: int, done: int,
-                progress: bool) -> list[tuple[int, int, float | None, int]]:
-    from distributed import as_completed
+def streams(todo: Sequence[tuple[int, list[int]]], slots: int, max_batches: int = MAX_STREAM_BATCHES
+            ) -> list[list[tuple[int, list[int]]]]:
+    """Split the (sample, batch) pairs `todo` into consecutive streams (one task each, see
+    `map2map.infer.worker`), as even as possible: at least `STREAMS_PER_SLOT` per task slot and at most
+    `max_batches` batches each, fewer streams only when there are fewer batches."""
+    n = len(todo)
+    count = min(n, max(slots * STREAMS_PER_SLOT, -(-n // max_batches)))
+    bounds = [n * i // count for i in range(count + 1)] if count else [0]
+    return [list(todo[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def _bar(total: int, done: int, progress: bool):
+    """The progress bar of the tile phase: tiles done of all, tiles/s and the time left (ETA)."""
     from tqdm import tqdm
 
+    return tqdm(total=total, initial=done, unit=" tiles", desc="infer", disable=not progress, file=sys.stderr,
+                bar_format=BAR_FORMAT)
+
+
+def submit_all(client, job: Job, work: list[Work], total: int, done: int, progress: bool) -> list[Result]:
+    """Run the streams `work` as Dask tasks (`run_tiles`), one each; returns every tile's result."""
+    from distributed import as_completed
+
     register_state(client)  # already there after `preload_all`: a no-op then
-    futures = [client.submit(run_tiles, job, sample, ids, key=f"m2m-infer-{job.token[:8]}-{sample}-{ids[0]}",
-                             retries=0) for sample, ids in todo]
-    owner = {f.key: sample for f, (sample, _) in zip(futures, todo)}
-    results = []
-    with tqdm(total=total, initial=done, unit="tile", desc="infer", disable=not progress,
-              file=sys.stderr) as bar:
+    futures = [client.submit(run_tiles, job, w, key=f"m2m-infer-{job.token[:8]}-{w[0][0]}-{w[0][1][0]}",
+                             retries=0) for w in work]
+    results: list[Result] = []
+    with _bar(total, done, progress) as bar:
         try:
             for fut in as_completed(futures, loop=client.loop):
-                sample = owner[fut.key]
                 try:
                     res = fut.result()
                 except UserError:
                     raise
                 except Exception as exc:
                     raise RuntimeError(f"tile task {fut.key} failed: {type(exc).__name__}: {exc}") from exc
-                results.extend((sample, t, loss, n) for t, loss, n in res)
+                results.extend(res)
                 advance(bar, len(res))
         finally:
             for f in futures:
                 f.cancel()
+    return results
+
+
+def run_in_process(state: WorkerState, job: Job, todo: Sequence[tuple[int, list[int]]], threads: int,
+                   total: int, done: int, progress: bool) -> list[Result]:
+    """Run the (sample, batch) pairs `todo` in this process: `threads` streams at once on `state`, one
+    consecutive share of `todo` each; returns every tile's result.  Ctrl-C (or any failure) stops every
+    stream after the batches it has started, which are written and marked as usual."""
+    count = min(threads, len(todo))
+    bounds = [len(todo) * i // count for i in range(count + 1)] if count else [0]
+    shares = [list(todo[a:b]) for a, b in zip(bounds, bounds[1:])]
+    stop = threading.Event()
+    lock = threading.Lock()
+    results: list[Result] = []
+    with _bar(total, done, progress) as bar:
+        def on_batch(n: int) -> None:
+            with lock:
+                advance(bar, n)
+
+        with ThreadPoolExecutor(max(1, len(shares)), thread_name_prefix="m2m-stream") as pool:
+            futures = [pool.submit(run_stream, state, job, share, on_batch, stop) for share in shares]
+            try:
+                for fut in futures:
+                    results.extend(fut.result())
+            except BaseException:
+                stop.set()
+                raise
     return results
 
 

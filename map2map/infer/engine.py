@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,8 @@ import torch
 
 from map2map import store, tiles
 from map2map.errors import UserError
-from map2map.infer.cluster import (collect_stats, dask_client, preload_all, scheduler_address, submit_all,
+from map2map.infer.cluster import (IN_PROCESS, close_started, collect_stats, dask_client, local_workers,
+                                   preload_all, run_in_process, scheduler_address, start_local, streams, submit_all,
                                    torch_threads)
 from map2map.infer.defaults import check_channels, resolve
 from map2map.infer.inputs import Inputs, check_finite, npy_inputs, store_inputs, target_box
@@ -22,6 +24,7 @@ from map2map.infer.markers import read_done
 from map2map.infer.output import check_output, create_output, sample_losses, settings_hash
 from map2map.infer.planning import Plan, make_plan
 from map2map.infer.specs import DONE_DIR, InferConfig, Job
+from map2map.infer.worker import WorkerState
 from map2map.modelfit import ModelSpec, file_stamp
 from map2map.stage import Summary
 from map2map.utils.distenv import DEVICES, choose_device, cuda_info
@@ -55,6 +58,27 @@ class InferSummary(Summary):
     workers: dict[str, dict[str, float]] = field(default_factory=dict)
     written: list[str] = field(default_factory=list)
     amp: str = "off"
+    tta: str = "none"
+    slots: int = 1
+    finish_s: float = 0.0
+
+    @property
+    def tiles_per_s(self) -> float | None:
+        """Tiles computed per second of the tile phase."""
+        return self.computed / self.tiles_s if self.tiles_s else None
+
+    @property
+    def model_busy(self) -> float | None:
+        """The model's busy fraction: forward-pass seconds over the tile phase's seconds times its task
+        slots (streams running at once)."""
+        if not self.tiles_s or not self.workers:
+            return None
+        return sum(w.get("model_s", 0.0) for w in self.workers.values()) / (self.tiles_s * self.slots)
+
+    def to_json(self) -> dict[str, Any]:
+        out = super().to_json()
+        out.update(tiles_per_s=self.tiles_per_s, model_busy=self.model_busy)
+        return out
 
     def lines(self) -> list[str]:
         out = [f"note: {n}" for n in self.notes]
@@ -63,14 +87,17 @@ class InferSummary(Summary):
                    f"pad {self.pad}, model stride {self.stride}")
         if self.amp != "off":
             out.append(f"precision: amp {self.amp} (forward passes under autocast; predictions written as float32)")
+        if self.tta != "none":
+            out.append(f"tta: {self.tta} (each forward pass averaged over the mode's symmetries)")
         if self.tiles_s is not None:
-            out.append(f"time: setup {self.setup_s:.2f} s, tiles {self.tiles_s:.2f} s, total {self.total_s:.2f} s "
-                       f"on {self.cluster}")
+            out.append(f"time: setup {self.setup_s:.2f} s, tiles {self.tiles_s:.2f} s, finish {self.finish_s:.2f} s, "
+                       f"total {self.total_s:.2f} s on {self.cluster}")
             if self.workers:
                 parts = [f"{k} {sum(v.get(k + '_s', 0.0) for v in self.workers.values()):.2f} s"
                          for k in ("read", "model", "write")]
-                out.append("worker time (all workers): " + ", ".join(parts)
-                           + " (write: narrowing, norms, loss, zarr)")
+                out.append(f"pipeline: {', '.join(parts)} (summed over {self.slots} task slots; read: windows, "
+                           f"norms; write: narrowing, norms, loss, zarr, fsync), model busy "
+                           f"{100 * self.model_busy:.0f}% of the tile phase, {self.tiles_per_s:.1f} tiles/s")
         for i, loss in enumerate(self.loss or []):
             out.append(f"sample {i}: {self.criterion} {loss:.6g}")
         out += [f"wrote {path}" for path in self.written]
@@ -108,6 +135,14 @@ def _check_options(opts: InferConfig) -> str:
     if opts.device not in DEVICES:
         raise UserError(f"--device {opts.device!r}: expected one of {', '.join(DEVICES)}")
     check_amp(opts.amp)
+    from map2map.infer.tta import MODES
+
+    if opts.tta not in MODES:
+        raise UserError(f"--tta {opts.tta!r}: expected one of {', '.join(MODES)}")
+    if isinstance(opts.crop, str) and opts.crop != "auto":
+        raise UserError(f"--crop {opts.crop!r}: expected 'auto' or integers")
+    if opts.tile_memory is not None and not (isinstance(opts.tile_memory, (int, float)) and opts.tile_memory > 0):
+        raise UserError(f"--tile-memory {opts.tile_memory}: expected a positive number of GiB")
     if opts.scale_factor is not None and (not isinstance(opts.scale_factor, int) or opts.scale_factor < 1):
         raise UserError(f"--scale-factor {opts.scale_factor} must be a positive integer")
     if not opts.out:
@@ -177,7 +212,7 @@ def _plan_settings(opts: InferConfig, inp: Inputs, spec: ModelSpec, pl: Plan, ou
         "out_field": out_field, "out_chan": spec.out_chan, "out_shard": list(pl.out_shard),
         "out_chunk": list(pl.out_chunk), "stride": pl.stride,
         # they change the shape of each forward pass, where or in what precision it runs, hence the result
-        "batch_size": opts.batch_size, "device": opts.device, "amp": opts.amp,
+        "batch_size": opts.batch_size, "device": opts.device, "amp": opts.amp, "tta": opts.tta,
     }
 
 
@@ -186,7 +221,7 @@ def _pending(done: dict, nsample: int, ntiles: int, batch_size: int) -> list[tup
 
     Batches are fixed groups of tiles, the same in every run: a tile's values
     can depend on the shape of the forward pass it was part of, so a batch
-    with any tile missing is redone whole.
+    with any tile missing is redone whole.  `done` is `read_done`'s answer.
     """
     return [(sample, ids) for sample in range(nsample) for ids in tiles.batches(range(ntiles), batch_size)
             if not all((sample, t) in done for t in ids)]
@@ -225,18 +260,41 @@ class Prepared:
     overrides: tuple[str, ...]
     notes: list[str]
     t_start: float
+    workers: int = 0  # worker processes of our own local cluster; 1: none, the tiles run in this process
+    starting: Future | None = None  # that cluster, starting (`cluster.start_local`) until `execute` takes it
+
+    @property
+    def in_process(self) -> bool:
+        return not self.remote and self.workers == 1
+
+    def close(self) -> None:
+        """Close the local cluster started for this run if `execute` did not take it (e.g. it failed first)."""
+        starting, self.starting = self.starting, None
+        close_started(starting)
 
 
-def prepare(config: InferConfig) -> Prepared:
+def prepare(config: InferConfig, start_cluster: bool = False) -> Prepared:
     """Check everything that needs no output: options, checkpoint, inputs, model fit, norms, tiles.
 
-    Raises `UserError` for every bad input; writes nothing.
+    With `start_cluster`, a local cluster the run needs starts in a thread meanwhile; the caller runs
+    `execute` or, if it does not, `Prepared.close`.  Raises `UserError` for every bad input; writes nothing.
     """
     t_start = time.perf_counter()
     out = _check_options(config)
     remote = bool(config.scheduler or config.scheduler_file)
     # a cluster's own workers decide their device (map2map.infer.gpus); ours follow what this process sees
     device, notes = (config.device, []) if remote else _local_device(config.device, config.amp)
+    workers = 0 if remote else local_workers(config, device)
+    starting = start_local(workers, config.threads_per_worker) if start_cluster and workers > 1 else None
+    try:
+        return _prepare(config, t_start, out, remote, device, notes, workers, starting)
+    except BaseException:
+        close_started(starting)
+        raise
+
+
+def _prepare(config: InferConfig, t_start: float, out: str, remote: bool, device: str, notes: list[str],
+             workers: int, starting: Future | None) -> Prepared:
     resolved = resolve(config)
     opts = resolved.config
     notes += resolved.notes
@@ -245,6 +303,8 @@ def prepare(config: InferConfig) -> Prepared:
     spec = _model_spec(config, opts, inp)
     check_channels(resolved, spec.in_chan, spec.out_chan)
     pl = make_plan(spec.load(), opts, inp)
+    if pl.note:  # how --crop auto chose the tile
+        notes.append(pl.note)
     criterion = _check_norms_and_criterion(opts, inp, spec)
     if not opts.data and not opts.allow_nonfinite:  # a store was checked when it was converted
         check_finite(inp)
@@ -259,7 +319,62 @@ def prepare(config: InferConfig) -> Prepared:
         "infer": plan_settings,
     }
     return Prepared(opts, out, inp, spec, pl, criterion, device, remote, layout, settings,
-                    settings_hash(plan_settings), resolved.overrides, notes, t_start)
+                    settings_hash(plan_settings), resolved.overrides, notes, t_start, workers, starting)
+
+
+def _job(prep: Prepared, token: str, target: str, device: str, workers: int | None) -> Job:
+    opts, inp = prep.opts, prep.inp
+    return Job(token, target, prep.layout.name, tuple(inp.inputs), tuple(inp.targets), tuple(inp.in_chans),
+               tuple(inp.tgt_chans), tuple(opts.in_norms) if opts.in_norms else None,
+               tuple(opts.tgt_norms) if opts.tgt_norms else None, json.dumps(opts.norm_kwargs, sort_keys=True),
+               prep.spec, prep.plan.plan, prep.plan.offsets, prep.plan.out_shape, prep.criterion, device,
+               torch_threads(opts, device, workers), opts.amp, opts.tta)
+
+
+def _run_here(prep: Prepared, target: str, token: str | None, todo, total: int, done: int,
+              summary: InferSummary) -> tuple[str, float]:
+    """Run the tiles in this process (`cluster.run_in_process`); returns the token and the tile phase's time."""
+    opts = prep.opts
+    threads = torch.get_num_threads()
+    state = WorkerState()
+    state.setup(None)
+    try:
+        if token is None:
+            token = create_output(target, prep.layout, prep.inp, prep.settings, prep.digest)
+        job = _job(prep, token, target, prep.device, 1)
+        summary.cluster = f"{IN_PROCESS}, {opts.threads_per_worker} threads"
+        state.begin(token)
+        state.model(job)  # loaded (and its failure raised) before the tile phase is timed
+        t_tiles = time.perf_counter()
+        results = run_in_process(state, job, todo, opts.threads_per_worker, total, done, opts.progress)
+        tiles_s = time.perf_counter() - t_tiles
+        summary.computed = len(results)
+        summary.workers = {IN_PROCESS: state.run_stats(token)}
+        return token, tiles_s
+    finally:
+        state.teardown()
+        torch.set_num_threads(threads)
+
+
+def _run_on_cluster(prep: Prepared, target: str, token: str | None, todo, total: int, done: int,
+                    summary: InferSummary) -> tuple[str, float]:
+    """Run the tiles as Dask tasks, one per stream; returns the token and the tile phase's time."""
+    opts = prep.opts
+    starting, prep.starting = prep.starting, None
+    with dask_client(opts, prep.device, starting) as (client, info):
+        if token is None:  # only once the cluster is there: a failed start leaves nothing behind
+            token = create_output(target, prep.layout, prep.inp, prep.settings, prep.digest)
+        job = _job(prep, token, target, opts.device if prep.remote else prep.device, info.get("workers"))
+        summary.cluster = info["cluster"]
+        nworkers = info.get("workers") or len(client.scheduler_info(n_workers=-1)["workers"])
+        summary.slots = max(1, nworkers * opts.threads_per_worker)
+        preload_all(client, job)
+        t_tiles = time.perf_counter()
+        results = submit_all(client, job, streams(todo, summary.slots), total, done, opts.progress)
+        tiles_s = time.perf_counter() - t_tiles
+        summary.computed = len(results)
+        summary.workers = collect_stats(client, token)
+    return token, tiles_s
 
 
 def execute(prep: Prepared) -> InferSummary:
@@ -267,9 +382,8 @@ def execute(prep: Prepared) -> InferSummary:
 
     The caller holds the writer lock of `prep.out` (`map2map.utils.locks.writer_lock`).
     """
-    opts, inp, spec, pl, notes = prep.opts, prep.inp, prep.spec, prep.plan, prep.notes
-    out, criterion, device, remote = prep.out, prep.criterion, prep.device, prep.remote
-    target, token = check_output(out, prep.digest, opts.overwrite, notes)
+    opts, inp, pl, notes = prep.opts, prep.inp, prep.plan, prep.notes
+    target, token = check_output(prep.out, prep.digest, opts.overwrite, notes)
 
     if token:  # resuming (its marker directory is gone only if it died while finishing: redo all)
         os.makedirs(os.path.join(target, DONE_DIR), exist_ok=True)
@@ -279,31 +393,19 @@ def execute(prep: Prepared) -> InferSummary:
     total = ntiles * inp.nsample
     ndone_before = total - sum(len(ids) for _, ids in todo)
 
-    summary = InferSummary(output=out, field=prep.layout.name, nsample=inp.nsample, tiles=total,
+    summary = InferSummary(output=prep.out, field=prep.layout.name, nsample=inp.nsample, tiles=total,
                            skipped=ndone_before, computed=0, tile=list(pl.plan.tile),
                            pad=[list(p) for p in pl.plan.pad], out_shape=list(pl.plan.out_box), stride=pl.stride,
-                           overrides=list(prep.overrides), notes=notes, amp=opts.amp)
+                           overrides=list(prep.overrides), notes=notes, amp=opts.amp, tta=opts.tta,
+                           threads_per_worker=opts.threads_per_worker, slots=opts.threads_per_worker)
     t_setup = time.perf_counter()
     if todo:
-        with dask_client(opts, device) as (client, info):
-            if token is None:  # only once the cluster is there: a failed start leaves nothing behind
-                token = create_output(target, prep.layout, inp, prep.settings, prep.digest)
-            job = Job(token, target, prep.layout.name, tuple(inp.inputs), tuple(inp.targets), tuple(inp.in_chans),
-                      tuple(inp.tgt_chans), tuple(opts.in_norms) if opts.in_norms else None,
-                      tuple(opts.tgt_norms) if opts.tgt_norms else None,
-                      json.dumps(opts.norm_kwargs, sort_keys=True), spec, pl.plan, pl.offsets, pl.out_shape,
-                      criterion, opts.device if remote else device,
-                      torch_threads(opts, device, info.get("workers")), opts.amp)
-            summary.cluster = info["cluster"]
-            summary.threads_per_worker = opts.threads_per_worker
-            preload_all(client, job)
-            t_tiles = time.perf_counter()
-            results = submit_all(client, job, todo, total, ndone_before, opts.progress)
-            summary.tiles_s = time.perf_counter() - t_tiles
-            summary.computed = len(results)
-            summary.workers = collect_stats(client, token)
-    summary.loss = _finish(target, out, inp.nsample, ntiles, criterion)
-    summary.criterion = criterion
+        run_tiles = _run_here if prep.in_process else _run_on_cluster
+        token, summary.tiles_s = run_tiles(prep, target, token, todo, total, ndone_before, summary)
+    t_finish = time.perf_counter()
+    summary.loss = _finish(target, prep.out, inp.nsample, ntiles, prep.criterion)
+    summary.finish_s = time.perf_counter() - t_finish
+    summary.criterion = prep.criterion
     summary.setup_s = t_setup - prep.t_start
     summary.total_s = time.perf_counter() - prep.t_start
     return summary
@@ -314,10 +416,14 @@ def run(config: InferConfig) -> InferSummary:
 
     Raises `UserError` for every bad input, before anything is written; the
     output is written under its writer lock, so a second writer of the same
-    output is refused with one line naming this one.
+    output is refused with one line naming this one.  A local cluster the run
+    needs starts while the client plans.
     """
-    prep = prepare(config)
-    with writer_lock(prep.out, "m2m infer") as lock:
-        if lock.note:
-            prep.notes.append(lock.note)
-        return execute(prep)
+    prep = prepare(config, start_cluster=True)
+    try:
+        with writer_lock(prep.out, "m2m infer") as lock:
+            if lock.note:
+                prep.notes.append(lock.note)
+            return execute(prep)
+    finally:
+        prep.close()

@@ -40,6 +40,26 @@ def write_npy(arr, sample: int, channels: slice, path: str, shard: Sequence[int]
         del mm
 
 
+def _write_all(summary: InferSummary, tgts: list[list[str]], keep: bool) -> None:
+    """Write every sample's prediction of the store `summary.output` beside its target files (and remove
+    the store unless `keep`: `summary.output` is then None)."""
+    import zarr
+
+    arr = zarr.open_group(summary.output, mode="r", use_consolidated=False)[summary.field]
+    shard = tuple(arr.shards[2:]) if arr.shards else tuple(arr.chunks[2:])
+    for sample in range(summary.nsample):
+        start = 0
+        for paths in tgts:
+            c = np.load(paths[sample], mmap_mode="r").shape[0]
+            path = out_npy_path(paths[sample])
+            write_npy(arr, sample, slice(start, start + c), path, shard)
+            summary.written.append(path)
+            start += c
+    if not keep:
+        shutil.rmtree(summary.output)
+        summary.output = None
+
+
 def run(config: InferConfig) -> InferSummary:
     """`m2m test`: predict each sample of .npy inputs with the same engine and write
     ``<target>_out.npy`` next to each target file.
@@ -59,24 +79,13 @@ def run(config: InferConfig) -> InferSummary:
                           os.path.abspath(config.load_state)])
         name = f".m2m-test-{hashlib.sha1(key.encode()).hexdigest()[:12]}.zarr"
         config = dataclasses.replace(config, out=os.path.join(os.path.dirname(tgts[0][0]), name), overwrite=True)
-    prep = engine.prepare(config)
-    with writer_lock(prep.out, "m2m test") as lock:  # held until the store is read (and removed)
-        if lock.note:
-            prep.notes.append(lock.note)
-        summary = engine.execute(prep)
-        import zarr
-
-        arr = zarr.open_group(summary.output, mode="r", use_consolidated=False)[summary.field]
-        shard = tuple(arr.shards[2:]) if arr.shards else tuple(arr.chunks[2:])
-        for sample in range(summary.nsample):
-            start = 0
-            for paths in tgts:
-                c = np.load(paths[sample], mmap_mode="r").shape[0]
-                path = out_npy_path(paths[sample])
-                write_npy(arr, sample, slice(start, start + c), path, shard)
-                summary.written.append(path)
-                start += c
-        if not keep:
-            shutil.rmtree(summary.output)
-            summary.output = None
+    prep = engine.prepare(config, start_cluster=True)
+    try:
+        with writer_lock(prep.out, "m2m test") as lock:  # held until the store is read (and removed)
+            if lock.note:
+                prep.notes.append(lock.note)
+            summary = engine.execute(prep)
+            _write_all(summary, tgts, keep)
+    finally:
+        prep.close()
     return summary

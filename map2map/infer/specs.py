@@ -25,7 +25,9 @@ class InferConfig:
     ``misc_kwargs``), updated with ``model_kwargs``.  `amp` is the mixed
     precision of the forward passes (`map2map.utils.precision`; ``off``
     keeps float32 throughout); predictions are written as float32 in every
-    mode.
+    mode.  `tta` averages each forward pass over a group of symmetries of the
+    grid (`map2map.infer.tta`); `crop` ``"auto"`` and `tile_memory` (GiB) let
+    the planner choose the tile (`map2map.infer.planning`).
     """
 
     load_state: str
@@ -36,7 +38,7 @@ class InferConfig:
     test_in_patterns: tuple[str, ...] | None = None
     test_tgt_patterns: tuple[str, ...] | None = None
     model: str | None = None
-    crop: tuple[int, ...] | None = None
+    crop: tuple[int, ...] | str | None = None
     in_pad: Any = "auto"
     scale_factor: int | None = None
     in_norms: tuple[str, ...] | None = None
@@ -53,6 +55,8 @@ class InferConfig:
     batch_size: int = 1
     device: str = "auto"
     amp: str = "off"
+    tta: str = "none"
+    tile_memory: float | None = None
     scheduler: str | None = None
     scheduler_file: str | None = None
     workers: int | None = None
@@ -86,7 +90,8 @@ class SourceSpec:
 @dataclass(frozen=True)
 class Job:
     """Everything a tile task needs, small enough to send with every task; `amp` is the autocast mode of its
-    forward passes (`map2map.utils.precision.autocast`)."""
+    forward passes (`map2map.utils.precision.autocast`), `tta` the symmetry group they are averaged over
+    (`map2map.infer.tta`)."""
 
     token: str
     out_path: str
@@ -106,6 +111,7 @@ class Job:
     device: str
     torch_threads: int | None
     amp: str = "off"
+    tta: str = "none"
 
     @property
     def done_dir(self) -> str:
