@@ -285,14 +285,18 @@ def read_styles(path: str | Path | Store) -> tuple[tuple[str, ...], np.ndarray] 
     return names, values
 
 
-def mark_complete(path: str | Path, nsample: int, **extra: Any) -> None:
+def mark_complete(path: str | Path, nsample: int, *, synced: Iterable[str] = (), **extra: Any) -> None:
     """Write the completion mark and the consolidated metadata: the last write of every writer.
 
     Everything in the store is fsynced first, and the mark after, so that
     not even a power loss can leave a store marked complete whose data did
-    not reach the disk.
+    not reach the disk.  `synced` names arrays whose chunk files their
+    writers already fsynced (inference workers do, before recording a
+    tile): those files are not fsynced again, their directories and
+    metadata are.
     """
-    durable.fsync_tree(path)
+    synced = frozenset(synced)
+    durable.fsync_tree(path, lambda rel: len(rel) > 1 and rel[0] in synced and rel[-1] != "zarr.json")
     group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
     meta = dict(group.attrs[ATTR])
     meta.update(extra, complete=True, nsample=int(nsample))

@@ -325,3 +325,23 @@ def test_foreign_entries_name_what_is_not_the_stores_own(tmp_path):
     _store(path / "pred.zarr", 2.0)
     (path / "notes.txt").write_text("mine")
     assert store.foreign_entries(path) == ["notes.txt", "pred.zarr"]
+
+
+def test_completion_mark_leaves_out_only_the_chunks_writers_synced(tmp_path, monkeypatch):
+    """`mark_complete(synced=[field])`: that field's chunk files are not fsynced again; its metadata, every
+    other file and every directory are, and the store reads back complete."""
+    path = tmp_path / "s.zarr"
+    layouts = [store.FieldLayout(name, 1, (8, 8), (4, 4), (4, 4)) for name in ("a", "b")]
+    group = store.create(path, layouts, nsample=1, boxsize=None, settings={})
+    group["a"][:] = 1.0
+    group["b"][:] = 2.0
+    synced: list[tuple[str, ...]] = []
+    real = durable.fsync_path
+    monkeypatch.setattr(durable, "fsync_path", lambda p: (synced.append(Path(p).relative_to(path).parts), real(p)))
+    store.mark_complete(path, 1, synced=["a"])
+    files = {Path(d, f).relative_to(path).parts for d, _, fs in os.walk(path) for f in fs}
+    chunks_a = {p for p in files if p[0] == "a" and p[-1] != "zarr.json"}
+    assert chunks_a and not chunks_a & set(synced)
+    assert ("a", "zarr.json") in synced and ("a",) in synced  # metadata and directories still made durable
+    assert {p for p in files if p[0] == "b" and p[-1] != "zarr.json"} <= set(synced)
+    assert store.open_store(path).nsample == 1

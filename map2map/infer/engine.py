@@ -227,8 +227,12 @@ def _pending(done: dict, nsample: int, ntiles: int, batch_size: int) -> list[tup
             if not all((sample, t) in done for t in ids)]
 
 
-def _finish(target: str, out: str, nsample: int, ntiles: int, criterion: str | None) -> list[float | None] | None:
-    """Check every tile is recorded, mark the store complete (with the losses) and swap it in if needed."""
+def _finish(target: str, out: str, field: str, nsample: int, ntiles: int,
+            criterion: str | None) -> list[float | None] | None:
+    """Check every tile is recorded, mark the store complete (with the losses) and swap it in if needed.
+
+    The workers fsynced the shards of `field` before recording each tile, so
+    the completion mark does not fsync them again."""
     done = read_done(os.path.join(target, DONE_DIR))
     missing = nsample * ntiles - len([k for k in done if k[0] < nsample and k[1] < ntiles])
     if missing:
@@ -236,7 +240,7 @@ def _finish(target: str, out: str, nsample: int, ntiles: int, criterion: str | N
     losses = sample_losses(done, nsample) if criterion else None
     shutil.rmtree(os.path.join(target, DONE_DIR))
     extra = {"loss": {"criterion": criterion, "per_sample": losses}} if criterion else {}
-    store.mark_complete(target, nsample, **extra)
+    store.mark_complete(target, nsample, synced=[field], **extra)
     if target != out:
         store.swap_in(target, out)
     return losses
@@ -403,7 +407,7 @@ def execute(prep: Prepared) -> InferSummary:
         run_tiles = _run_here if prep.in_process else _run_on_cluster
         token, summary.tiles_s = run_tiles(prep, target, token, todo, total, ndone_before, summary)
     t_finish = time.perf_counter()
-    summary.loss = _finish(target, prep.out, inp.nsample, ntiles, prep.criterion)
+    summary.loss = _finish(target, prep.out, prep.layout.name, inp.nsample, ntiles, prep.criterion)
     summary.finish_s = time.perf_counter() - t_finish
     summary.criterion = prep.criterion
     summary.setup_s = t_setup - prep.t_start

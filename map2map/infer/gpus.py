@@ -77,6 +77,12 @@ class GpuFacts:
     gpu_resource: float | None = None
 
 
+def shown_name(name: Any) -> str:
+    """A worker's name as a message shows it: as it is when printable, else quoted (one line either way)."""
+    text = str(name)
+    return text if text and text.isprintable() and text.strip() == text else repr(text)
+
+
 def name_index(name: Any) -> int | None:
     """The name index of worker `name` (``"NAME-3"`` -> 3), or None when its name has none."""
     if not isinstance(name, str):
@@ -102,7 +108,7 @@ def worker_index(facts: GpuFacts) -> int:
         return index
     if facts.gpu_resource is not None and facts.gpu_resource < count:
         visible = "unset" if facts.cuda.visible_env is None else repr(facts.cuda.visible_env)
-        raise UserError(f"Dask worker {facts.name} sees {count} GPUs (CUDA_VISIBLE_DEVICES={visible}) but has "
+        raise UserError(f"Dask worker {shown_name(facts.name)} sees {count} GPUs (CUDA_VISIBLE_DEVICES={visible}) but has "
                         f"the resource GPU={facts.gpu_resource:g}: nothing says which GPU is its own; {FIX}")
     return 0
 
@@ -114,7 +120,7 @@ def worker_device(requested: str, facts: GpuFacts) -> str:
     try:
         device, _ = choose_device(requested, 0, facts.cuda)
     except UserError as exc:
-        raise UserError(f"Dask worker {facts.name}: {exc}") from None
+        raise UserError(f"Dask worker {shown_name(facts.name)}: {exc}") from None
     if device == "cpu":
         return "cpu"
     return f"cuda:{gpu_index(worker_index(facts), facts.cuda.visible)}"

@@ -48,13 +48,21 @@ def fsync_files(paths: Iterable[str | os.PathLike]) -> None:
         fsync_path(path)
 
 
-def fsync_tree(root: str | os.PathLike) -> int:
-    """fsync every file below `root`, then every directory (deepest first); returns the number of files."""
+def fsync_tree(root: str | os.PathLike, skip: Callable[[tuple[str, ...]], bool] | None = None) -> int:
+    """fsync every file below `root`, then every directory (deepest first); returns the number of files.
+
+    `skip`, given a file's path below `root` as a tuple of names, says which
+    files to leave out (ones their writers already fsynced); every directory
+    is still fsynced, so the names of those files are durable too.
+    """
     nfiles = 0
     dirs = []
     for dirpath, _, files in os.walk(root):
         dirs.append(dirpath)
+        rel = Path(dirpath).relative_to(root).parts
         for f in files:
+            if skip is not None and skip(rel + (f,)):
+                continue
             fsync_path(Path(dirpath) / f)
             nfiles += 1
     fsync_files(reversed(dirs))
