@@ -31,6 +31,11 @@ through the page cache, so it can be below the useful bytes).
     python bench/loader.py --n 256 --items 16     # the same at 256^3: our peak RSS does not change
     python bench/loader.py --n 512 --items 16 --cold   # every run starts from disk
     python bench/loader.py --n 512 --items 16 --cold --no-original --data /tmp/m2m-512   # ours only, data kept
+    python bench/loader.py --n 256 --cold --no-original --readahead-mib 0   # read-ahead across items off
+
+Our side reads ahead across items (`FieldDataset.follow` with the epoch's
+order, ``--readahead-mib`` per process, default two items); ``readahead_MiB``
+in the JSON is null for the default.
 """
 
 from __future__ import annotations
@@ -67,6 +72,16 @@ def storage_read_bytes() -> int | None:
     except OSError:
         return None
     return None
+
+
+class Prefix:
+    """The first `items` of a sampler's order of each epoch: what one bench epoch reads (`FieldDataset.follow`)."""
+
+    def __init__(self, sampler, items: int) -> None:
+        self.sampler, self.items = sampler, items
+
+    def indices(self, epoch: int):
+        return self.sampler.indices(epoch)[: self.items]
 
 
 class OriginalWay:
@@ -141,9 +156,11 @@ def run_side(args: argparse.Namespace) -> None:
         ds = OriginalWay(args.in_files.split(","), args.tgt_files.split(","), CROP, PAD)
         sampler = DistFieldSampler(len(ds.in_files), [len(ds.anchors)], locality=False, seed=1)
     else:
+        readahead = None if args.readahead_mib is None else int(args.readahead_mib * 2**20)
         ds = FieldDataset(store=args.store, in_fields=["input"], tgt_fields=["target"], crop=CROP, in_pad=PAD,
-                          augment=True, cache_bytes=args.cache_mib * 2**20)
+                          augment=True, cache_bytes=args.cache_mib * 2**20, readahead=readahead)
         sampler = DistFieldSampler(ds.nsample, ds.crop_counts, seed=1)
+        ds.follow(Prefix(sampler, args.items), batch_size=1)  # read ahead in the order the loader asks
     rates, read_bytes = [], None
     for epoch in range(2):
         sampler.set_epoch(epoch)
@@ -172,6 +189,8 @@ def measure(side: str, workers: int, files, args) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--workers", str(workers), "--items", str(args.items),
            "--in-files", ",".join(files[0]), "--tgt-files", ",".join(files[1]), "--store", files[2],
            "--cache-mib", str(args.cache_mib), "--result", str(out)]
+    if args.readahead_mib is not None:
+        cmd += ["--readahead-mib", str(args.readahead_mib)]
     peak = run_tracking_rss(cmd)
     res = json.loads(out.read_text())
     out.unlink()
@@ -194,6 +213,8 @@ def main() -> None:
     p.add_argument("--nsample", type=int, default=2)
     p.add_argument("--items", type=int, default=24, help="items per epoch (a prefix of the shuffled order)")
     p.add_argument("--cache-mib", type=int, default=64, help="FieldDataset chunk cache per worker")
+    p.add_argument("--readahead-mib", type=float, default=None,
+                   help="FieldDataset read-ahead across items per process (default: two items; 0: off)")
     p.add_argument("--dir", default=None)
     p.add_argument("--data", default=None,
                    help="keep the data files and store in this directory (made once, reused by later runs)")
@@ -225,7 +246,8 @@ def main() -> None:
     try:
         files = make_data(root, args.n, args.nsample)
         result = {"bench": "loader", "n": args.n, "nsample": args.nsample, "crop": CROP, "pad": PAD,
-                  "items_per_epoch": args.items, "cache_MiB": args.cache_mib, "cold": args.cold}
+                  "items_per_epoch": args.items, "cache_MiB": args.cache_mib, "cold": args.cold,
+                  "readahead_MiB": args.readahead_mib}
         if args.cold:
             result["useful_MB_per_item"] = round(useful_bytes_per_item() / 1e6, 1)
         for workers in (0, 2):

@@ -263,3 +263,24 @@ def test_bound_ranges_is_a_prefix_within_the_bound(ranges, bound):
     if kept:
         last, orig = kept[-1], ranges[len(kept) - 1]
         assert last.shard == orig.shard and last.offset == orig.offset and last.nbytes <= orig.nbytes
+
+
+# --------------------------------------------------------------------------- the copy into augmented views
+
+
+@given(shape=st.lists(st.integers(1, 70), min_size=2, max_size=3), data=st.data(), negate=st.booleans())
+def test_copy_into_any_view_equals_plain_assignment(shape, data, negate):
+    """`_copy` (whole runs or blocks, by the destination's layout) writes exactly ``src`` (or ``-src``)
+    into a permuted, flipped view of a larger array, and nothing outside it."""
+    from map2map.data import augment
+    from map2map.data.windows import _copy
+
+    element = data.draw(st.sampled_from(augment.cube_group(len(shape))))
+    src = np.random.default_rng(len(shape)).standard_normal(shape).astype(np.float32)
+    big = np.zeros([max(shape) + 3] * len(shape), np.float32)  # a cube: every view of it has its shape
+    view = augment.inverse_view(big[None], element)[0]
+    region = tuple(slice(1, 1 + n) for n in shape)
+    _copy(view[region], src, negate)
+    want = np.zeros_like(big)
+    augment.inverse_view(want[None], element)[0][region] = -src if negate else src
+    assert np.array_equal(big.view(np.uint32), want.view(np.uint32))

@@ -19,6 +19,7 @@ channel-stacked array (predictions).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -103,24 +104,31 @@ class FieldStack:
         return (sum(self.chans),) + shape
 
     def read(self, sample: int, win: tuple[geometry.Interval, ...], out: np.ndarray,
-             element: augment.CubeElement | None = None) -> np.ndarray:
+             element: augment.CubeElement | None = None, hint: bool = True) -> np.ndarray:
         """Fill `out` (shaped `shape(win, element)`) with the window `win` of `sample` of every source,
         normalised, transformed by `element` if given (a source with as many channels as the window
-        has axes is a vector field and turns its components too); returns `out`."""
+        has axes is a vector field and turns its components too); returns `out`.  Each source's window
+        is hinted before it is copied (`read_window`) unless `hint` is False."""
         if out.shape != self.shape(win, element):
             raise ValueError(f"out has shape {out.shape}, the stack needs {self.shape(win, element)}")
         start = 0
         for source, c, norm in zip(self.sources, self.chans, self.norms):
             part = out[start:start + c]
             if element is None:
-                read_window(source, sample, win, part)
+                read_window(source, sample, win, part, hint=hint)
             else:
                 view = augment.inverse_view(part, element)
-                read_window(source, sample, win, channels=augment.component_targets(view, element, c == len(win)))
+                read_window(source, sample, win, channels=augment.component_targets(view, element, c == len(win)),
+                            hint=hint)
             if norm is not None:
                 apply_norm(norm, part, **self.norm_kwargs)
             start += c
         return out
+
+    def nbytes(self, win: tuple[geometry.Interval, ...]) -> int:
+        """Stored bytes of the window `win` of every source (what `read` hands out, before any cast)."""
+        voxels = math.prod(geometry.window_shape(win))
+        return sum(s.shape[1] * voxels * np.dtype(s.dtype).itemsize for s in self.sources)
 
     def read_stats(self) -> ReadStats:
         """Bytes decoded vs returned by this process's sources."""

@@ -20,11 +20,28 @@ workers that live across epochs), else the one `set_epoch` chose.
 ``aug_shift`` moves the anchor of one read only; the anchors themselves
 never change (the original moved them in place, so crops drifted further
 every epoch).
+
+Read-ahead across items.  An item's *windows* (`item_windows`) are the input
+and target windows its key reads.  Once the dataset knows the order its
+process is asked for items in (`follow`: the sampler and the loader's batch
+size), each item it reads first asks the kernel to read its own windows (if
+not asked for already), then the windows of the items this process is asked
+for next, in order, up to ``readahead`` bytes asked for ahead of the current
+item (default `READAHEAD_ITEMS` items' stored bytes; 0: off).  A high-water
+mark keeps every byte of an item's windows from being asked for twice (an
+item the budget cuts short goes on from where it stopped, ahead or when it
+is read), and nothing past the end of the process's part of the epoch is
+hinted.  In a DataLoader worker the
+items are the worker's own: the loader deals batches to its workers in turn
+(`map2map.data.sampler.worker_items`).  Hints change which bytes the disk
+reads when, never what an item holds.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import os
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -34,13 +51,65 @@ from map2map import geometry, store
 from map2map.data import augment
 from map2map.data.batching import ItemBuffers
 from map2map.data.fieldio import FieldStack, apply_norm, lookup_norms, undo_norms
-from map2map.data.sampler import EpochItem
-from map2map.data.windows import FieldSource, NpyField, ReadStats, ZarrField
+from map2map.data.sampler import EpochItem, worker_items
+from map2map.data.windows import WINDOW_HINT_BYTES, FieldSource, NpyField, ReadStats, ZarrField, hint_window
 from map2map.errors import UserError
 from map2map.npyfile import glob_paired
 
 __all__ = ["FieldDataset", "apply_norm", "undo_norms"]  # the norm helpers live in map2map.data.fieldio
 
+
+
+READAHEAD_ITEMS = 2  # default read-ahead budget, in items' stored bytes
+
+
+class ItemOrder(Protocol):
+    """Which items a process is asked for in an epoch, in order (`map2map.data.sampler.DistFieldSampler`)."""
+
+    def indices(self, epoch: int) -> np.ndarray: ...
+
+
+class ItemWindows(NamedTuple):
+    """What an item reads: `input` window of `sample` of the input fields, `target` window (None
+    without targets) of the target fields."""
+
+    sample: int
+    input: tuple[geometry.Interval, ...]
+    target: tuple[geometry.Interval, ...] | None
+
+
+@dataclass
+class ReadAhead:
+    """One process's read-ahead through one epoch (see the module docstring).
+
+    `items` are the item indices the process is asked for, in order, and
+    `position` maps an item index to its place in `items` (-1: not this
+    process's).  `current` is the place of the item being read.  The
+    high-water mark is the first byte not hinted yet: byte `done` of part
+    `part` of the item at place `next` (an item's *parts* are its windows of
+    each input field, then of each target field; every place before `next` is
+    hinted whole).  `ahead` holds the bytes asked for at each place after
+    `current`, the read-ahead the budget bounds.
+    """
+
+    pid: int
+    epoch: int
+    items: np.ndarray
+    position: np.ndarray
+    current: int = -1
+    next: int = 0
+    part: int = 0
+    done: int = 0
+    ahead: dict[int, int] = field(default_factory=dict)
+
+    def restart(self) -> None:
+        """Forget what was hinted (the process is asked for an earlier item again)."""
+        self.current, self.next, self.part, self.done = -1, 0, 0, 0
+        self.ahead.clear()
+
+    def advance(self, place: int) -> None:
+        """Move the high-water mark to the start of the item at `place`."""
+        self.next, self.part, self.done = place, 0, 0
 
 
 def _open_store_fields(path: str, names: Sequence[str], cache_bytes: int) -> list[ZarrField]:
@@ -62,7 +131,8 @@ class FieldDataset(Dataset):
                  aug_shift: int | Sequence[int] | None = None, aug_add: float | None = None,
                  aug_mul: float | None = None, in_norms: Sequence[str] | None = None,
                  tgt_norms: Sequence[str] | None = None, callback_at: str | None = None, seed: int = 0,
-                 cache_bytes: int = 64 * 2**20, **kwargs: Any) -> None:
+                 cache_bytes: int = 64 * 2**20, readahead: int | None = None,
+                 styles: Sequence[str] | None = None, **kwargs: Any) -> None:
         self.inputs, self.targets = self._sources(store, in_fields, tgt_fields, in_patterns, tgt_patterns,
                                                   cache_bytes)
         self.nsample = self.inputs[0].shape[0]
@@ -98,6 +168,23 @@ class FieldDataset(Dataset):
         self.epoch = 0
         self.in_chan = [f.shape[1] for f in self.inputs]
         self.tgt_chan = [f.shape[1] for f in self.targets]
+        if readahead is not None and (isinstance(readahead, bool) or not isinstance(readahead, int)
+                                      or readahead < 0):
+            raise UserError(f"readahead must be a number of bytes >= 0 (0 turns read-ahead off), got {readahead!r}")
+        self.readahead = READAHEAD_ITEMS * self.item_nbytes if readahead is None else readahead
+        self._order: ItemOrder | None = None
+        self._batch_size = 1
+        self._ahead: ReadAhead | None = None
+        # styles: the physical values of the style parameters named (`map2map.data.styles`), one row per
+        # sample; items carry their sample's row as "style"
+        self.style_names: tuple[str, ...] = ()
+        self.styles: np.ndarray | None = None
+        if styles is not None:
+            from map2map.data.styles import store_styles
+
+            if store is None:
+                raise UserError("styles are read from a store: give a store (--train-data) to train with styles")
+            self.style_names, self.styles = store_styles(store, tuple(styles), required=True)
 
     @staticmethod
     def _sources(store_path, in_fields, tgt_fields, in_patterns, tgt_patterns,
@@ -145,37 +232,143 @@ class FieldDataset(Dataset):
         """Bytes decoded vs returned by this process's readers, over all fields."""
         return self.in_stack.read_stats() + self.tgt_stack.read_stats()
 
+    @property
+    def item_nbytes(self) -> int:
+        """Stored bytes of one item's windows (input and target), the unit of the default read-ahead."""
+        win = self._windows((0,) * self.ndim)
+        return self.in_stack.nbytes(win[0]) + (self.tgt_stack.nbytes(win[1]) if self.targets else 0)
+
+    def follow(self, order: ItemOrder | None, batch_size: int = 1) -> None:
+        """Read ahead in `order` (None: stop): this process is asked for ``order.indices(epoch)`` in
+        batches of `batch_size`, dealt to the DataLoader's workers in turn (see the module docstring).
+        Call it before the loader starts its workers; they take a copy of the dataset."""
+        if batch_size < 1:
+            raise UserError(f"batch size must be at least 1, got {batch_size}")
+        self._order, self._batch_size, self._ahead = order, batch_size, None
+
     def anchor(self, idx: int) -> tuple[int, int, tuple[int, ...]]:
         if not 0 <= idx < len(self):
             raise IndexError(f"item {idx} out of range for {len(self)} items")
         sample, crop = divmod(idx, self.ncrop)
         return sample, crop, self.grid.anchor(crop)
 
-    def __getitem__(self, key: int | EpochItem) -> dict[str, Any]:
-        epoch, idx = (key.epoch, key.index) if isinstance(key, EpochItem) else (self.epoch, key)
+    def _key(self, key: int | EpochItem) -> tuple[int, int]:
+        """(epoch, item index) of a key."""
+        return (key.epoch, key.index) if isinstance(key, EpochItem) else (self.epoch, key)
+
+    def _place(self, epoch: int, idx: int) -> tuple[int, tuple[int, ...], np.random.Generator]:
+        """Sample, anchor (shifted by ``aug_shift``) and the item's generator, past the shift's draws."""
         sample, _, anchor = self.anchor(idx)
         rng = np.random.default_rng([self.seed, epoch, idx])
         if self.aug_shift is not None:
             anchor = tuple(a + int(rng.integers(0, s)) if s > 0 else a for a, s in zip(anchor, self.aug_shift))
+        return sample, anchor, rng
+
+    def _windows(self, anchor: tuple[int, ...]) -> tuple[tuple[geometry.Interval, ...], tuple[geometry.Interval, ...]]:
+        """The input window and the target window of a crop at `anchor` (input grid)."""
+        s = self.scale_factor
+        return (geometry.window(anchor, self.crop, self.in_pad),
+                geometry.window(tuple(a * s for a in anchor), tuple(c * s for c in self.crop), self.tgt_pad))
+
+    def item_windows(self, key: int | EpochItem) -> ItemWindows:
+        """The windows the item of `key` reads."""
+        sample, anchor, _ = self._place(*self._key(key))
+        win, twin = self._windows(anchor)
+        return ItemWindows(sample, win, twin if self.targets else None)
+
+    def __getitem__(self, key: int | EpochItem) -> dict[str, Any]:
+        epoch, idx = self._key(key)
+        sample, anchor, rng = self._place(epoch, idx)
+        hinted = self._read_ahead(epoch, idx)
         element = augment.random_element(rng, self.ndim) if self.augment else None
-        win = geometry.window(anchor, self.crop, self.in_pad)
-        item: dict[str, Any] = {"input": self._read(self.in_stack, sample, win, element),
-                                "sample": sample, "anchor": torch.tensor(anchor), "index": idx}
+        win, twin = self._windows(anchor)
+        item: dict[str, Any] = {"input": self._read(self.in_stack, sample, win, element, hinted),
+                                "sample": sample, "anchor": torch.tensor(anchor), "index": idx,
+                                **({} if self.styles is None else {"style": torch.tensor(self.styles[sample])})}
         if self.targets:
-            s = self.scale_factor
-            twin = geometry.window(tuple(a * s for a in anchor), tuple(c * s for c in self.crop), self.tgt_pad)
-            item["target"] = self._read(self.tgt_stack, sample, twin, element)
+            item["target"] = self._read(self.tgt_stack, sample, twin, element, hinted)
         self._noise(item, rng)
         for key in ("input", "target"):
             if key in item:
                 item[key] = torch.from_numpy(item[key])
         return item
 
-    def _read(self, stack: FieldStack, sample: int, win, element: augment.CubeElement | None) -> np.ndarray:
+    def _parts(self, epoch: int, idx: int) -> tuple[int, list[tuple[FieldSource, tuple[geometry.Interval, ...]]]]:
+        """Sample and parts (source, window) of item `idx`: every input field's window, then every target's."""
+        sample, win, twin = self.item_windows(EpochItem(epoch, idx))
+        return sample, [(f, win) for f in self.inputs] + [(f, twin) for f in self.targets]
+
+    def _hint_on(self, ahead: ReadAhead, max_bytes: int | None, per_part: bool) -> int:
+        """Hint from the high-water mark of `ahead` on through the item at place ``ahead.next``, at most
+        `max_bytes` in all (or, with `per_part`, in each part), moving the mark; the bytes asked for.
+        The mark reaches the next item only when this one is hinted whole."""
+        sample, parts = self._parts(ahead.epoch, int(ahead.items[ahead.next]))
+        asked = 0
+        while ahead.part < len(parts):
+            room = max_bytes if per_part or max_bytes is None else max_bytes - asked
+            if room is not None and room <= 0:
+                return asked
+            source, win = parts[ahead.part]
+            n = hint_window(source, sample, win, True, room, ahead.done, skip_cached=False)
+            asked += n
+            if room is not None and n >= room and not per_part:
+                ahead.done += n  # cut by the budget: the rest of this part waits
+                return asked
+            ahead.part, ahead.done = ahead.part + 1, 0
+        ahead.advance(ahead.next + 1)
+        return asked
+
+    def _schedule(self, epoch: int) -> ReadAhead | None:
+        """This process's read-ahead state for `epoch`, made on first use in each process and epoch;
+        None when read-ahead is off or no order is followed."""
+        if self._order is None or self.readahead == 0:
+            return None
+        ahead = self._ahead
+        if ahead is None or ahead.pid != os.getpid() or ahead.epoch != epoch:
+            info = torch.utils.data.get_worker_info()
+            worker, nworker = (0, 1) if info is None else (info.id, info.num_workers)
+            items = worker_items(np.asarray(self._order.indices(epoch), dtype=np.int64), self._batch_size,
+                                 worker, nworker)
+            position = np.full(len(self), -1, dtype=np.int64)
+            position[items] = np.arange(len(items))
+            ahead = self._ahead = ReadAhead(os.getpid(), epoch, items, position)
+        return ahead
+
+    def _read_ahead(self, epoch: int, idx: int) -> bool:
+        """Hint what is left of item `idx`'s own windows (each at most `WINDOW_HINT_BYTES`), then the next
+        items' within the budget (see the module docstring); whether the item's reads may skip hints of
+        their own (False: `idx` is not in this process's order, or read-ahead is off)."""
+        ahead = self._schedule(epoch)
+        pos = -1 if ahead is None else int(ahead.position[idx])
+        if pos < 0:
+            return False
+        if pos <= ahead.current:
+            ahead.restart()
+        ahead.current = pos
+        for place in [p for p in ahead.ahead if p <= pos]:
+            del ahead.ahead[place]
+        if ahead.next < pos:  # places skipped (not asked for in order): start at this one
+            ahead.advance(pos)
+        if ahead.next == pos:
+            self._hint_on(ahead, WINDOW_HINT_BYTES, per_part=True)
+        outstanding = sum(ahead.ahead.values())
+        # no more items ahead than the budget holds at their stored size, and one more: items with
+        # nothing to hint (.npy sources, chunks never written) cost no budget but would be walked
+        last = min(len(ahead.items), pos + 1 + self.readahead // max(self.item_nbytes, 1) + 1)
+        while ahead.next < last and outstanding < self.readahead:
+            place = ahead.next
+            asked = self._hint_on(ahead, self.readahead - outstanding, per_part=False)
+            ahead.ahead[place] = ahead.ahead.get(place, 0) + asked
+            outstanding += asked
+        return True
+
+    def _read(self, stack: FieldStack, sample: int, win, element: augment.CubeElement | None,
+              hinted: bool = False) -> np.ndarray:
         """Read, normalise and (if `element`) transform the stack's fields into one channel-stacked array
-        that reuses the memory of items nothing references any more (see `map2map.data.batching`)."""
+        that reuses the memory of items nothing references any more (see `map2map.data.batching`);
+        `hinted`: the window has been hinted already."""
         out = self.item_buffers.current().empty(stack.shape(win, element), np.float32)
-        return stack.read(sample, win, out, element)
+        return stack.read(sample, win, out, element, hint=not hinted)
 
     def _noise(self, item: dict[str, Any], rng: np.random.Generator) -> None:
         """The same additive / multiplicative draw for input and target."""

@@ -241,6 +241,23 @@ def epoch_indices(
     return split_blocks(seq, world_size)
 
 
+def worker_items(indices: np.ndarray, batch_size: int, worker: int, num_workers: int) -> np.ndarray:
+    """The part of `indices` (one process's items of an epoch, in order) that DataLoader worker `worker`
+    of `num_workers` is asked for, in order.
+
+    A DataLoader cuts the order into batches of `batch_size` (the last may be
+    short) and deals them to its workers in turn, batch k to worker
+    ``k % num_workers`` (torch's default ``in_order=True``; the deal starts
+    again at worker 0 every epoch, also with persistent workers).  With no
+    workers (``num_workers`` 1 here) the process is asked for all of them.
+    """
+    if batch_size < 1 or num_workers < 1 or not 0 <= worker < num_workers:
+        raise ValueError(f"need batch_size >= 1 and 0 <= worker < num_workers, got {batch_size}, "
+                         f"{worker}, {num_workers}")
+    batch = np.arange(len(indices)) // batch_size
+    return np.asarray(indices)[batch % num_workers == worker]
+
+
 def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """Fill in rank / world size from torch.distributed when initialized, else 0 / 1."""
     initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -307,10 +324,11 @@ class DistFieldSampler(Sampler[int]):
         """Choose the epoch whose ordering the next iteration yields."""
         self.epoch = epoch
 
-    def indices(self) -> np.ndarray:
-        """This rank's items for the current epoch, in yield order."""
+    def indices(self, epoch: int | None = None) -> np.ndarray:
+        """This rank's items for `epoch` (default: the one `set_epoch` chose), in yield order."""
         rows = epoch_indices(
-            self.nsample, self.crop_grid, self.world_size, epoch=self.epoch, seed=self.seed,
+            self.nsample, self.crop_grid, self.world_size, epoch=self.epoch if epoch is None else epoch,
+            seed=self.seed,
             shuffle=self.shuffle, div_data=self.div_data,
             div_shuffle_dist=self.div_shuffle_dist, locality=self.locality,
         )

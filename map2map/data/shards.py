@@ -105,6 +105,18 @@ def merge_ranges(ranges: Iterable[ByteRange]) -> list[ByteRange]:
     return merged
 
 
+def skip_ranges(ranges: Iterable[ByteRange], nbytes: int) -> list[ByteRange]:
+    """`ranges` less their first `nbytes` bytes (the range holding the cut starting where it is cut)."""
+    kept, left = [], max(0, nbytes)
+    for r in ranges:
+        if left >= r.nbytes:
+            left -= r.nbytes
+            continue
+        kept.append(r._replace(offset=r.offset + left, nbytes=r.nbytes - left) if left else r)
+        left = 0
+    return kept
+
+
 def bound_ranges(ranges: Iterable[ByteRange], max_bytes: int | None) -> list[ByteRange]:
     """The leading part of `ranges` holding at most `max_bytes` bytes (the last range cut short to fit);
     all of them if `max_bytes` is None."""

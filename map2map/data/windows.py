@@ -68,23 +68,26 @@ class FieldSource(Protocol):
         """Copy the box-aligned region `box` of `sample`, channel c into ``out[c][0]`` (negated if ``out[c][1]``)."""
 
     def hint_window(self, sample: int, win: tuple[geometry.Interval, ...], periodic: bool = True,
-                    max_bytes: int | None = None) -> int:
-        """Ask the kernel to read ahead (at most `max_bytes` of) what reading `win` of `sample` loads from
-        disk, without waiting; the bytes asked for (0 where the source cannot tell)."""
+                    max_bytes: int | None = None, skip: int = 0, skip_cached: bool = True) -> int:
+        """Ask the kernel to read ahead what reading `win` of `sample` loads from disk, without waiting:
+        those bytes in read order, less the first `skip` of them, at most `max_bytes` of the rest; the
+        bytes asked for (0 where the source cannot tell).  ``skip_cached=False`` counts in what the
+        source's own cache holds now, so that the bytes of a window stay the same from call to call
+        (a caller hinting a window in parts, with `skip`, needs that)."""
 
 
 WINDOW_HINT_BYTES = 2**29  # most bytes `read_window` hints ahead of its own copy (the rest is read by faults)
 
 
 def hint_window(source: FieldSource, sample: int, win: tuple[geometry.Interval, ...], periodic: bool = True,
-                max_bytes: int | None = None) -> int:
+                max_bytes: int | None = None, skip: int = 0, skip_cached: bool = True) -> int:
     """`source.hint_window`: read-ahead of the window a later `read_window` with the same arguments reads."""
-    return source.hint_window(sample, win, periodic, max_bytes)
+    return source.hint_window(sample, win, periodic, max_bytes, skip, skip_cached)
 
 
 def read_window(source: FieldSource, sample: int, win: tuple[geometry.Interval, ...],
                 out: np.ndarray | None = None, periodic: bool = True,
-                channels: Sequence[tuple[np.ndarray, bool]] | None = None) -> np.ndarray | None:
+                channels: Sequence[tuple[np.ndarray, bool]] | None = None, hint: bool = True) -> np.ndarray | None:
     """Read the (periodic) window `win` of `sample` as an array (channels, *window shape).
 
     `out` may be a preallocated float array of that shape (e.g. a channel slice
@@ -93,7 +96,8 @@ def read_window(source: FieldSource, sample: int, win: tuple[geometry.Interval, 
     array to fill and whether to negate on the way (how augmentation turns the
     components of a vector field without another pass over the data).  The
     window's bytes are hinted first (`hint_window`, at most `WINDOW_HINT_BYTES`),
-    so the disk reads ahead of the copy.
+    so the disk reads ahead of the copy; ``hint=False`` leaves that out (for a
+    caller that has hinted the window itself).
     """
     wshape = geometry.window_shape(win)
     if channels is None:
@@ -104,28 +108,46 @@ def read_window(source: FieldSource, sample: int, win: tuple[geometry.Interval, 
         channels = [(out[c], False) for c in range(source.shape[1])]
     elif len(channels) != source.shape[1] or any(a.shape != wshape for a, _ in channels):
         raise ValueError(f"channels must give {source.shape[1]} arrays of shape {wshape}")
-    hint_window(source, sample, win, periodic, WINDOW_HINT_BYTES)
+    if hint:
+        hint_window(source, sample, win, periodic, WINDOW_HINT_BYTES)
     for src, dst in geometry.window_pieces(win, source.shape[2:], periodic):
         source.read_box(sample, src, [(a[dst], neg) for a, neg in channels])
     source.stats.returned += sum(a.size * a.itemsize for a, _ in channels)
     return out
 
 
-_BLOCK_LEAD, _BLOCK_LAST = 16, 64
+def _blocks(dst: np.ndarray) -> list[int]:
+    """Block shape of `_copy` into a transposed view `dst` (whose voxels do not run along memory on its
+    last axis): 16 voxels along the leading axes and 64 along the last, in 3-d 32 x 32 x 64, with 8 along
+    the first axis where that is the one `dst` runs along in memory (a block then reads 8 planes of
+    the source, not 32, each far apart).  Chosen by timing every 3-d order that transposes, with and
+    without flips, against other block shapes, against numpy and torch copying a whole chunk at once,
+    and against 16 x 16 x 64 blocks whatever the layout (`bench/loader.py` measures the whole reader)."""
+    if dst.ndim != 3:
+        return [16] * (dst.ndim - 1) + [64]
+    first = abs(dst.strides[0]) == min(abs(s) for s in dst.strides)
+    return [8 if first else 32, 32, 64]
 
 
 def _copy(dst: np.ndarray, src: np.ndarray, negate: bool) -> None:
-    """``dst[...] = src`` (or ``-src``), in blocks of 16 voxels along the leading axes and 64 along the last.
+    """``dst[...] = src`` (or ``-src``) for a C-ordered `src`.
 
-    When `dst` is a transposed view (augmentation) every block is a small
-    transposition whose source and destination lines stay in cache.  Measured
-    here over all six axis orders, with and without flips, 16 x 16 x 64
-    blocks copy 1.3-2.3x faster than 32^3 blocks and within 10% of the best
-    shape for each order; a whole 64^3 chunk at once is up to 2.3x slower.
+    Where `dst` runs along memory on its last axis as `src` does (no
+    augmentation, or one that keeps the last axis in place) both sides are
+    runs of contiguous voxels, copied in one call.  Otherwise (`dst` is a
+    transposed view, how augmentation permutes axes) the copy goes in blocks
+    (`_blocks`), each a small transposition whose source and destination lines
+    stay in cache.
     """
-    sizes = [_BLOCK_LEAD] * (dst.ndim - 1) + [_BLOCK_LAST]
-    blocks = [range(0, n, b) for n, b in zip(dst.shape, sizes)]
-    for starts in itertools.product(*blocks):
+    moving = [abs(st) for st, n in zip(dst.strides, dst.shape) if n > 1]
+    if dst.shape[-1:] in ((), (1,)) or not moving or abs(dst.strides[-1]) == min(moving):
+        if negate:
+            np.negative(src, out=dst)
+        else:
+            np.copyto(dst, src)
+        return
+    sizes = _blocks(dst)
+    for starts in itertools.product(*[range(0, n, b) for n, b in zip(dst.shape, sizes)]):
         sl = tuple(slice(i, i + b) for i, b in zip(starts, sizes))
         if negate:
             np.negative(src[sl], out=dst[sl])
@@ -213,21 +235,23 @@ class ZarrField:
         return list(seen)
 
     def window_ranges(self, sample: int, win: tuple[geometry.Interval, ...],
-                      periodic: bool = True) -> list[shards.ByteRange]:
+                      periodic: bool = True, skip_cached: bool = True) -> list[shards.ByteRange]:
         """The byte ranges a read of `win` of `sample` loads from disk, in the order it loads them:
-        those of the inner chunks it touches, less the chunks in the cache and those never written,
-        contiguous ones merged; none where zarr-python reads (it reads by itself)."""
+        those of the inner chunks it touches, less those never written and (with `skip_cached`) the
+        chunks in the cache, contiguous ones merged; none where zarr-python reads (it reads by itself)."""
         self._ensure_open()
         if self._shards is None:
             return []
         where = (self._shards.chunk_bytes((sample, 0) + cidx) for cidx in self.window_chunks(sample, win, periodic)
-                 if (sample,) + cidx not in self._cache)
+                 if not (skip_cached and (sample,) + cidx in self._cache))
         return shards.merge_ranges(r for r in where if r is not None)
 
     def hint_window(self, sample: int, win: tuple[geometry.Interval, ...], periodic: bool = True,
-                    max_bytes: int | None = None) -> int:
-        """Hint the first `max_bytes` of `window_ranges` (see `shards.ShardReader.hint`); the bytes asked for."""
-        ranges = shards.bound_ranges(self.window_ranges(sample, win, periodic), max_bytes)
+                    max_bytes: int | None = None, skip: int = 0, skip_cached: bool = True) -> int:
+        """Hint `window_ranges` less its first `skip` bytes, at most `max_bytes` of them (see
+        `shards.ShardReader.hint`); the bytes asked for."""
+        ranges = shards.skip_ranges(self.window_ranges(sample, win, periodic, skip_cached), skip)
+        ranges = shards.bound_ranges(ranges, max_bytes)
         return self._shards.hint(ranges) if ranges else 0
 
     def read_box(self, sample: int, box: tuple[slice, ...], out: list[tuple[np.ndarray, bool]]) -> None:
@@ -291,7 +315,7 @@ class NpyField:
         return self._maps[sample]
 
     def hint_window(self, sample: int, win: tuple[geometry.Interval, ...], periodic: bool = True,
-                    max_bytes: int | None = None) -> int:
+                    max_bytes: int | None = None, skip: int = 0, skip_cached: bool = True) -> int:
         return 0  # a memory map reads by page faults
 
     def read_box(self, sample: int, box: tuple[slice, ...], out: list[tuple[np.ndarray, bool]]) -> None:
