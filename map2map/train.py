@@ -16,7 +16,8 @@ The flow, top to bottom in `run` (a `TrainConfig` in, a `TrainSummary` out):
    in the run directory); several ranks compare epochs and file digests, and
    ranks that would resume from different states (node-local run
    directories) all stop with the same line.
-2. Data: a `FieldDataset` per split, a `DistFieldSampler` over its crops
+2. Data: a `FieldDataset` per split (its items carry the styles the model
+   takes, `choose_styles`), a `DistFieldSampler` over its crops
    (disjoint per rank, reshuffled from (seed, epoch)), a `DataLoader` whose
    workers live across epochs; the sampler's items carry their epoch to them
    (`map2map.data.sampler.EpochItem`), so augmentation still changes every epoch.
@@ -24,9 +25,14 @@ The flow, top to bottom in `run` (a `TrainConfig` in, a `TrainSummary` out):
    scale_factor=..., **misc_kwargs)`` (keys neither the model nor a norm
    takes are refused, `map2map.models.build`); its total stride is checked
    against the crops, and its output against the target crop (``--in-pad
-   auto`` finds the smallest pad that covers it).
+   auto`` finds the smallest pad that covers it).  A styled model (one with a
+   ``style_size`` argument) is built with the number of style parameters and
+   called as ``model(x, style)`` (`map2map.models.build.forward`), the styles
+   normalised by the training store's style norm (`style_norm_for`), which
+   the model card records.
    ``--sync-bn`` turns its BatchNorm layers into SyncBatchNorm under DDP.
-4. Criterion, optimizer, the optional ReduceLROnPlateau scheduler, and for
+4. Criterion (inside ``--loss``'s `LagEulLoss`, `build_loss`), optimizer, the
+   optional ReduceLROnPlateau scheduler, and for
    ``--amp fp16`` a loss scaler (`map2map.utils.precision`); with
    ``--adv-model`` the adversary: a discriminator with its own criterion,
    optimizer and scheduler (`build_adversary`, `map2map.adversary`), which
@@ -79,10 +85,13 @@ from torch.utils.data import DataLoader
 
 from map2map import __version__, adversary, modelfit, store
 from map2map.data.batching import collate
+from map2map.data import styles
 from map2map.data.fields import FieldDataset
 from map2map.data.sampler import DistFieldSampler
 from map2map.errors import UserError, describe, is_resource_error, one_line, user_code_error
 from map2map.models import add_spectral_norm, build_model, narrow_cast
+from map2map.models.build import forward
+from map2map.models.eulerian import LagEulLoss, LossTerms, check_loss, dis_norm_of
 from map2map.stage import Summary
 from map2map.utils import checkpoint as ckpt
 from map2map.utils import precision
@@ -93,6 +102,7 @@ from map2map.utils.imports import import_attr
 
 Pad = Any  # "auto", an int, or 1, d or 2d ints (see `map2map.geometry.parse_pad`)
 DIST_TIMEOUT_S = 1800.0  # --dist-timeout's default: torch's default process group timeout (30 minutes)
+STYLE_LOSS_DEFAULTS = {"style": None, "loss": "lag", "eul_weight": None}  # saved in the config only when set
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,9 @@ class TrainConfig:
     default is torch's own default; a rank that raises ends the others at
     once whatever the timeout (`FailureBoard`), so it matters only for a rank
     that dies silently (killed, out of memory) under nccl, or a real hang.
+    `style` names the style parameters a styled model takes (`choose_styles`),
+    `loss` and `eul_weight` choose the loss (`build_loss`); at their defaults
+    they are left out of the config saved in checkpoints.
     """
 
     model: str
@@ -138,6 +151,7 @@ class TrainConfig:
     aug_mul: float | None = None
     batch_size: int = 1
     loader_workers: int = 2
+    readahead: float | None = None  # MiB; None: the dataset's default (two items)
     div_data: bool = False
     div_shuffle_dist: float = 1
     criterion: str = "MSELoss"
@@ -178,8 +192,15 @@ class TrainConfig:
     cgan: bool = False
     instance_noise: float = 0.0
     instance_noise_batches: int = 10000
+    # styles and the loss (`choose_styles`, `build_loss`); saved in checkpoints only where not the default
+    style: tuple[str, ...] | None = None  # None: all of the store's for a styled model, none for another
+    loss: str = "lag"
+    eul_weight: float | None = None
 
     def __post_init__(self) -> None:
+        if self.style is not None:
+            text = self.style if isinstance(self.style, str) else ",".join(self.style)
+            object.__setattr__(self, "style", styles.parse_names(text))
         for name in ("optimizer_args", "scheduler_args", "misc_kwargs"):
             object.__setattr__(self, name, _json_dict(getattr(self, name), "--" + name.replace("_", "-")))
         if self.adv_optimizer_args is not None:
@@ -206,6 +227,7 @@ class EpochRecord:
     checkpoint: str | None = None
     first_batch_s: float = 0.0  # seconds from the epoch's start to its first training batch
     adv: dict[str, float] | None = None  # the adversary's epoch means (`map2map.adversary`), when it was active
+    loss_terms: dict[str, float] | None = None  # with --loss eul / lag_eul: "train/lag", "train/eul", "val/..."
 
     def __getitem__(self, key: str) -> Any:  # records read like the dicts they were
         return getattr(self, key)
@@ -522,12 +544,13 @@ def _json_dict(value: Any, option: str) -> dict[str, Any]:
 _DATASET_KEYS = set(inspect.signature(FieldDataset.__init__).parameters) - {"self", "kwargs"}
 
 
-def make_dataset(cfg: TrainConfig, split: str, in_pad: Any, seed: int, fields_only: bool = False
-                 ) -> FieldDataset | None:
+def make_dataset(cfg: TrainConfig, split: str, in_pad: Any, seed: int, fields_only: bool = False,
+                 style_names: Sequence[str] | None = None) -> FieldDataset | None:
     """The training or validation dataset from a store (``--train-data``) or .npy globs; None for no val.
 
     `fields_only`: whole fields, no pads or crop options (which are per axis),
-    to learn the data's dimension first."""
+    to learn the data's dimension first.  `style_names`: the style parameters
+    its items carry (`choose_styles`; None: none)."""
     path = getattr(cfg, f"{split}_data")
     in_patterns = getattr(cfg, f"{split}_in_patterns")
     tgt_patterns = getattr(cfg, f"{split}_tgt_patterns")
@@ -560,7 +583,8 @@ def make_dataset(cfg: TrainConfig, split: str, in_pad: Any, seed: int, fields_on
         augment=cfg.augment and training, aug_shift=cfg.aug_shift if training and not fields_only else None,
         aug_add=cfg.aug_add if training else None, aug_mul=cfg.aug_mul if training else None,
         in_norms=cfg.in_norms, tgt_norms=cfg.tgt_norms, callback_at=cfg.callback_at, seed=seed,
-        **norm_kwargs)
+        readahead=None if cfg.readahead is None or fields_only else int(cfg.readahead * 2**20),
+        **({} if style_names is None else {"styles": tuple(style_names)}), **norm_kwargs)
 
 
 def make_loader(ds: FieldDataset, cfg: TrainConfig, env: DistEnv, device: torch.device,
@@ -578,6 +602,7 @@ def make_loader(ds: FieldDataset, cfg: TrainConfig, env: DistEnv, device: torch.
     sampler = DistFieldSampler(ds.nsample, ds.crop_counts, shuffle=training, div_data=cfg.div_data,
                                div_shuffle_dist=cfg.div_shuffle_dist, seed=cfg.seed,
                                rank=env.rank, world_size=env.world_size, epoch_items=True)
+    ds.follow(sampler, cfg.batch_size)  # read ahead in the order this process (and each worker) is asked
     seed = np.random.SeedSequence([cfg.seed % 2**64, env.rank, int(training)]).generate_state(1, np.uint64)[0]
     generator = torch.Generator().manual_seed(int(seed))
     loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.loader_workers,
@@ -900,6 +925,7 @@ class EpochStats:
     batch_losses: list[tuple[int, float]] = field(default_factory=list)
     last: dict[str, torch.Tensor] = field(default_factory=dict)
     adv: dict[str, float] | None = None  # the adversary's means over its active batches and all ranks
+    terms: dict[str, float] | None = None  # with --loss eul / lag_eul: the epoch means of "lag" and "eul"
 
 
 class _Timed:
@@ -950,15 +976,17 @@ def _keep(input: torch.Tensor, output: torch.Tensor, target: torch.Tensor) -> di
 def train_epoch(epoch: int, loader: DataLoader, model: nn.Module, criterion: nn.Module,
                 optimizer: torch.optim.Optimizer, env: DistEnv, device: torch.device, cfg: TrainConfig,
                 writer: Any, bar: Any, scaler: torch.amp.GradScaler | None = None,
-                adv: adversary.Adversary | None = None) -> EpochStats:
+                adv: adversary.Adversary | None = None, style_norm: styles.StyleNorm | None = None) -> EpochStats:
     """One epoch of training; with a loss `scaler` (``--amp fp16``) the backward pass and step go through it.
     With an active adversary (`map2map.adversary`) each batch also steps the discriminator, and the
     generator steps on the adversary's loss at its batches only; the supervised loss is still the one
-    logged as the training loss."""
+    logged as the training loss.  `criterion` is a `LagEulLoss` (or any criterion); with `style_norm` the
+    batches' styles, normalised by it, go to the styled model."""
     model.train()
     stats, timed = EpochStats(), _Timed(loader)
     nbatch = len(loader)
     weighted = 0.0
+    weighted_terms = np.zeros(2)
     adversarial = adv is not None and adv.active(epoch)
     if adversarial:
         adv.stats = adversary.AdvStats()
@@ -967,12 +995,17 @@ def train_epoch(epoch: int, loader: DataLoader, model: nn.Module, criterion: nn.
         step = epoch * nbatch + i + 1
         input = batch["input"].to(device, non_blocking=True)
         target = batch["target"].to(device, non_blocking=True)
+        style = _style(batch, style_norm, device)
         steps = not adversarial or adv.generator_steps(step)  # whether the generator steps at this batch
         with precision.autocast(device, cfg.amp), torch.set_grad_enabled(steps):
-            output = model(input)
+            output = forward(model, input, style)
             out, tgt = narrow_cast(output, target)
-            loss = criterion(out, tgt)
-        value = _mean_over_ranks(loss.detach().reshape(()).double(), env).item()
+            loss, terms = _loss(criterion, out, tgt)
+        if terms is None:
+            value = _mean_over_ranks(loss.detach().reshape(()).double(), env).item()
+        else:  # the total, L_lag and L_eul in one collective
+            values = _mean_over_ranks(torch.stack([loss.detach().reshape(()).double(), *terms]), env).tolist()
+            value, terms = values[0], values[1:]
         if not math.isfinite(value):
             raise _nonfinite("loss", value, epoch, i)
         if adversarial:
@@ -993,10 +1026,14 @@ def train_epoch(epoch: int, loader: DataLoader, model: nn.Module, criterion: nn.
         n = input.shape[0]
         weighted += value * n
         stats.items += n
+        if terms is not None:
+            weighted_terms += np.asarray(terms) * n
         if step % cfg.log_interval == 0:
             stats.batch_losses.append((step, value))
             if writer is not None:
                 writer.add_scalar("loss/batch/train", value, global_step=step)
+                for key, term in zip(TERMS, terms or ()):
+                    writer.add_scalar(f"loss/batch/train/{key}", term, global_step=step)
             bar.set_postfix(loss=f"{value:.3e}", refresh=False)
         bar.update(1)
         if i == nbatch - 1 and env.is_main:
@@ -1004,6 +1041,8 @@ def train_epoch(epoch: int, loader: DataLoader, model: nn.Module, criterion: nn.
     stats.seconds = time.perf_counter() - t_start
     stats.wait, stats.first_wait = timed.wait, timed.first
     stats.loss = weighted / max(stats.items, 1)
+    if getattr(criterion, "loss", "lag") != "lag":
+        stats.terms = dict(zip(TERMS, (weighted_terms / max(stats.items, 1)).tolist()))
     stats.items *= env.world_size
     if adversarial:
         stats.adv = _dict_mean_over_ranks(adv.stats.means(), env)
@@ -1036,27 +1075,65 @@ def _log_adversary(writer: Any, adv: adversary.Adversary, log: Mapping[str, floa
 
 
 def validate(epoch: int, loader: DataLoader, model: nn.Module, criterion: nn.Module, env: DistEnv,
-             device: torch.device, amp: str = "off") -> tuple[float, dict[str, torch.Tensor]]:
+             device: torch.device, amp: str = "off", style_norm: styles.StyleNorm | None = None
+             ) -> tuple[float, dict[str, torch.Tensor], dict[str, float] | None]:
+    """The mean validation loss, the last item (rank 0) and, for ``--loss eul`` / ``lag_eul``, the means of
+    L_lag and L_eul (else None); styles normalised by `style_norm` (the training store's), as in training."""
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(4, dtype=torch.float64, device=device)  # loss, items, L_lag, L_eul
     last: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for batch in loader:
             input = batch["input"].to(device, non_blocking=True)
             target = batch["target"].to(device, non_blocking=True)
+            style = _style(batch, style_norm, device)
             with precision.autocast(device, amp):
-                output = model(input)
+                output = forward(model, input, style)
                 out, tgt = narrow_cast(output, target)
-                loss = criterion(out, tgt)
+                loss, terms = _loss(criterion, out, tgt)
             total[0] += loss.double() * input.shape[0]
             total[1] += input.shape[0]
+            if terms is not None:
+                total[2:] += torch.stack(terms) * input.shape[0]
             last = (input, out, tgt)
     if env.distributed:
         dist.all_reduce(total)
     value = (total[0] / total[1].clamp(min=1)).item()
     if not math.isfinite(value):
         raise _nonfinite("validation loss", value, epoch, None)
-    return value, (_keep(*last) if last and env.is_main else {})
+    means = None
+    if getattr(criterion, "loss", "lag") != "lag":
+        means = dict(zip(TERMS, (total[2:] / total[1].clamp(min=1)).tolist()))
+    return value, (_keep(*last) if last and env.is_main else {}), means
+
+
+TERMS = ("lag", "eul")  # the terms of --loss eul and lag_eul, logged as loss/.../{train,val}/{lag,eul}
+
+
+def _style(batch: Mapping[str, Any], norm: styles.StyleNorm | None, device: torch.device) -> torch.Tensor | None:
+    """The batch's styles (physical values) normalised by `norm`, on `device`; None without a norm."""
+    if norm is None:
+        return None
+    return norm.apply(batch["style"].to(device, non_blocking=True))
+
+
+def _loss(criterion: nn.Module, out: torch.Tensor, tgt: torch.Tensor
+          ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """(loss, [L_lag, L_eul] as float64 scalars, detached, or None for ``--loss lag`` or a plain criterion)."""
+    result = criterion(out, tgt)
+    if not isinstance(result, LossTerms):
+        return result, None
+    if result.eul is None:
+        return result.total, None
+    return result.total, [result.lag.detach().reshape(()).double(), result.eul.detach().reshape(()).double()]
+
+
+def _terms(train: Mapping[str, float] | None, val: Mapping[str, float] | None) -> dict[str, float] | None:
+    """The epoch's loss terms as "train/lag", ..., "val/eul" (None for --loss lag)."""
+    if train is None and val is None:
+        return None
+    return {f"{split}/{k}": v for split, terms in (("train", train), ("val", val)) for k, v in (terms or {}).items()}
+
 
 
 def _strip_pad(x: torch.Tensor, pad: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -1161,6 +1238,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.loader_workers < 0:
         raise UserError(f"--loader-workers must be 0 or more, got {cfg.loader_workers}")
+    if cfg.readahead is not None and not (cfg.readahead >= 0 and math.isfinite(cfg.readahead)):
+        raise UserError(f"--readahead must be MiB >= 0 (0 turns read-ahead off), got {cfg.readahead}")
     if cfg.log_interval < 1:
         raise UserError(f"--log-interval must be at least 1, got {cfg.log_interval}")
     if not _positive_number(cfg.dist_timeout):
@@ -1170,6 +1249,7 @@ def check_config(cfg: TrainConfig) -> None:
     precision.check_amp(cfg.amp)
     precision.check_tf32(cfg.tf32)
     adversary.check_options(cfg)
+    check_loss(cfg.loss, cfg.eul_weight)
     if not isinstance(cfg.scale_factor, int) or cfg.scale_factor < 1:
         raise UserError(f"--scale-factor must be a positive integer, got {cfg.scale_factor}")
     shifts = [cfg.aug_shift] if isinstance(cfg.aug_shift, int) else list(cfg.aug_shift or ())
@@ -1185,6 +1265,92 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--run-dir {cfg.run_dir} exists and is not a directory")
 
 
+def _names_style_size(cls: Any) -> bool:
+    """Whether the model class `cls` has a ``style_size`` parameter (a styled model, `map2map.models.build`)."""
+    try:
+        return "style_size" in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def choose_styles(cfg: TrainConfig) -> tuple[str, ...] | None:
+    """The style parameters the model takes, in order (None: an unstyled model).
+
+    ``--style`` names them; without it a styled model (one whose class has a
+    ``style_size`` parameter) takes all of the training store's, in the
+    store's order, and any other model none (a store with styles still
+    trains an unstyled model).  One-line errors: ``--style`` for an
+    unstyled model, with a store without styles or naming parameters the
+    store lacks, and a styled model on data without styles."""
+    cls = import_attr(cfg.model, ["map2map.models"], cfg.callback_at, what="model")
+    styled = _names_style_size(cls)
+    if cfg.style is not None and not styled:
+        raise UserError(f"--style {','.join(cfg.style)}: model {cfg.model} takes no style_size argument, so it "
+                        "cannot use styles; choose a styled model (e.g. StyledVNet) or leave out --style")
+    if not styled:
+        return None
+    if cfg.train_data is None:
+        raise UserError(f"model {cfg.model} is styled, and styles come from a store: give --train-data STORE "
+                        "with styles (m2m convert --styles TABLE.csv)")
+    names, _ = styles.store_styles(cfg.train_data, cfg.style, required=True)
+    return names
+
+
+def style_norm_for(cfg: TrainConfig, names: Sequence[str], state: Mapping[str, Any] | None
+                   ) -> styles.StyleNorm | None:
+    """The style norm of this run (None: unstyled): the one the model card of the state it resumes from
+    recorded, else `styles.norm_from_store` of the training store; a `UserError` when the state was
+    trained with other style parameters."""
+    if not names:
+        return None
+    card = (state or {}).get("card")
+    recorded = modelfit.ModelCard.from_dict(card, cfg.state_path).style_norm if card else None
+    if recorded is None:
+        return styles.norm_from_store(cfg.train_data, tuple(names))
+    if recorded.names != tuple(names):
+        raise UserError(f"{cfg.state_path} was trained with the style parameters {','.join(recorded.names)}, but "
+                        f"this run chooses {','.join(names)}; give --style {','.join(recorded.names)}, or start "
+                        "fresh with --load-state ''")
+    return recorded
+
+
+def _loss_margin(ds: FieldDataset, out_shape: Sequence[int]) -> list[tuple[int, int]]:
+    """Per axis, (low, high) voxels by which the output and target, narrowed to each other (`narrow_cast`),
+    exceed the target crop: the margin of the Eulerian loss (`LagEulLoss`)."""
+    margin = []
+    for crop, out, (lo, hi) in zip(ds.crop, out_shape, ds.tgt_pad):
+        window = crop * ds.scale_factor + lo + hi
+        common = min(out, window)
+        cut = (window - common) // 2  # what `narrow_like` takes off the low end
+        margin.append((max(lo - cut, 0), max(hi - (window - common - cut), 0)))
+    return margin
+
+
+def build_loss(cfg: TrainConfig, criterion: nn.Module, ds: FieldDataset, out_shape: Sequence[int]) -> LagEulLoss:
+    """``--loss`` on the criterion (`map2map.models.eulerian.LagEulLoss`); ``lag`` is the criterion alone.
+    ``eul`` and ``lag_eul`` paint the target, a displacement (as many channels as axes, its units from the
+    first target norm), in the training store's box; one-line errors otherwise."""
+    if cfg.loss == "lag":
+        return LagEulLoss(criterion)
+    option = f"--loss {cfg.loss}"
+    channels = sum(ds.tgt_chan)
+    if channels != ds.ndim:
+        raise UserError(f"{option} paints the target as a displacement of {ds.ndim} channels (one per axis), but "
+                        f"the target has {channels}; train on a displacement target, or use --loss lag")
+    box = store.open_store(cfg.train_data).boxsize if cfg.train_data else None
+    if box is None:
+        where = f"store {cfg.train_data}" if cfg.train_data else "the .npy training data"
+        raise UserError(f"{option} needs the box size to paint densities, but {where} has none; convert with "
+                        "m2m convert --boxsize L, or use --loss lag")
+    if len(set(ds.size)) != 1:
+        raise UserError(f"{option} needs a cubic box (one box size), but the fields are {list(ds.size)} voxels")
+    norm = ds.tgt_norms[0] if ds.tgt_norms else None
+    name = f"--tgt-norms {cfg.tgt_norms[0]}" if cfg.tgt_norms else "the target norm"
+    return LagEulLoss(criterion, cfg.loss, cfg.eul_weight, margin=_loss_margin(ds, out_shape),
+                      dis_norm=dis_norm_of(norm, ds.norm_kwargs, name), boxsize=float(box),
+                      meshsize=ds.size[0] * ds.scale_factor)
+
+
 def _data_and_model(cfg: TrainConfig, env: DistEnv, device: torch.device, say) -> tuple[Any, ...]:
     """Training (and validation) data and the model on `device`, with ``--in-pad auto`` resolved.
 
@@ -1193,20 +1359,22 @@ def _data_and_model(cfg: TrainConfig, env: DistEnv, device: torch.device, say) -
     # data, with a zero pad first when the pad is to be found from the model
     auto = cfg.in_pad == "auto"
     data_seed = cfg.seed + env.rank  # augmentation draws differ per rank
-    train_ds = make_dataset(cfg, "train", 0 if auto else cfg.in_pad, data_seed)
+    names = choose_styles(cfg)
+    train_ds = make_dataset(cfg, "train", 0 if auto else cfg.in_pad, data_seed, style_names=names)
     in_chan, out_chan = sum(train_ds.in_chan), sum(train_ds.tgt_chan)
 
     # model: identical on every rank (same seed; DDP also broadcasts rank 0's)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, in_chan, out_chan, scale_factor=cfg.scale_factor, ndim=train_ds.ndim,
                         kwargs=cfg.misc_kwargs, callback_at=cfg.callback_at,
-                        norms=[*train_ds.in_norms, *train_ds.tgt_norms])
+                        norms=[*train_ds.in_norms, *train_ds.tgt_norms],
+                        style_size=len(names) if names else None)
     model.to(device)
     in_pad: Any = cfg.in_pad
     if auto:
         in_pad = modelfit.auto_pad(model, in_chan, train_ds.crop, train_ds.ndim, cfg.scale_factor,
                                    train_ds.tgt_pad)
-        train_ds = make_dataset(cfg, "train", in_pad, data_seed)
+        train_ds = make_dataset(cfg, "train", in_pad, data_seed, style_names=names)
     stride, out_shape = modelfit.check_geometry(model, in_chan, train_ds.crop, train_ds.grid.step,
                                                 train_ds.in_pad, train_ds.tgt_pad, train_ds.scale_factor,
                                                 auto=auto)
@@ -1215,7 +1383,7 @@ def _data_and_model(cfg: TrainConfig, env: DistEnv, device: torch.device, say) -
         raise UserError(f"validation data is {val_ds.ndim}D, training data is {train_ds.ndim}D; validate on "
                         "fields of the training fields' dimension")
     if val_ds is not None:
-        val_ds = make_dataset(cfg, "val", in_pad, cfg.seed)
+        val_ds = make_dataset(cfg, "val", in_pad, cfg.seed, style_names=names)
     if val_ds is not None and (val_ds.in_chan != train_ds.in_chan or val_ds.tgt_chan != train_ds.tgt_chan
                                or val_ds.crop != train_ds.crop):
         raise UserError(f"validation data (channels {val_ds.in_chan} -> {val_ds.tgt_chan}, crop "
@@ -1241,8 +1409,10 @@ def _describe(cfg: TrainConfig, env: DistEnv, device: torch.device, model: nn.Mo
             f"{cfg.loader_workers} loader workers"] + ([adversary.describe(adv)] if adv is not None else [])
 
 
-def model_card(cfg: TrainConfig, ds: FieldDataset, stride: int) -> modelfit.ModelCard:
-    """The model card saved with every checkpoint: everything inference needs besides the weights."""
+def model_card(cfg: TrainConfig, ds: FieldDataset, stride: int, style_norm: styles.StyleNorm | None = None
+               ) -> modelfit.ModelCard:
+    """The model card saved with every checkpoint: everything inference needs besides the weights (with the
+    style parameters and their norm for a styled model)."""
     stores = [p for p in (cfg.train_data, cfg.val_data) if p]
     stores = [os.path.abspath(p) for p in stores] or [*(cfg.train_in_patterns or ()), *(cfg.train_tgt_patterns or ())]
     version = store.open_store(cfg.train_data).meta.get("format_version") if cfg.train_data else None
@@ -1256,7 +1426,7 @@ def model_card(cfg: TrainConfig, ds: FieldDataset, stride: int) -> modelfit.Mode
         tgt_norms=tuple(cfg.tgt_norms) if cfg.tgt_norms else None, norm_kwargs=dict(cfg.misc_kwargs),
         in_pad=tuple(tuple(p) for p in ds.in_pad), tgt_pad=tuple(tuple(p) for p in ds.tgt_pad),
         total_stride=stride, crop=tuple(ds.crop), train_stores=tuple(stores), store_format_version=version,
-        map2map_version=__version__)
+        map2map_version=__version__, **modelfit.ModelCard.style_fields(style_norm))
 
 
 def _log_epoch(writer: Any, record: EpochRecord, stats: EpochStats, val_last: dict[str, torch.Tensor],
@@ -1269,6 +1439,8 @@ def _log_epoch(writer: Any, record: EpochRecord, stats: EpochStats, val_last: di
     writer.add_scalar("lr", record.lr, global_step=step)
     for key, value in (record.adv or {}).items():
         writer.add_scalar(adversary.TAGS[key].replace("/batch/", "/epoch/"), value, global_step=step)
+    for key, value in (record.loss_terms or {}).items():
+        writer.add_scalar(f"loss/epoch/{key}", value, global_step=step)
     log_images(writer, "train", stats.last, in_pad, step)
     log_images(writer, "val", val_last, in_pad, step)
     log_spectra(writer, "val" if val_last else "train", val_last or stats.last, step, boxsize)
@@ -1317,7 +1489,9 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
     if cfg.sync_bn:
         model = sync_batchnorm(model, env, say)
     criterion, optimizer, scheduler, notes = build_optim(cfg, model)
+    criterion = build_loss(cfg, criterion, train_ds, out_shape)
     criterion.to(device)
+    style_norm = style_norm_for(cfg, train_ds.style_names, state)
     scaler = precision.grad_scaler(device, cfg.amp)
     for n in notes:
         say(f"note: {n}")
@@ -1357,13 +1531,20 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
         opened["stack"].callback(end_workers, val_loader)
     for line in _describe(cfg, env, device, raw_model, train_ds, val_ds, stride, out_shape, adv):
         say(line)
+    if style_norm is not None:
+        say(f"styles: {style_norm.describe()} (each range onto [-1, 1])")
+    if cfg.loss != "lag":
+        say(f"loss: {cfg.loss}" + (f" (L_lag + {cfg.eul_weight:g} L_eul)" if cfg.eul_weight is not None else "")
+            + f", Eulerian margin {[list(m) for m in criterion.margin]} voxels (low, high per axis)")
 
     writer = opened["writer"] = _writer(cfg.run_dir) if env.is_main else None
     boxsize = _crop_boxsize(cfg, train_ds, out_shape) if env.is_main else None
-    card = model_card(cfg, train_ds, stride).to_dict()
+    card = model_card(cfg, train_ds, stride, style_norm).to_dict()
     config = dataclasses.asdict(cfg)
     if adv is None:  # checkpoints of runs without an adversary stay as they were
         config = {k: v for k, v in config.items() if k not in adversary.FIELDS}
+    config = {k: v for k, v in config.items()  # and so do those of runs without styles or another loss
+              if k not in STYLE_LOSS_DEFAULTS or v != STYLE_LOSS_DEFAULTS[k]}
 
     summary = TrainSummary(run_dir=os.path.abspath(cfg.run_dir), start_epoch=start_epoch, epochs=[],
                            in_pad=[list(p) for p in train_ds.in_pad], total_stride=stride,
@@ -1378,13 +1559,14 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
         bar = _bar(env, len(train_loader), epoch, cfg.epochs)
         try:
             stats = train_epoch(epoch, train_loader, model, criterion, optimizer, env, device, cfg,
-                                writer, bar, scaler, adv)
+                                writer, bar, scaler, adv, style_norm)
         finally:
             bar.close()
-        val_loss, val_last = None, {}
+        val_loss, val_last, val_terms = None, {}, None
         if val_loader is not None:
             val_sampler.set_epoch(epoch)
-            val_loss, val_last = validate(epoch, val_loader, raw_model, criterion, env, device, cfg.amp)
+            val_loss, val_last, val_terms = validate(epoch, val_loader, raw_model, criterion, env, device,
+                                                     cfg.amp, style_norm)
         epoch_loss = val_loss if val_loss is not None else stats.loss
         if scheduler is not None:
             scheduler.step(epoch_loss)
@@ -1396,7 +1578,8 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
         record = EpochRecord(epoch=epoch + 1, train_loss=stats.loss, val_loss=val_loss, lr=lr,
                              items_per_s=stats.items / max(stats.seconds, 1e-9),
                              data_wait=stats.wait / max(stats.seconds, 1e-9), batch_losses=stats.batch_losses,
-                             first_batch_s=stats.first_wait, adv=stats.adv)
+                             first_batch_s=stats.first_wait, adv=stats.adv,
+                             loss_terms=_terms(stats.terms, val_terms))
         summary.epochs.append(record)
         losses.append({"epoch": epoch + 1, "train": stats.loss, "val": val_loss, "lr": lr})
         if env.is_main:

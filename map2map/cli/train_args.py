@@ -85,6 +85,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--batch-size", "--batches", type=int, default=1, help="mini-batch size per process")
     data.add_argument("--loader-workers", type=int, default=2,
                       help="data loading subprocesses per process; 0 loads in the training process")
+    data.add_argument("--readahead", type=float, default=None, metavar="MiB",
+                      help="read-ahead across items per loading process: MiB of stored chunks of the next items "
+                           "the disk is asked to read while the current one is copied (default: two items; 0: off)")
     data.add_argument("--div-data", action="store_true",
                       help="divide the field files among processes (each reads only its own files; redrawn "
                            "every epoch)")
@@ -113,6 +116,18 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                        help="extra keyword arguments passed to the model and to the norms, e.g. '{\"width\": 8}'; "
                             "a key that neither the model nor a norm names is refused (unless your model "
                             "takes **kwargs)")
+    model.add_argument("--style", metavar="NAME[,NAME]",
+                       help="style parameters of the training store the model takes, in this order (e.g. Om,D); "
+                            "default: all of the store's for a styled model (one with a style_size argument, "
+                            "e.g. StyledVNet), none for another. Each is normalised by the affine map of its "
+                            "range over the training store onto [-1, 1], recorded in the model card")
+    model.add_argument("--loss", choices=["lag", "eul", "lag_eul"], default="lag",
+                       help="lag: the criterion on output and target; eul: the criterion on the CIC densities "
+                            "the output and target displacements imply (needs the store's box size and a "
+                            "displacement target); lag_eul: log(L_lag^3 L_eul), or L_lag + W L_eul with "
+                            "--eul-weight W")
+    model.add_argument("--eul-weight", type=float, metavar="W",
+                       help="with --loss lag_eul: the weighted sum L_lag + W L_eul instead of log(L_lag^3 L_eul)")
     model.add_argument("--callback-at", type=os.path.abspath, metavar="DIR",
                        help="directory of your own models, criteria, optimizers and norms, named module.Name; "
                             "searched after the default places")
