@@ -161,7 +161,7 @@ def test_a_store_without_styles(tmp_path):
 
     path = _styled_store(tmp_path, [[0.3], [0.3]], names=None)
     assert store_styles(path) is None and norm_from_store(path) is None
-    with pytest.raises(UserError, match=r"--style D needs style parameters, but store .*s.zarr has none"):
+    with pytest.raises(UserError, match=r"store .*s.zarr has no style parameters, but --style D needs them"):
         store_styles(path, ("D",))
-    with pytest.raises(UserError, match="a styled model needs style parameters"):
+    with pytest.raises(UserError, match="but a styled model needs them"):
         store_styles(path, required=True)

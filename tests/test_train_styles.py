@@ -263,8 +263,8 @@ def one_line_error(capsys, argv: list[str]) -> str:
 
 
 BAD = {
-    "style without styles": ("plain", ["--style", "D"], "--style D needs style parameters, but store"),
-    "styled model without styles": ("plain", [], "a styled model needs style parameters, but store"),
+    "style without styles": ("plain", ["--style", "D"], "has no style parameters, but --style D needs them"),
+    "styled model without styles": ("plain", [], "has no style parameters, but a styled model needs them"),
     "unknown names": ("s2", ["--style", "Om,sigma8"], "sigma8, not among the store's style parameters Om,D"),
     "repeated names": ("s2", ["--style", "D,D"], "names D more than once"),
     "style for an unstyled model": ("s2", ["--style", "D", "--model", "VNet"], "model VNet takes no style_size"),
@@ -272,8 +272,8 @@ BAD = {
     "eul on a target that is no displacement": ("s2", ["--model", "VNet", "--loss", "lag_eul", "--tgt", "x,y"],
                                                 "displacement of 2 channels (one per axis), but the target has 4"),
     "eul weight without lag_eul": ("s2", ["--eul-weight", "0.5"], "--eul-weight 0.5 weighs"),
-    "validation store without styles": ("s2", ["--val-data", "plain"], "--style Om,D needs style parameters, but "
-                                        "store"),
+    "validation store without styles": ("s2", ["--val-data", "plain"], "has no style parameters, but training with "
+                                        "the styles Om,D needs them"),
     "styled model on .npy files": ("s2", ["--train-data", None, "--train-in-patterns", "s2_npy/*/x.npy",
                                           "--train-tgt-patterns", "s2_npy/*/y.npy"],
                                    "model StyledVNet is styled, and styles come from a store"),

@@ -184,7 +184,7 @@ class FieldDataset(Dataset):
 
             if store is None:
                 raise UserError("styles are read from a store: give a store (--train-data) to train with styles")
-            self.style_names, self.styles = store_styles(store, tuple(styles), required=True)
+            self.style_names, self.styles = store_styles(store, tuple(styles), "training with the styles", required=True)
 
     @staticmethod
     def _sources(store_path, in_fields, tgt_fields, in_patterns, tgt_patterns,

@@ -152,7 +152,7 @@ def store_styles(path, wanted: Sequence[str] | None = None, option: str = "--sty
     if found is None:
         if wanted is not None or required:
             need = f"{option} {','.join(wanted)}" if wanted is not None else "a styled model"
-            raise UserError(f"{need} needs style parameters, but store {path} has none; add them with "
+            raise UserError(f"store {path} has no style parameters, but {need} needs them; add them with "
                             "m2m convert --styles TABLE.csv")
         return None
     names, values = found
