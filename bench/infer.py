@@ -46,9 +46,9 @@ does not grow with the box.
 tiles (a cube number; one shard each, fsynced and marked as workers do):
 ``scan_s`` finds the finished tiles (one directory scan), ``legacy_scan_s``
 does the same with one JSON file opened per tile (the earlier marker format),
-``refsync_s`` is what fsyncing every file of the store again costs (what
-`map2map.store.mark_complete` does before its mark), ``dirs_s`` fsyncs only
-its directories and metadata files, ``finish_s`` is the engine's whole
+``refsync_s`` is what fsyncing every file of the store again would cost
+(what the completion mark did before it was told which shards the workers
+had fsynced), ``dirs_s`` fsyncs only its directories and metadata files, ``finish_s`` is the engine's whole
 finishing step (check, losses, mark complete).
 
     python bench/infer.py --finish-tiles 4096

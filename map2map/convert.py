@@ -282,17 +282,6 @@ class StyleInput:
     sources: tuple[str, ...]
 
 
-def _style_number(text: str, where: str) -> float:
-    """One style value: a finite number, or a `UserError` saying where it is and what it holds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise UserError(f"{where}: {text.strip()!r} is not a number; styles are numbers such as 0.31") from None
-    if not math.isfinite(value):
-        raise UserError(f"{where}: {text.strip()!r} is not finite; every style must be a finite number")
-    return value
-
-
 def _read_text(path: str, option: str) -> str:
     try:
         with open(os.path.expanduser(path), newline="") as f:
@@ -320,7 +309,7 @@ def read_style_table(path: str) -> tuple[tuple[str, ...], np.ndarray]:
             raise UserError(f"--styles {path} line {line}: {len(row)} values, but the header names {len(names)} "
                             f"parameters ({', '.join(names)})")
         for c, (name, text) in enumerate(zip(names, row)):
-            values[r, c] = _style_number(text, f"--styles {path} line {line}, column {name}")
+            values[r, c] = store.style_number(text, f"--styles {path} line {line}, column {name}")
     return names, values
 
 
@@ -337,7 +326,7 @@ def read_style_files(pattern: str, names: tuple[str, ...]) -> tuple[np.ndarray, 
             raise UserError(f"--style-pattern file {path} holds {len(words)} numbers, but --style-names names "
                             f"{len(names)} ({', '.join(names)})")
         for c, (name, text) in enumerate(zip(names, words)):
-            values[i, c] = _style_number(text, f"--style-pattern file {path}, parameter {name}")
+            values[i, c] = store.style_number(text, f"--style-pattern file {path}, parameter {name}")
     return values, tuple(paths)
 
 

@@ -36,6 +36,7 @@ directory is not the store's own, so that no ``--overwrite`` deletes it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -248,6 +249,17 @@ def check_style_names(names: Iterable[str], option: str) -> tuple[str, ...]:
             raise UserError(f"{option}: parameter name {name!r} is given twice; every parameter needs its own name")
         seen.add(name)
     return names
+
+
+def style_number(text: str, where: str) -> float:
+    """One style value read from text: a finite number, or a `UserError` saying `where` it is and what it holds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{where}: {text.strip()!r} is not a number; styles are numbers such as 0.31") from None
+    if not math.isfinite(value):
+        raise UserError(f"{where}: {text.strip()!r} is not finite; every style must be a finite number")
+    return value
 
 
 def _create_styles(group: zarr.Group, names: tuple[str, ...], nsample: int) -> None:

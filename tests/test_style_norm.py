@@ -102,8 +102,8 @@ def test_assignment_in_the_model_order():
 
 
 @pytest.mark.parametrize("text, match", [
-    ("Om0.31", "is not NAME=VALUE"), ("=0.3", "is not NAME=VALUE"), ("Om=x", "'x' for Om is not a number"),
-    ("Om=nan", "Om must be a finite number"), ("Om=1,Om=2", "gives Om more than once")])
+    ("Om0.31", "is not NAME=VALUE"), ("=0.3", "is not NAME=VALUE"), ("Om=x", "Om: 'x' is not a number"),
+    ("Om=nan", "Om: 'nan' is not finite"), ("Om=1,Om=2", "gives Om more than once")])
 def test_bad_assignment(text, match):
     with pytest.raises(UserError, match=match):
         parse_assignment(text)

@@ -179,13 +179,9 @@ def parse_assignment(text: str, option: str = "--style") -> dict[str, float]:
             raise UserError(f"{option} {text!r}: {item!r} is not NAME=VALUE; write e.g. Om=0.31,D=0.72")
         if name in out:
             raise UserError(f"{option} {text!r} gives {name} more than once")
-        try:
-            number = float(value)
-        except ValueError:
-            raise UserError(f"{option} {text!r}: {value.strip()!r} for {name} is not a number") from None
-        if not math.isfinite(number):
-            raise UserError(f"{option} {text!r}: {name} must be a finite number, got {value.strip()}")
-        out[name] = number
+        from map2map.store import style_number
+
+        out[name] = style_number(value, f"{option} {text!r}, {name}")
     return out
 
 
