@@ -67,25 +67,40 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from map2map.demo import DemoConfig
+    from map2map.demo import DEFAULTS, SR_DEFAULTS, SR_FACTOR, DemoConfig
 
     d = DemoConfig()
     p = sub.add_parser("demo", help="run the whole pipeline on example data: synth, convert, train, infer, report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Synthesize 1LPT/2LPT displacement boxes, convert them, train a small V-Net, "
                                    "predict the held-out box with Dask, and compare it with the truth and with "
-                                   "the trivial prediction (the input).")
+                                   "the trivial prediction (the input).  With --sr F: synthesize coarse and F "
+                                   "times finer 2LPT displacements, train the super-resolution generator G, and "
+                                   "compare its prediction on the fine grid with the truth and with the coarse "
+                                   "field interpolated trilinearly.")
+
+    def sized(option: str, kind: type, what: str) -> None:
+        """An option whose default depends on --sr (left out of the namespace when not given)."""
+        key = option[2:].replace("-", "_")
+        p.add_argument(option, type=kind, default=argparse.SUPPRESS,
+                       help=f"{what} (default: {DEFAULTS[key]}; with --sr {SR_DEFAULTS[key]})")
+
     p.add_argument("outdir", nargs="?", default=d.outdir, help="directory for everything the demo writes")
-    p.add_argument("--ngrid", type=int, default=d.ngrid, help="grid cells per box side")
-    p.add_argument("--boxsize", type=float, default=d.boxsize, help="box side in Mpc/h")
-    p.add_argument("--train-boxes", type=int, default=d.train_boxes, help="training boxes")
-    p.add_argument("--crop", type=int, default=d.crop, help="training crop and inference tile")
-    p.add_argument("--width", type=int, default=d.width, help="V-Net width (channels of its first level)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
+    sized("--ngrid", int, "grid cells per box side (with --sr, of the coarse grid)")
+    sized("--boxsize", float, "box side in Mpc/h")
+    sized("--train-boxes", int, "training boxes")
+    sized("--crop", int, "training crop and inference tile (with --sr, in coarse cells)")
+    sized("--width", int, "V-Net width (channels of its first level); with --sr, G's channels per level")
+    sized("--epochs", int, "training epochs")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the data and the training")
     p.add_argument("--workers", type=int, default=d.workers, help="Dask workers for inference")
+    p.add_argument("--sr", type=int, nargs="?", const=SR_FACTOR, default=None, metavar="F",
+                   help=f"run the super-resolution demo with refinement factor F (a power of 2; {SR_FACTOR} "
+                        f"without a value)")
+    p.add_argument("--adv", action="store_true",
+                   help="with --sr: train G against a PatchGAN discriminator (m2m train --adv-model PatchGAN)")
     p.set_defaults(stage=("map2map.demo", "DemoConfig"))
 
 
