@@ -228,7 +228,7 @@ def finish_bench(root: Path, ntiles: int) -> dict:
     dirs = [d for d, _, _ in os.walk(out)]
     durable.fsync_files([os.path.join(d, "zarr.json") for d in dirs] + dirs)
     t4 = time.perf_counter()
-    engine._finish(str(out), str(out), 1, ntiles, "MSELoss")
+    engine._finish(str(out), str(out), ["prediction"], 1, ntiles, "MSELoss")
     t5 = time.perf_counter()
     assert len(found) == len(legacy_found) == ntiles and store.open_store(out).nsample == 1
     return {"bench": "infer-finish", "tiles": ntiles, "files": nfiles, "dirs": len(dirs),

@@ -42,6 +42,10 @@ def _add_model_and_tiling(p: argparse.ArgumentParser) -> None:
                    help="norm of each target field; undone on the prediction before it is written")
     g.add_argument("--norm-kwargs", type=_json_dict, default=None, metavar="JSON",
                    help="keyword arguments for the norms only, on top of --misc-kwargs, e.g. '{\"z\": 0}'")
+    g.add_argument("--style", default=None, metavar="NAME=VALUE[,...]",
+                   help="for a styled model (its card names style parameters): give every sample these physical "
+                        "values, e.g. Om=0.31,D=0.72, all of the model's parameters and no other (default: each "
+                        "sample's own styles from the input store)%(default).0s")
     g.add_argument("--criterion", default="MSELoss",
                    help="loss reported against the target (torch.nn name or module.Name), on normalized fields")
     t = p.add_argument_group("tiling and output")
@@ -114,6 +118,10 @@ def add_infer(sub: argparse._SubParsersAction) -> None:
                    help="target field(s) of the store: report the per-sample loss against them (default: the "
                         "model card's, when the store has them)")
     p.add_argument("--out", required=True, metavar="OUTPUT", help="prediction store to write")
+    p.add_argument("--velocity", action="store_true",
+                   help="for a model of displacements styled by the growth factor D: also write the field 'vel', "
+                        "the peculiar velocity a H f D dpsi/dD in km/s, dpsi/dD by forward-mode differentiation "
+                        "in the same pass (the input taken to scale with D, as ZA at D does)")
     _add_model_and_tiling(p)
     p.set_defaults(stage=("map2map.infer", "InferConfig"))
 

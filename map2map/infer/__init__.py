@@ -37,6 +37,8 @@ the small specs every task gets), `defaults` (the checkpoint's model card
 fills what the command leaves out), `inputs` and `planning` (checked on the
 client before any work), `output` (the prediction store), `cluster`
 (where the tiles run, streams, progress), `worker` (the pipeline), `tta`,
+`styles` (a styled model's styles per sample, and ``--velocity``: a second
+output field, written, fsynced and marked with the prediction),
 `markers` (finished tiles, for resuming), `engine` (`run`, i.e. `m2m infer`)
 and `npy` (`run_test`, i.e. `m2m test`).
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -23,7 +24,8 @@ from map2map.infer.inputs import Inputs, check_finite, npy_inputs, store_inputs,
 from map2map.infer.markers import read_done
 from map2map.infer.output import check_output, create_output, sample_losses, settings_hash
 from map2map.infer.planning import Plan, make_plan
-from map2map.infer.specs import DONE_DIR, InferConfig, Job
+from map2map.infer.specs import DONE_DIR, VEL_FIELD, InferConfig, Job
+from map2map.infer.styles import Styling, resolve_styles
 from map2map.infer.worker import WorkerState
 from map2map.modelfit import ModelSpec, file_stamp
 from map2map.stage import Summary
@@ -173,15 +175,16 @@ def _model_arguments(given: InferConfig, opts: InferConfig, inp: Inputs) -> dict
     return model_kwargs(cls, opts.model, dict(opts.model_kwargs or {}), norms, option, strict=explicit)
 
 
-def _model_spec(given: InferConfig, opts: InferConfig, inp: Inputs) -> ModelSpec:
-    """The model to build on every worker: name, channels, checkpoint (with its stamp) and arguments."""
+def _model_spec(given: InferConfig, opts: InferConfig, inp: Inputs, style_size: int | None = None) -> ModelSpec:
+    """The model to build on every worker: name, channels, checkpoint (with its stamp), arguments and the
+    number of style parameters (the model card's; None: unstyled)."""
     out_chan = opts.out_chan or (sum(inp.tgt_chans) if inp.targets else sum(inp.in_chans))
     if opts.out_chan and inp.targets and opts.out_chan != sum(inp.tgt_chans):
         raise UserError(f"--out-chan {opts.out_chan} differs from the {sum(inp.tgt_chans)} channels of the target")
     checkpoint = os.path.abspath(opts.load_state)
     return ModelSpec(opts.model, checkpoint, file_stamp(checkpoint), sum(inp.in_chans), out_chan,
                      opts.scale_factor, len(inp.box), json.dumps(_model_arguments(given, opts, inp), sort_keys=True),
-                     os.path.abspath(opts.callback_at) if opts.callback_at else None)
+                     os.path.abspath(opts.callback_at) if opts.callback_at else None, style_size)
 
 
 def _check_norms_and_criterion(opts: InferConfig, inp: Inputs, spec: ModelSpec) -> str | None:
@@ -199,9 +202,10 @@ def _check_norms_and_criterion(opts: InferConfig, inp: Inputs, spec: ModelSpec) 
 
 
 def _plan_settings(opts: InferConfig, inp: Inputs, spec: ModelSpec, pl: Plan, out_field: str,
-                   criterion: str | None) -> dict[str, Any]:
+                   criterion: str | None, styling: Styling | None = None) -> dict[str, Any]:
     """Everything the predicted values depend on: a resumed run must match it exactly."""
-    return {
+    extra = styling.settings() if styling is not None else {}  # unstyled runs: the same hash as before styles
+    return {**extra,
         "model": opts.model, "model_kwargs": opts.model_kwargs, "checkpoint": spec.checkpoint,
         "checkpoint_stamp": list(spec.stamp), "in_fields": list(opts.in_fields or []),
         "tgt_fields": list(opts.tgt or []), "in_patterns": list(opts.test_in_patterns or []),
@@ -227,12 +231,12 @@ def _pending(done: dict, nsample: int, ntiles: int, batch_size: int) -> list[tup
             if not all((sample, t) in done for t in ids)]
 
 
-def _finish(target: str, out: str, field: str, nsample: int, ntiles: int,
+def _finish(target: str, out: str, fields: list[str], nsample: int, ntiles: int,
             criterion: str | None) -> list[float | None] | None:
     """Check every tile is recorded, mark the store complete (with the losses) and swap it in if needed.
 
-    The workers fsynced the shards of `field` before recording each tile, so
-    the completion mark does not fsync them again."""
+    The workers fsynced the shards of the output `fields` before recording
+    each tile, so the completion mark does not fsync them again."""
     done = read_done(os.path.join(target, DONE_DIR))
     missing = nsample * ntiles - len([k for k in done if k[0] < nsample and k[1] < ntiles])
     if missing:
@@ -240,7 +244,7 @@ def _finish(target: str, out: str, field: str, nsample: int, ntiles: int,
     losses = sample_losses(done, nsample) if criterion else None
     shutil.rmtree(os.path.join(target, DONE_DIR))
     extra = {"loss": {"criterion": criterion, "per_sample": losses}} if criterion else {}
-    store.mark_complete(target, nsample, synced=[field], **extra)
+    store.mark_complete(target, nsample, synced=fields, **extra)
     if target != out:
         store.swap_in(target, out)
     return losses
@@ -266,6 +270,15 @@ class Prepared:
     t_start: float
     workers: int = 0  # worker processes of our own local cluster; 1: none, the tiles run in this process
     starting: Future | None = None  # that cluster, starting (`cluster.start_local`) until `execute` takes it
+    styling: Styling | None = None  # a styled model's styles (`map2map.infer.styles`), None for an unstyled one
+    layouts: tuple[store.FieldLayout, ...] = ()  # every output field: the prediction, and `VEL_FIELD` with --velocity
+
+    def __post_init__(self) -> None:
+        self.layouts = self.layouts or (self.layout,)
+
+    @property
+    def vel_field(self) -> str | None:
+        return VEL_FIELD if self.styling is not None and self.styling.vel_factors else None
 
     @property
     def in_process(self) -> bool:
@@ -304,8 +317,14 @@ def _prepare(config: InferConfig, t_start: float, out: str, remote: bool, device
     notes += resolved.notes
     inp = store_inputs(opts) if opts.data else npy_inputs(opts)
     target_box(inp, opts)
-    spec = _model_spec(config, opts, inp)
+    card = resolved.checkpoint.card
+    spec = _model_spec(config, opts, inp, card.style_size if card is not None else None)
     check_channels(resolved, spec.in_chan, spec.out_chan)
+    styling = resolve_styles(opts, card, inp.nsample, spec.out_chan, len(inp.box))
+    if styling is not None:
+        where = "each sample's from the input store" if styling.source == "store" else f"--style {styling.source}"
+        notes.append(f"styles {','.join(styling.names)}: {where}" + (
+            f"; --velocity writes field {VEL_FIELD} in km/s" if styling.vel_factors else ""))
     pl = make_plan(spec.load(), opts, inp)
     if pl.note:  # how --crop auto chose the tile
         notes.append(pl.note)
@@ -316,14 +335,20 @@ def _prepare(config: InferConfig, t_start: float, out: str, remote: bool, device
     out_field = opts.out_field or (opts.tgt[0] if opts.tgt and len(opts.tgt) == 1 else "prediction")
     store.check_field_name(out_field, "--out-field")
     layout = store.FieldLayout(out_field, spec.out_chan, pl.plan.out_box, pl.out_shard, pl.out_chunk)
-    plan_settings = _plan_settings(opts, inp, spec, pl, out_field, criterion)
+    layouts = [layout]
+    if styling is not None and styling.vel_factors:
+        if out_field == VEL_FIELD:
+            raise UserError(f"--out-field {out_field}: --velocity writes a field of that name; choose another")
+        layouts.append(dataclasses.replace(layout, name=VEL_FIELD))
+    plan_settings = _plan_settings(opts, inp, spec, pl, out_field, criterion, styling)
     settings = {
         out_field: {"model": opts.model, "checkpoint": spec.checkpoint, "input": inp.label},
         "created_by": "m2m infer", "model": opts.model, "checkpoint": spec.checkpoint, "input_store": inp.label,
         "infer": plan_settings,
     }
     return Prepared(opts, out, inp, spec, pl, criterion, device, remote, layout, settings,
-                    settings_hash(plan_settings), resolved.overrides, notes, t_start, workers, starting)
+                    settings_hash(plan_settings), resolved.overrides, notes, t_start, workers, starting,
+                    styling, tuple(layouts))
 
 
 def _job(prep: Prepared, token: str, target: str, device: str, workers: int | None) -> Job:
@@ -332,7 +357,9 @@ def _job(prep: Prepared, token: str, target: str, device: str, workers: int | No
                tuple(inp.tgt_chans), tuple(opts.in_norms) if opts.in_norms else None,
                tuple(opts.tgt_norms) if opts.tgt_norms else None, json.dumps(opts.norm_kwargs, sort_keys=True),
                prep.spec, prep.plan.plan, prep.plan.offsets, prep.plan.out_shape, prep.criterion, device,
-               torch_threads(opts, device, workers), opts.amp, opts.tta)
+               torch_threads(opts, device, workers), opts.amp, opts.tta,
+               prep.styling.values if prep.styling else (), prep.styling.norm if prep.styling else None,
+               prep.vel_field, prep.styling.vel_factors if prep.styling else ())
 
 
 def _run_here(prep: Prepared, target: str, token: str | None, todo, total: int, done: int,
@@ -344,7 +371,7 @@ def _run_here(prep: Prepared, target: str, token: str | None, todo, total: int, 
     state.setup(None)
     try:
         if token is None:
-            token = create_output(target, prep.layout, prep.inp, prep.settings, prep.digest)
+            token = create_output(target, prep.layouts, prep.inp, prep.settings, prep.digest, prep.styling)
         job = _job(prep, token, target, prep.device, 1)
         summary.cluster = f"{IN_PROCESS}, {opts.threads_per_worker} threads"
         state.begin(token)
@@ -367,7 +394,7 @@ def _run_on_cluster(prep: Prepared, target: str, token: str | None, todo, total:
     starting, prep.starting = prep.starting, None
     with dask_client(opts, prep.device, starting) as (client, info):
         if token is None:  # only once the cluster is there: a failed start leaves nothing behind
-            token = create_output(target, prep.layout, prep.inp, prep.settings, prep.digest)
+            token = create_output(target, prep.layouts, prep.inp, prep.settings, prep.digest, prep.styling)
         job = _job(prep, token, target, opts.device if prep.remote else prep.device, info.get("workers"))
         summary.cluster = info["cluster"]
         nworkers = info.get("workers") or len(client.scheduler_info(n_workers=-1)["workers"])
@@ -407,7 +434,8 @@ def execute(prep: Prepared) -> InferSummary:
         run_tiles = _run_here if prep.in_process else _run_on_cluster
         token, summary.tiles_s = run_tiles(prep, target, token, todo, total, ndone_before, summary)
     t_finish = time.perf_counter()
-    summary.loss = _finish(target, prep.out, prep.layout.name, inp.nsample, ntiles, prep.criterion)
+    summary.loss = _finish(target, prep.out, [lay.name for lay in prep.layouts], inp.nsample, ntiles,
+                           prep.criterion)
     summary.finish_s = time.perf_counter() - t_finish
     summary.criterion = prep.criterion
     summary.setup_s = t_setup - prep.t_start

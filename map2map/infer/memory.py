@@ -84,22 +84,25 @@ class LiveBytes(TorchDispatchMode):
 def probe_peak(model, in_chan: int, window: Sequence[int], device: torch.device) -> tuple[int, int]:
     """The peak (see the module docstring) of one forward pass of `model` (on `device`, "meta" included)
     on zeros of spatial `window`, and the bytes of its output."""
+    from map2map.models.build import forward, zero_style
+
     was_training = model.training
     model.eval()
     try:
         x = torch.zeros((1, in_chan, *window), device=device)
+        style = zero_style(model, 1, device)  # a styled model's probe: its cost does not depend on the values
         with torch.inference_mode():
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
-                y = model(x)
+                y = forward(model, x, style)
                 torch.cuda.synchronize(device)
                 peak = torch.cuda.max_memory_allocated(device) - base
             else:
                 counter = LiveBytes([x, *model.parameters(), *model.buffers()])
                 with counter:
-                    y = model(x)
+                    y = forward(model, x, style)
                 peak = counter.peak
         return int(peak), y.numel() * y.element_size()
     finally:

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import uuid
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from map2map.errors import UserError
 from map2map.infer.inputs import Inputs
 from map2map.infer.markers import read_done
 from map2map.infer.specs import DONE_DIR
+from map2map.infer.styles import Styling
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -54,17 +55,22 @@ def check_output(out: str, digest: str, overwrite: bool, notes: list[str]) -> tu
     return target, None
 
 
-def create_output(target: str, layout: store.FieldLayout, inp: Inputs, settings: dict[str, Any],
-                   digest: str) -> str:
-    """Create the (incomplete) output store at `target`, replacing what `check_output` allowed;
-    returns the new run token."""
+def create_output(target: str, layouts: Sequence[store.FieldLayout], inp: Inputs, settings: dict[str, Any],
+                  digest: str, styling: Styling | None = None) -> str:
+    """Create the (incomplete) output store at `target` with the fields `layouts` (the prediction first),
+    replacing what `check_output` allowed; returns the new run token.  A styled run's store holds the
+    styles the model was given (`map2map.store.write_styles`)."""
     if os.path.exists(target):
         shutil.rmtree(target)
     token = uuid.uuid4().hex
     meta_settings = dict(settings)
     meta_settings["infer"] = dict(settings["infer"], settings_hash=digest, run_token=token)
-    group = store.create(target, [layout], nsample=inp.nsample, boxsize=inp.boxsize, settings=meta_settings)
-    group[f"source_{layout.name}"][:] = np.array(inp.sources)
+    group = store.create(target, list(layouts), nsample=inp.nsample, boxsize=inp.boxsize, settings=meta_settings,
+                         style_names=styling.names if styling is not None else ())
+    for layout in layouts:
+        group[store.source_name(layout.name)][:] = np.array(inp.sources)
+    if styling is not None:
+        store.write_styles(target, np.asarray(styling.values, dtype=np.float32), 0)
     os.makedirs(os.path.join(target, DONE_DIR))
     return token
 

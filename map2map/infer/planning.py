@@ -65,6 +65,8 @@ def _auto_crop(model, opts: InferConfig, inp: Inputs, stride: int,
                           tuple(st + h for st, h in zip(step, halo)), device)
     in_per_voxel = 4 * in_chan  # the float32 input window, not in the probe's peak
     per_voxel = fp.per_voxel + in_per_voxel
+    if getattr(opts, "velocity", False):  # forward mode carries a tangent beside every value: twice the probe's
+        per_voxel += fp.per_voxel + fp.out_per_voxel
     tta_mode = opts.tta
     if tta_mode != "none":  # the transformed input, the transformed-back output and the running mean
         per_voxel += in_per_voxel + 2 * fp.out_per_voxel

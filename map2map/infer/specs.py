@@ -11,6 +11,7 @@ from map2map.modelfit import ModelSpec
 
 DONE_DIR = ".m2m-done"  # tile markers inside an output store while it is being written
 PARTIAL = store.PARTIAL  # suffix of the store --overwrite builds beside the old one
+VEL_FIELD = "vel"  # the velocity field --velocity writes beside the prediction
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,10 @@ class InferConfig:
     keeps float32 throughout); predictions are written as float32 in every
     mode.  `tta` averages each forward pass over a group of symmetries of the
     grid (`map2map.infer.tta`); `crop` ``"auto"`` and `tile_memory` (GiB) let
-    the planner choose the tile (`map2map.infer.planning`).
+    the planner choose the tile (`map2map.infer.planning`).  A styled model
+    (its card names style parameters) takes each sample's styles from the
+    input store, or `style` (``Om=0.31,D=0.72``) for every sample; `velocity`
+    also writes the field `VEL_FIELD` (`map2map.infer.styles`).
     """
 
     load_state: str
@@ -67,6 +71,8 @@ class InferConfig:
     connect_timeout: float = 5.0
     wait_workers: float = 60.0
     allow_nonfinite: bool = False
+    style: str | None = None
+    velocity: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,10 @@ class SourceSpec:
 class Job:
     """Everything a tile task needs, small enough to send with every task; `amp` is the autocast mode of its
     forward passes (`map2map.utils.precision.autocast`), `tta` the symmetry group they are averaged over
-    (`map2map.infer.tta`)."""
+    (`map2map.infer.tta`).  For a styled model `styles` holds each sample's physical style values in the
+    order of `style_norm` (the model card's); with ``--velocity`` `vel_field` names the velocity output and
+    `vel_factors` holds each sample's factor from d(output)/dD, as the model gives it, to km/s
+    (`map2map.infer.styles`)."""
 
     token: str
     out_path: str
@@ -112,6 +121,10 @@ class Job:
     torch_threads: int | None
     amp: str = "off"
     tta: str = "none"
+    styles: tuple[tuple[float, ...], ...] = ()
+    style_norm: Any = None  # a `map2map.data.styles.StyleNorm`, None for an unstyled model
+    vel_field: str | None = None
+    vel_factors: tuple[float, ...] = ()
 
     @property
     def done_dir(self) -> str:

@@ -5,8 +5,9 @@ It runs them through a pipeline of three stages on three threads: while the
 model runs on batch k, a reader thread reads and normalises the windows of
 batch k + 1 (and hints batch k + 2's windows to the kernel, so the disk reads
 ahead), and a writer thread narrows, un-normalises, writes and fsyncs batch
-k - 1 and then marks its tiles done.  So at most `PIPELINE_DEPTH` batches are
-in flight per task (read ahead, in the model, being written), and the model
+k - 1 (with ``--velocity`` its velocity field too, `map2map.infer.styles`)
+and then marks its tiles done.  So at most `PIPELINE_DEPTH` batches are in
+flight per task (read ahead, in the model, being written), and the model
 waits for I/O only when I/O is slower than the model.  A stream rather than one
 batch per task, because a pipeline needs to know its next batch: Dask hands a
 worker one task at a time, and a task of one batch has nothing to overlap with.
@@ -159,15 +160,15 @@ class WorkerState(WorkerPlugin):
             if (job.token, role, number) in self.stacks:  # not dropped by a newer run meanwhile
                 self.free.setdefault((job.token, role), []).append(number)
 
-    def output(self, job: Job):
-        """The output array of the job (opened once per run)."""
-        key = (job.token, job.out_path, job.out_field)
+    def output(self, job: Job, name: str | None = None):
+        """The output array `name` (default: the prediction, `job.out_field`) of the job (opened once per run)."""
+        key = (job.token, job.out_path, name or job.out_field)
         with self._lock:
             if key not in self.outputs:
                 import zarr
 
                 group = zarr.open_group(job.out_path, mode="r+", use_consolidated=False)
-                self.outputs[key] = group[job.out_field]
+                self.outputs[key] = group[key[2]]
             return self.outputs[key]
 
     def criterion(self, job: Job):
@@ -256,7 +257,7 @@ def run_stream(state: WorkerState, job: Job, work: Work, on_batch: Callable[[int
     a set `stop` ends the stream after the batches already started."""
     import torch
 
-    from map2map.infer import tta
+    from map2map.infer import styles, tta
     from map2map.utils import precision
 
     state.begin(job.token)
@@ -281,9 +282,11 @@ def run_stream(state: WorkerState, job: Job, work: Work, on_batch: Callable[[int
         state.record(job.token, read_s=time.perf_counter() - t0)
         return x
 
-    def forward(xb):
-        with precision.autocast(torch.device(device), job.amp):
-            return model(xb)
+    def amp():
+        return precision.autocast(torch.device(device), job.amp)
+
+    vel_arr = state.output(job, job.vel_field) if job.vel_field else None
+    nout = sum(job.out_chans)
 
     def write(k: int, x: np.ndarray, y: np.ndarray) -> list[Result]:
         from map2map.data.fieldio import undo_norms
@@ -293,8 +296,11 @@ def run_stream(state: WorkerState, job: Job, work: Work, on_batch: Callable[[int
         marks, held = [], 0
         for b, t in enumerate(ids):
             region = plan.out_region(t)
-            pred = np.ascontiguousarray(y[b][(slice(None),) + tuple(
-                slice(o, o + n * plan.scale) for o, n in zip(job.offsets, plan.size(t)))])
+            narrow = tuple(slice(o, o + n * plan.scale) for o, n in zip(job.offsets, plan.size(t)))
+            pred = np.ascontiguousarray(y[b][(slice(0, nout),) + narrow])
+            if vel_arr is not None:  # d output / dD, in the model's units, times the sample's factor: km/s
+                vel = y[b][(slice(nout, None),) + narrow] * np.float32(job.vel_factors[sample])
+                vel_arr[(sample, slice(None)) + tuple(slice(lo, hi) for lo, hi in region)] = vel
             loss = None
             if tgt is not None:
                 target = tgt[1].read(sample, region, np.empty_like(pred))
@@ -305,7 +311,11 @@ def run_stream(state: WorkerState, job: Job, work: Work, on_batch: Callable[[int
             arr[(sample, slice(None)) + tuple(slice(lo, hi) for lo, hi in region)] = pred
             marks.append((sample, t, loss, int(pred.size)))
         flight.add(0, held)
-        durable.fsync_files(shard_files(arr, array_dir, sample, [plan.out_region(t) for t in ids]))
+        regions = [plan.out_region(t) for t in ids]
+        files = shard_files(arr, array_dir, sample, regions)
+        if vel_arr is not None:
+            files += shard_files(vel_arr, os.path.join(job.out_path, job.vel_field), sample, regions)
+        durable.fsync_files(files)
         mark_all(job.done_dir, marks)  # only once every shard of the batch is on disk
         state.record(job.token, write_s=time.perf_counter() - t0, batches=1, tiles=len(ids))
         flight.add(-1, -(x.nbytes + y.nbytes + held))
@@ -326,7 +336,9 @@ def run_stream(state: WorkerState, job: Job, work: Work, on_batch: Callable[[int
                     reading = reader.submit(read, k + 1)  # one batch read ahead
                 t0 = time.perf_counter()
                 with torch.inference_mode():
-                    y = tta.averaged(forward, torch.from_numpy(x).to(device), job.tta, job.in_chans, job.out_chans)
+                    forward = styles.forward_for(model, job, work[k][0], len(x), device, amp)
+                    chans = job.out_chans * 2 if vel_arr is not None else job.out_chans  # output, d output / dD
+                    y = tta.averaged(forward, torch.from_numpy(x).to(device), job.tta, job.in_chans, chans)
                     if tuple(y.shape[2:]) != job.out_shape:
                         raise RuntimeError(f"model output {tuple(y.shape[2:])} differs from the planned "
                                            f"{job.out_shape}")
