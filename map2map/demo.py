@@ -165,6 +165,40 @@ def _plan(config: DemoConfig, out: Path) -> _Plan:
     return _Plan(synths, converts, tcfg, icfg)
 
 
+def _check(plan: _Plan) -> None:
+    """Every stage's options checked before the first step writes anything."""
+    from map2map import convert, synth, train
+
+    for cfg in plan.synth:
+        synth.check_config(cfg)
+        synth.check_resources(cfg)
+    for ccfg in plan.convert:
+        convert.check_config(ccfg)
+    train.check_config(plan.train)
+
+
+def _convert_stage(plan: _Plan, config: DemoConfig, title: str) -> None:
+    from map2map import convert
+
+    _stage(title)
+    for ccfg in plan.convert:
+        _show("convert", ccfg.output, "--overwrite", "--no-progress", *(f"--field={f}" for f in ccfg.field),
+              "--crop", str(config.crop), "--boxsize", str(config.boxsize))
+        _print(convert.run(ccfg))
+
+
+def _infer_stage(plan: _Plan, config: DemoConfig) -> Summary:
+    from map2map import infer
+
+    _stage("4/5 tiled inference on the held-out box with Dask (model, fields and norms from the model card)")
+    icfg = plan.infer
+    _show("infer", "--load-state", icfg.load_state, "--data", icfg.data, "--out", icfg.out, "--overwrite",
+          "--workers", str(config.workers))
+    predicted = infer.run(icfg)
+    _print(predicted)
+    return predicted
+
+
 def check(config: DemoConfig) -> None:
     """Refuse a demo that could not finish, before its first step: a one-line `UserError` naming the option.
     `config` is `resolved`."""
@@ -213,16 +247,11 @@ def run(config: DemoConfig) -> DemoSummary | SRDemoSummary:
     check(config)
     if config.sr is not None:
         return run_sr(config)
-    from map2map import convert, infer, synth, train
+    from map2map import synth, train
 
     out = Path(config.outdir).resolve()
     plan = _plan(config, out)
-    for cfg in plan.synth:
-        synth.check_config(cfg)
-        synth.check_resources(cfg)
-    for ccfg in plan.convert:
-        convert.check_config(ccfg)
-    train.check_config(plan.train)
+    _check(plan)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     stages: dict[str, Any] = {}
@@ -233,11 +262,7 @@ def run(config: DemoConfig) -> DemoSummary | SRDemoSummary:
               "--boxsize", str(config.boxsize), "--seed", str(cfg.seed), "--overwrite")
         _print(synth.run(cfg))
 
-    _stage("2/5 convert .npy files into crop-aligned Zarr stores")
-    for ccfg in plan.convert:
-        _show("convert", ccfg.output, "--overwrite", "--no-progress", *(f"--field={f}" for f in ccfg.field),
-              "--crop", str(config.crop), "--boxsize", str(config.boxsize))
-        _print(convert.run(ccfg))
+    _convert_stage(plan, config, "2/5 convert .npy files into crop-aligned Zarr stores")
 
     _stage("3/5 train a small V-Net: ZA displacement -> 2LPT displacement")
     tcfg = plan.train
@@ -249,13 +274,7 @@ def run(config: DemoConfig) -> DemoSummary | SRDemoSummary:
     trained = train.run(tcfg)
     stages["train"] = trained.to_json()
 
-    _stage("4/5 tiled inference on the held-out box with Dask (model, fields and norms from the model card)")
-    icfg = plan.infer
-    _show("infer", "--load-state", icfg.load_state, "--data", icfg.data, "--out", icfg.out, "--overwrite",
-          "--workers", str(config.workers))
-    predicted = infer.run(icfg)
-    _print(predicted)
-    stages["infer"] = predicted.to_json()
+    stages["infer"] = _infer_stage(plan, config).to_json()
 
     _stage("5/5 report")
     cmp, beat = write_report(out, config)
@@ -367,16 +386,11 @@ def _adv_args() -> list[str]:
 
 def run_sr(config: DemoConfig) -> SRDemoSummary:
     """The super-resolution demo in `config.outdir`; `config` is `resolved` and checked."""
-    from map2map import convert, infer, synth, train
+    from map2map import synth, train
 
     out = Path(config.outdir).resolve()
     plan = _sr_plan(config, out)
-    for cfg in plan.synth:
-        synth.check_config(cfg)
-        synth.check_resources(cfg)
-    for ccfg in plan.convert:
-        convert.check_config(ccfg)
-    train.check_config(plan.train)
+    _check(plan)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     stages: dict[str, Any] = {}
@@ -389,11 +403,8 @@ def run_sr(config: DemoConfig) -> SRDemoSummary:
               "--boxsize", str(config.boxsize), "--seed", str(cfg.seed), "--sr", str(config.sr), "--overwrite")
         _print(synth.run(cfg))
 
-    _stage("2/5 convert .npy files into crop-aligned Zarr stores (coarse field lr, fine field hr)")
-    for ccfg in plan.convert:
-        _show("convert", ccfg.output, "--overwrite", "--no-progress", *(f"--field={f}" for f in ccfg.field),
-              "--crop", str(config.crop), "--boxsize", str(config.boxsize))
-        _print(convert.run(ccfg))
+    _convert_stage(plan, config, "2/5 convert .npy files into crop-aligned Zarr stores (coarse field lr, fine "
+                   "field hr)")
 
     _stage(f"3/5 train the super-resolution generator G: coarse displacement -> {config.sr}x finer displacement"
            + (" (against a PatchGAN)" if config.adv else ""))
@@ -407,13 +418,7 @@ def run_sr(config: DemoConfig) -> SRDemoSummary:
     trained = train.run(tcfg)
     stages["train"] = trained.to_json()
 
-    _stage("4/5 tiled inference on the held-out box with Dask (model, fields and norms from the model card)")
-    icfg = plan.infer
-    _show("infer", "--load-state", icfg.load_state, "--data", icfg.data, "--out", icfg.out, "--overwrite",
-          "--workers", str(config.workers))
-    predicted = infer.run(icfg)
-    _print(predicted)
-    stages["infer"] = predicted.to_json()
+    stages["infer"] = _infer_stage(plan, config).to_json()
 
     _stage("5/5 report on the fine grid")
     cmp, beat = write_sr_report(out, config)
