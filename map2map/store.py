@@ -48,7 +48,9 @@ from typing import Any, Iterable
 import numpy as np
 import zarr
 
+from map2map import storage
 from map2map.errors import UserError
+from map2map.storage import StorageOptions
 from map2map.utils import durable
 
 FORMAT_VERSION = 1
@@ -191,14 +193,15 @@ def _create_coords(group: zarr.Group, layouts: Iterable[FieldLayout], boxsize: f
 
 
 def create(path: str | Path, layouts: list[FieldLayout], *, nsample: int, boxsize: float | None,
-           settings: dict[str, Any], style_names: Iterable[str] = ()) -> zarr.Group:
-    """Create an empty, incomplete store at `path` (which must not exist).
+           settings: dict[str, Any], style_names: Iterable[str] = (),
+           storage_options: StorageOptions | None = None) -> zarr.Group:
+    """Create an empty, incomplete store at `path` (a local path or URL, which must not exist).
 
     With `style_names` (checked by `check_style_names`) the store also gets
     the ``style`` array, zero until `write_styles` fills it.
     """
     style_names = tuple(style_names)
-    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    group = open_group(path, "w-", storage_options, zarr_format=3)
     meta = {
         "format_version": FORMAT_VERSION,
         "complete": False,
@@ -271,25 +274,27 @@ def _create_styles(group: zarr.Group, names: tuple[str, ...], nsample: int) -> N
     coord.attrs["long_name"] = "name of each style parameter"
 
 
-def write_styles(path: str | Path, values: np.ndarray, first_sample: int) -> None:
+def write_styles(path: str | Path, values: np.ndarray, first_sample: int,
+                 storage_options: StorageOptions | None = None) -> None:
     """Write the rows of `values` (nsample, nparam) as the styles of samples ``first_sample, ...``.
 
     The store must have been created with that many style names and hold
     those samples (an incomplete store being written, or one resized for an
     append); its completion mark is the caller's (`mark_complete`).
     """
-    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    group = open_group(path, "r+", storage_options)
     values = np.asarray(values, dtype=np.float32)
     group[STYLE][first_sample:first_sample + len(values)] = values
 
 
-def read_styles(path: str | Path | Store) -> tuple[tuple[str, ...], np.ndarray] | None:
+def read_styles(path: str | Path | Store,
+                storage_options: StorageOptions | None = None) -> tuple[tuple[str, ...], np.ndarray] | None:
     """The style parameters of a complete store: (names, float32 values shaped (nsample, nparam)), or None.
 
     None when the store has no styles.  `path` may be an opened `Store`.
     Only complete samples are read.
     """
-    st = path if isinstance(path, Store) else open_store(path)
+    st = path if isinstance(path, Store) else open_store(path, storage_options=storage_options)
     names = st.style_names
     if not names:
         return None
@@ -297,30 +302,49 @@ def read_styles(path: str | Path | Store) -> tuple[tuple[str, ...], np.ndarray] 
     return names, values
 
 
-def mark_complete(path: str | Path, nsample: int, *, synced: Iterable[str] = (), **extra: Any) -> None:
+def mark_complete(path: str | Path, nsample: int, *, synced: Iterable[str] = (),
+                  storage_options: StorageOptions | None = None, **extra: Any) -> None:
     """Write the completion mark and the consolidated metadata: the last write of every writer.
 
-    Everything in the store is fsynced first, and the mark after, so that
-    not even a power loss can leave a store marked complete whose data did
-    not reach the disk.  `synced` names arrays whose chunk files their
+    Everything in a local store is fsynced first, and the mark after, so
+    that not even a power loss can leave a store marked complete whose data
+    did not reach the disk.  `synced` names arrays whose chunk files their
     writers already fsynced (inference workers do, before recording a
     tile): those files are not fsynced again, their directories and
-    metadata are.
+    metadata are.  In object storage every object whose write returned is
+    stored, so the mark simply comes after the last of them.
     """
-    synced = frozenset(synced)
-    durable.fsync_tree(path, lambda rel: len(rel) > 1 and rel[0] in synced and rel[-1] != "zarr.json")
-    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    remote = storage.is_remote(path)
+    if not remote:
+        synced = frozenset(synced)
+        durable.fsync_tree(path, lambda rel: len(rel) > 1 and rel[0] in synced and rel[-1] != "zarr.json")
+    group = open_group(path, "r+", storage_options)
     meta = dict(group.attrs[ATTR])
     meta.update(extra, complete=True, nsample=int(nsample))
     group.attrs[ATTR] = meta
-    zarr.consolidate_metadata(str(path))
-    durable.fsync_files([Path(path) / "zarr.json", path])
+    zarr.consolidate_metadata(group.store)
+    if not remote:
+        durable.fsync_files([Path(path) / "zarr.json", path])
 
 
-def read_meta(path: str | Path) -> dict[str, Any] | None:
+def open_group(path: str | Path, mode: str, storage_options: StorageOptions | None = None,
+               **kwargs: Any) -> zarr.Group:
+    """``zarr.open_group`` of the store at `path` (a local path or URL, `map2map.storage`).
+
+    Modes other than ``"r"`` open the metadata as written (not the
+    consolidated view, which is only rewritten by `mark_complete`); ``"r"``
+    opens the consolidated view where there is one.
+    """
+    kwargs.setdefault("use_consolidated", None if mode == "r" else False)
+    if mode == "w-":
+        kwargs.pop("use_consolidated")
+    return zarr.open_group(mode=mode, **storage.zarr_kwargs(os.fspath(path), storage_options), **kwargs)
+
+
+def read_meta(path: str | Path, storage_options: StorageOptions | None = None) -> dict[str, Any] | None:
     """The ``map2map`` attribute of the group at `path`, or None if it is no map2map store."""
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = open_group(path, "r", storage_options, use_consolidated=False)
     except (FileNotFoundError, ValueError, zarr.errors.GroupNotFoundError, json.JSONDecodeError):
         return None
     return group.attrs.get(ATTR)
@@ -333,6 +357,7 @@ class Store:
     path: str
     group: zarr.Group
     meta: dict[str, Any]
+    storage_options: StorageOptions | None = None
 
     @property
     def nsample(self) -> int:
@@ -360,14 +385,20 @@ class Store:
         return [str(s) for s in self.group[source_name(name)][: self.nsample]]
 
 
-def open_store(path: str | Path, *, allow_incomplete: bool = False) -> Store:
-    """Open a store for reading; refuse a missing, foreign or incomplete one with a one-line error."""
-    path = str(path)
-    if not Path(path).exists():
+def open_store(path: str | Path, *, allow_incomplete: bool = False,
+               storage_options: StorageOptions | None = None) -> Store:
+    """Open a store (a local path or URL) for reading; refuse a missing, foreign or incomplete one, or
+    one the storage service refuses, with a one-line error."""
+    path = storage.normalise(path)
+    storage.check_scheme(path, "store")
+    if not storage.exists(path, storage_options):
         raise UserError(f"store {path} does not exist")
     try:
-        group = zarr.open_group(path, mode="r", use_consolidated=None)
-    except Exception as exc:  # zarr raises several types for unreadable metadata
+        group = open_group(path, "r", storage_options)
+    except Exception as exc:  # zarr and the storage backends raise several types for what they cannot read
+        err = storage.user_error(exc, path)
+        if isinstance(err, UserError):
+            raise err from None
         raise UserError(f"{path} is not a readable Zarr store ({type(exc).__name__}: {exc})") from None
     meta = group.attrs.get(ATTR)
     if meta is None:
@@ -378,12 +409,15 @@ def open_store(path: str | Path, *, allow_incomplete: bool = False) -> Store:
     if not meta.get("complete") and not allow_incomplete:
         raise IncompleteStoreError(f"store {path} is incomplete (no completion mark): "
                                    "its writer was interrupted; run it again")
-    return Store(path, group, meta)
+    return Store(path, group, meta, storage_options)
 
 
-def remove(path: str | Path) -> None:
-    """Delete a local store directory (only ever called on map2map stores or our own temporaries)."""
-    shutil.rmtree(path, ignore_errors=False)
+def remove(path: str | Path, storage_options: StorageOptions | None = None) -> None:
+    """Delete a store (only ever called on map2map stores or our own temporaries)."""
+    if storage.is_remote(path):
+        storage.remove_tree(os.fspath(path), storage_options)
+    else:
+        shutil.rmtree(storage.local_path(path), ignore_errors=False)
 
 
 # ------------------------------------------------------------ output paths
@@ -502,6 +536,11 @@ def staged_path(path: str | Path) -> str:
     `path` see the old store.  Whether a leftover at this path is resumed or
     removed is the writer's choice.
     """
+    if storage.is_remote(path):
+        text = storage.normalise(path)
+        raise UserError(f"--overwrite: {text} is in object storage, which has no rename: a complete store there "
+                        f"cannot be replaced without a moment when none is complete; write to a new URL (e.g. "
+                        f"{text.removesuffix('.zarr')}-2.zarr) and delete the old one once the new one is complete")
     path = os.path.normpath(os.fspath(path))
     return path + PARTIAL
 
@@ -535,9 +574,6 @@ def swap_in(staged: str | Path, path: str | Path) -> None:
         remove(old)
 
 
-def stored_bytes(path: str | Path, name: str) -> int:
-    """Bytes the field `name` occupies on disk (local stores)."""
-    total = 0
-    for root, _, files in os.walk(Path(path) / name):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-    return total
+def stored_bytes(path: str | Path, name: str, storage_options: StorageOptions | None = None) -> int:
+    """Bytes the field `name` occupies in storage (files on disk, or objects)."""
+    return storage.tree_bytes(storage.join(os.fspath(path), name), storage_options)

@@ -126,3 +126,30 @@ def cluster():
         yield c.scheduler_address
     finally:
         c.close()
+
+
+# --------------------------------------------------------------------------- object storage
+#
+# A real S3-compatible server (moto's server mode, its own process on 127.0.0.1; see tests/s3server.py),
+# one per session, and a fresh bucket per test.  The credentials are put in the environment the way a user
+# sets them, so that `m2m` subprocesses the test starts inherit them.
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    from s3server import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    from s3server import CREDENTIALS, make_bucket
+
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    return make_bucket(s3_server)
