@@ -44,7 +44,6 @@ from map2map.errors import UserError
 from map2map.stage import Summary
 
 VNET_STRIDE = 4  # total stride of map2map.models.VNet (two 2x downsamplings): crops are multiples of it
-PATCHGAN_SIDE = 9  # voxels per side map2map.models.PatchGAN needs to score a sample
 
 
 @dataclass(frozen=True)
@@ -223,9 +222,12 @@ def check(config: DemoConfig) -> None:
         if not _positive(value):
             raise UserError(f"{option} {value!r}: expected a finite positive number")
     if config.sr is not None:
-        if config.adv and config.crop * config.sr < PATCHGAN_SIDE:
+        from map2map.models.patchgan import PatchGAN
+
+        side = PatchGAN.min_side
+        if config.adv and config.crop * config.sr < side:
             raise UserError(f"--crop {config.crop}: with --adv the PatchGAN needs a fine crop of at least "
-                            f"{PATCHGAN_SIDE} voxels per side; use --crop {-(-PATCHGAN_SIDE // config.sr)} or more")
+                            f"{side} voxels per side; use --crop {-(-side // config.sr)} or more")
     elif config.crop % VNET_STRIDE:
         stride = VNET_STRIDE
         raise UserError(f"--crop {config.crop}: the V-Net takes crops of a multiple of {stride} voxels; use e.g. "

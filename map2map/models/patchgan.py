@@ -26,6 +26,8 @@ from .conv import ConvBlock, conv_class, norm_class
 class PatchGAN(nn.Module):
     """The original's PatchGAN; see the module docstring. Extra keyword arguments are ignored."""
 
+    min_side = 9  # voxels per side of the smallest input it scores (four 3-voxel convolutions, no padding)
+
     def __init__(self, in_chan: int, out_chan: int = 1, dim: int = 3, **kwargs) -> None:
         super().__init__()
         self.convs = nn.Sequential(
