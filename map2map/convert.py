@@ -23,6 +23,19 @@ readable.  Every writer holds the output's writer lock
 write, so two conversions into one store never interleave; an append
 takes the layout it does not name (crop, pad, chunk, ...) from the store.
 
+Object storage: OUTPUT may be a URL (``s3://bucket/train.zarr``,
+``file://...``; `map2map.storage`), opened with ``--storage-options JSON``,
+which the worker processes get too (``memory://`` lives in one process, so
+it is written without workers).  Every task writes whole shards, and each
+shard is one object, written by one PUT; the completion mark comes after
+the last of them.  An incomplete store there (an interrupted run's) is
+deleted and converted again, ``--append`` works as on disk, but a complete
+store is never replaced: object storage has no rename, so ``--overwrite``
+is refused (`map2map.store.staged_path`) and the fix is a new URL.  No
+writer lock is taken on object storage (there is no file to lock): running
+two conversions into one URL at once is the user's to avoid, and the
+summary says so.
+
 Styles (per-sample parameters, `map2map.store.read_styles`) come from
 ``--styles TABLE`` (a CSV file: a header of parameter names, then one row
 per sample in the sorted file order) or ``--style-pattern GLOB`` with
@@ -35,6 +48,7 @@ exactly when the fields are.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
@@ -51,7 +65,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from map2map import geometry, npyfile, store
+from map2map import geometry, npyfile, storage, store
 from map2map.errors import UserError
 from map2map.utils.progress import advance
 from map2map.stage import Summary
@@ -59,6 +73,7 @@ from map2map.utils.locks import writer_lock
 
 MAX_CHANNELS = 16
 UNIT_BYTES = 32 * 2**20
+IN_PROCESS_SCHEMES = frozenset({"memory"})  # file systems that live in one process: written without workers
 
 
 @dataclass(frozen=True)
@@ -90,8 +105,11 @@ class ConvertConfig:
     styles: str | None = None
     style_pattern: str | None = None
     style_names: tuple[str, ...] | None = None
+    storage_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.storage_options, str):  # the JSON text of --storage-options
+            object.__setattr__(self, "storage_options", storage.parse_options(self.storage_options))
         if isinstance(self.field, str):  # one spec given bare
             object.__setattr__(self, "field", (self.field,))
         if isinstance(self.style_names, str):  # "Om,D" given bare
@@ -531,7 +549,8 @@ def _count_bad(header: npyfile.NpyHeader, region: tuple[slice, ...], buf: np.nda
     return _Bad(nonfinite=genuine, overflow=bad - genuine)
 
 
-def _write_task(path: str, task: _Task, dtype: str, check_finite: bool) -> tuple[int, _Bad]:
+def _write_task(path: str, task: _Task, dtype: str, check_finite: bool,
+                storage_options: dict[str, Any] | None = None) -> tuple[int, _Bad]:
     """Convert the units of one task; returns (bytes written, the values that are not finite once stored).
 
     Opens the store's array for this task only: an array object caches the
@@ -539,7 +558,7 @@ def _write_task(path: str, task: _Task, dtype: str, check_finite: bool) -> tuple
     A cast that overflows is counted (unless `check_finite` is off), never
     warned about.
     """
-    arr = zarr.open_group(path, mode="r+", use_consolidated=False)[task.field]
+    arr = store.open_group(path, "r+", storage_options)[task.field]
     nbytes, bad = 0, _Bad()
     for region in task.regions:
         buf = np.empty((task.header.shape[0],) + tuple(s.stop - s.start for s in region), dtype=dtype)
@@ -592,14 +611,17 @@ def write_samples(path: str, fields: list[FieldInput], layouts: list[store.Field
     """
     dtype = layouts[0].dtype
     itemsize = np.dtype(dtype).itemsize
+    opts = config.storage_options
     tasks = list(_tasks(fields, layouts, first_sample, itemsize))
     total = sum(t.nbytes for t in tasks)
     workers = min(config.workers, max(1, total // UNIT_BYTES), len(tasks))
+    if storage.scheme(path) in IN_PROCESS_SCHEMES:  # another process would see an empty file system
+        workers = 1
     bad: dict[str, _Bad] = {}
     written = 0
     with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not config.progress,
               file=sys.stderr) as bar, _pool(workers) as pool:
-        futures = [(t.header.path, pool.submit(_write_task, path, t, dtype, not config.allow_nonfinite))
+        futures = [(t.header.path, pool.submit(_write_task, path, t, dtype, not config.allow_nonfinite, opts))
                    for t in tasks]
         for src, fut in futures:
             nbytes, nbad = fut.result()
@@ -614,7 +636,7 @@ def write_samples(path: str, fields: list[FieldInput], layouts: list[store.Field
     if bad:
         path0, count = next(iter(bad.items()))
         raise UserError(_bad_message(path0, count, dtype))
-    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    group = store.open_group(path, "r+", opts)
     for f in fields:
         src = group[store.source_name(f.name)]
         src[first_sample:first_sample + len(f.headers)] = np.array([h.path for h in f.headers])
@@ -638,32 +660,72 @@ def _settings(fields: list[FieldInput], config: ConvertConfig, plan: Plan) -> di
 def run(config: ConvertConfig) -> ConvertSummary:
     """Run a conversion (see the module docstring).  Raises UserError on bad input, before writing anything.
 
-    Options, input files and the output path are checked first
-    (`check_config`, `gather`, `map2map.store.check_output_path`); the
+    Options, input files and the output location are checked first
+    (`check_config`, `gather`, `map2map.store.check_output_path`); a local
     output is then written under its writer lock (`map2map.utils.locks`),
-    so a second conversion into the same store is refused.
+    so a second conversion into the same store is refused.  A remote one
+    has no lock (see the module docstring); what its storage service
+    refuses (a missing bucket, credentials) is one line (`_remote_errors`).
     """
     t0 = time.perf_counter()
     check_config(config)
+    storage.check_scheme(config.output, "OUTPUT")
     fields = gather(config.field)
     styles = gather_styles(config, len(fields[0].headers))
-    out = Path(config.output)
-    store.check_output_path(out, inputs=[h.path for f in fields for h in f.headers]
-                            + list(styles.sources if styles else ()))
-    plan = None if config.append else plan_layouts(fields, config)
-    with writer_lock(out, "m2m convert") as lock:
-        notes = [lock.note] if lock.note else []
-        if config.append:
-            fields, plan, old, written = _append(out, fields, styles, config, notes)
-            appended: int | None = len(fields[0].headers)
-            nsample = old + appended
-        else:
-            assert plan is not None
-            notes += plan.notes
-            written = _create(out, fields, styles, plan, config, notes)
-            appended, nsample = None, len(fields[0].headers)
-    return ConvertSummary(str(out), nsample, appended, [dataclasses.asdict(lay) for lay in plan.layouts], notes,
+    out = output_location(config.output)
+    with _remote_errors(out):
+        store.check_output_path(out, inputs=[h.path for f in fields for h in f.headers]
+                                + list(styles.sources if styles else ()), storage_options=config.storage_options)
+        plan = None if config.append else plan_layouts(fields, config)
+        with _output_lock(out) as notes:
+            if config.append:
+                fields, plan, old, written = _append(out, fields, styles, config, notes)
+                appended: int | None = len(fields[0].headers)
+                nsample = old + appended
+            else:
+                assert plan is not None
+                notes += plan.notes
+                written = _create(out, fields, styles, plan, config, notes)
+                appended, nsample = None, len(fields[0].headers)
+    return ConvertSummary(out, nsample, appended, [dataclasses.asdict(lay) for lay in plan.layouts], notes,
                           written, time.perf_counter() - t0, list(styles.names) if styles else [])
+
+
+def output_location(text: str) -> str:
+    """OUTPUT as the stage keeps it: a remote URL normalised (`map2map.storage.normalise`), a local path as
+    ``pathlib`` prints it (a ``file://`` URL as its path)."""
+    if storage.is_remote(text):
+        return storage.normalise(text)
+    return str(Path(storage.local_path(text)))
+
+
+@contextlib.contextmanager
+def _output_lock(out: str) -> Iterator[list[str]]:
+    """Hold the writer lock of a local `out` for the body; yields the summary's notes so far (one line
+    when a dead writer's lock was taken over, or when `out` is remote and so unlocked)."""
+    if storage.is_remote(out):
+        yield [f"no writer lock on {out}: object storage has no locks, so run one m2m convert at a time into it"]
+        return
+    with writer_lock(out, "m2m convert") as lock:
+        yield [lock.note] if lock.note else []
+
+
+@contextlib.contextmanager
+def _remote_errors(out: str) -> Iterator[None]:
+    """For a remote `out`: what the storage service refuses (a missing bucket, credentials, no connection)
+    becomes its one-line `UserError` (`map2map.storage.user_error`); every other exception passes unchanged."""
+    if not storage.is_remote(out):
+        yield
+        return
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:  # fsspec backends raise their own types; translated, or re-raised unchanged
+        err = storage.user_error(exc, out)
+        if err is exc:
+            raise
+        raise err from None
 
 
 def _dtype_notes(fields: list[FieldInput], dtype: str) -> list[str]:
@@ -671,16 +733,16 @@ def _dtype_notes(fields: list[FieldInput], dtype: str) -> list[str]:
             if f.headers[0].dtype != np.dtype(dtype)]
 
 
-def _check_foreign(out: Path, option: str) -> None:
-    """Refuse to delete a store directory holding anything that is not the store's own."""
-    foreign = store.foreign_entries(out)
+def _check_foreign(out: str, option: str, storage_options: dict[str, Any] | None) -> None:
+    """Refuse to delete a store holding anything that is not the store's own."""
+    foreign = store.foreign_entries(out, storage_options)
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise UserError(f"{option}: {out} holds {shown}, which {'is' if len(foreign) == 1 else 'are'} not part "
                         "of the store; move it out first, nothing was deleted")
 
 
-def _create(out: Path, fields: list[FieldInput], styles: StyleInput | None, plan: Plan, config: ConvertConfig,
+def _create(out: str, fields: list[FieldInput], styles: StyleInput | None, plan: Plan, config: ConvertConfig,
             notes: list[str]) -> int:
     """Write a new store at `out` (built beside it and swapped in if it replaces one); returns the bytes.
 
@@ -689,38 +751,47 @@ def _create(out: Path, fields: list[FieldInput], styles: StyleInput | None, plan
     ``--overwrite``, an incomplete one (an interrupted run's) always.  Any
     other existing file or non-empty directory is refused, with or without
     ``--overwrite``; an empty directory may be replaced with ``--overwrite``.
+    In object storage an incomplete store is deleted and written again in
+    place, anything else under the prefix that is no map2map store is
+    refused, and a complete store is never replaced (`map2map.store.staged_path`
+    refuses ``--overwrite``: there is no rename to swap a new one in).
     """
+    opts = config.storage_options
+    remote = storage.is_remote(out)
     nnew = len(fields[0].headers)
     target = out
-    if os.path.lexists(out) and not out.is_dir():
+    if not remote and os.path.lexists(out) and not os.path.isdir(out):
         raise UserError(f"OUTPUT {out} exists and is not a directory (a store is one); choose another path")
-    meta = store.read_meta(out) if out.exists() else None
-    if out.exists() and meta is None and (not config.overwrite or any(out.iterdir())):
+    exists = storage.exists(out, opts) if remote else os.path.exists(out)
+    meta = store.read_meta(out, opts) if exists else None
+    if exists and meta is None and (remote or not config.overwrite or any(Path(out).iterdir())):
         refusal = "refusing to delete it" if config.overwrite else "choose another OUTPUT"
         raise UserError(f"{'--overwrite: ' if config.overwrite else ''}{out} exists and is not a map2map store; "
                         f"{refusal}")
     if meta is not None and meta.get("complete") and not config.overwrite:
         raise UserError(f"{out} exists and is complete; pass --overwrite to replace it or --append to add samples")
+    if remote and meta is not None and meta.get("complete"):
+        store.staged_path(out)  # refuses, naming the fix: a complete store in object storage is never replaced
     if meta is not None:
-        _check_foreign(out, "--overwrite" if config.overwrite else "OUTPUT")
-    if meta is not None and not config.overwrite:
+        _check_foreign(out, "--overwrite" if config.overwrite else "OUTPUT", opts)
+    if meta is not None and (remote or not config.overwrite):
         notes.append(f"{out} is an incomplete store from an interrupted run: converting it again")
-        store.remove(out)
-    elif out.exists():
-        target = Path(store.staged_path(out))
-        if target.exists():
+        store.remove(out, opts)
+    elif exists:
+        target = store.staged_path(out)
+        if os.path.exists(target):
             store.remove(target)
     notes += _dtype_notes(fields, plan.layouts[0].dtype)
     store.create(target, plan.layouts, nsample=nnew, boxsize=config.boxsize, settings=_settings(fields, config, plan),
-                 style_names=styles.names if styles else ())
+                 style_names=styles.names if styles else (), storage_options=opts)
     try:
-        written = write_samples(str(target), fields, plan.layouts, 0, config)
+        written = write_samples(target, fields, plan.layouts, 0, config)
         if styles is not None:
-            store.write_styles(target, styles.values, 0)
+            store.write_styles(target, styles.values, 0, opts)
     except UserError:
-        store.remove(target)
+        store.remove(target, opts)
         raise
-    store.mark_complete(target, nnew)
+    store.mark_complete(target, nnew, storage_options=opts)
     if target != out:
         store.swap_in(target, out)
     return written
@@ -816,14 +887,15 @@ def _compare_layouts(st: store.Store, plan: Plan) -> None:
                                 "--compressor out to use the store's")
 
 
-def _append(out: Path, fields: list[FieldInput], styles: StyleInput | None, config: ConvertConfig,
+def _append(out: str, fields: list[FieldInput], styles: StyleInput | None, config: ConvertConfig,
             notes: list[str]) -> tuple[list[FieldInput], Plan, int, int]:
     """Add the files as new samples of the complete store `out`.
 
     Returns the fields (the store's reference field first), the plan, the
     number of samples before and the bytes written.
     """
-    st = store.open_store(out)
+    opts = config.storage_options
+    st = store.open_store(out, storage_options=opts)
     fields = _check_append(st, fields, config)
     rows = _check_append_styles(st, styles)
     plan = plan_layouts(fields, append_config(config, st.meta))
@@ -831,14 +903,14 @@ def _append(out: Path, fields: list[FieldInput], styles: StyleInput | None, conf
     notes += list(plan.notes) + _dtype_notes(fields, plan.layouts[0].dtype)
     old = st.nsample
     nnew = len(fields[0].headers)
-    group = zarr.open_group(str(out), mode="r+", use_consolidated=False)
+    group = store.open_group(out, "r+", opts)
     _resize_samples(group, old + nnew)
     try:
-        written = write_samples(str(out), fields, plan.layouts, old, config)
+        written = write_samples(out, fields, plan.layouts, old, config)
         if rows is not None:
-            store.write_styles(out, rows, old)
+            store.write_styles(out, rows, old, opts)
     except UserError:
         _resize_samples(group, old)
         raise
-    store.mark_complete(out, old + nnew)
+    store.mark_complete(out, old + nnew, storage_options=opts)
     return fields, plan, old, written

@@ -5,18 +5,24 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from map2map import store
+from map2map import storage, store
 from map2map.stage import Summary
 
 
 @dataclass(frozen=True)
 class InfoConfig:
-    """`m2m info PATH`: a store directory or a checkpoint file."""
+    """`m2m info PATH`: a store (a directory, or a URL read with `storage_options`) or a checkpoint file."""
 
     path: str
+    storage_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.storage_options, str):  # the JSON text of --storage-options
+            object.__setattr__(self, "storage_options", storage.parse_options(self.storage_options))
 
 
 @dataclass
@@ -30,9 +36,10 @@ class InfoSummary(Summary):
 
 
 def run(config: InfoConfig) -> InfoSummary:
-    if os.path.isfile(config.path):
-        return InfoSummary(config.path, "checkpoint", describe_checkpoint(config.path))
-    return InfoSummary(config.path, "store", describe(config.path))
+    if not storage.is_remote(config.path) and os.path.isfile(storage.local_path(config.path)):
+        path = storage.local_path(config.path)
+        return InfoSummary(path, "checkpoint", describe_checkpoint(path))
+    return InfoSummary(config.path, "store", describe(config.path, config.storage_options))
 
 
 def describe_checkpoint(path: str) -> str:
@@ -79,9 +86,10 @@ def _describe_styles(st: store.Store) -> list[str]:
     return lines
 
 
-def describe(path: str) -> str:
-    """A human-readable summary of the store at `path` (incomplete stores included, and said so)."""
-    st = store.open_store(path, allow_incomplete=True)
+def describe(path: str, storage_options: storage.StorageOptions | None = None) -> str:
+    """A human-readable summary of the store at `path` (a local path or URL; incomplete stores included,
+    and said so)."""
+    st = store.open_store(path, allow_incomplete=True, storage_options=storage_options)
     meta = st.meta
     lines = [f"store      {path}",
              f"complete   {'yes' if meta.get('complete') else 'NO (interrupted or still being written)'}",
@@ -98,7 +106,7 @@ def describe(path: str) -> str:
         arr = st.group[name]
         shape = (st.nsample,) + arr.shape[1:]
         raw = math.prod(shape) * np.dtype(arr.dtype).itemsize
-        stored = store.stored_bytes(path, name)
+        stored = store.stored_bytes(st.path, name, storage_options)
         total_raw, total_stored = total_raw + raw, total_stored + stored
         shards = arr.shards[2:] if arr.shards else None
         settings = meta["fields"].get(name, {})

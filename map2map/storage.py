@@ -151,6 +151,24 @@ def names(location: str, options: StorageOptions | None = None) -> list[str]:
     return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries} - {""})
 
 
+BUCKET_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})
+
+
+def missing_bucket(location: str, options: StorageOptions | None = None) -> UserError | None:
+    """The one-line error for a URL whose bucket does not exist, or None (a bucket exists, or the scheme
+    has no buckets)."""
+    if scheme(location) not in BUCKET_SCHEMES:
+        return None
+    bucket = normalise(location).split("://", 1)[1].split("/", 1)[0]
+    fs, _ = filesystem(location, options)
+    try:
+        there = fs.exists(bucket)
+    except Exception as exc:  # fsspec backends raise their own types; translated, or re-raised unchanged
+        raise user_error(exc, location) from exc
+    return None if there else UserError(f"{location}: bucket {bucket} does not exist; create it or give "
+                                        "another URL")
+
+
 def put_bytes(location: str, data: bytes, options: StorageOptions | None = None) -> None:
     """Store `data` as the one object `location` (remote only: local files go through `map2map.utils.durable`)."""
     fs, path = filesystem(location, options)

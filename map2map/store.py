@@ -30,7 +30,8 @@ fields (`create`'s `style_names`, `write_styles`) and read with
 Output paths are the store's to rule too (`check_output_path`): an output
 is never an input, inside one or around one, never inside another store,
 and its parent must be creatable; `foreign_entries` says what in a store
-directory is not the store's own, so that no ``--overwrite`` deletes it.
+directory (or under a remote store's prefix) is not the store's own, so
+that no ``--overwrite`` deletes it.
 """
 
 from __future__ import annotations
@@ -392,7 +393,7 @@ def open_store(path: str | Path, *, allow_incomplete: bool = False,
     path = storage.normalise(path)
     storage.check_scheme(path, "store")
     if not storage.exists(path, storage_options):
-        raise UserError(f"store {path} does not exist")
+        raise storage.missing_bucket(path, storage_options) or UserError(f"store {path} does not exist")
     try:
         group = open_group(path, "r", storage_options)
     except Exception as exc:  # zarr and the storage backends raise several types for what they cannot read
@@ -462,9 +463,43 @@ def _enclosing_store(path: Path) -> Path | None:
     return None
 
 
+def _url_parts(url: str) -> tuple[str, tuple[str, ...]]:
+    """(scheme, the non-empty ``/``-separated segments after it) of a remote `url`; the first is the bucket."""
+    scheme, rest = storage.normalise(url).split("://", 1)
+    return scheme, tuple(part for part in rest.split("/") if part)
+
+
+def _url_within(inner: str, outer: str) -> bool:
+    """Whether the remote `inner` is `outer` or lies under its prefix (whole segments, same scheme)."""
+    (s_in, parts_in), (s_out, parts_out) = _url_parts(inner), _url_parts(outer)
+    return s_in == s_out and parts_in[:len(parts_out)] == parts_out
+
+
+def _enclosing_remote_store(url: str, storage_options: StorageOptions | None) -> str | None:
+    """The nearest prefix above the remote `url` (up to its bucket) that holds a map2map store, or None.
+
+    One existence check of ``<prefix>/zarr.json`` per level (a store's group
+    metadata object), and the metadata read only where there is one.
+    """
+    scheme, parts = _url_parts(url)
+    for n in range(len(parts) - 1, 0, -1):
+        parent = f"{scheme}://{'/'.join(parts[:n])}"
+        fs, key = storage.filesystem(storage.join(parent, "zarr.json"), storage_options)
+        try:
+            found = fs.exists(key)
+        except Exception as exc:  # what the service refuses is said of `url`, the location the user gave
+            err = storage.user_error(exc, url)
+            if err is exc:
+                raise
+            raise err from None
+        if found and read_meta(parent, storage_options) is not None:
+            return parent
+    return None
+
+
 def check_output_path(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (),
-                      option: str = "OUTPUT") -> None:
-    """Refuse an output path that would overwrite or nest with its inputs, or that cannot be created.
+                      option: str = "OUTPUT", storage_options: StorageOptions | None = None) -> None:
+    """Refuse an output location that would overwrite or nest with its inputs, or that cannot be created.
 
     A one-line `UserError` naming `option` when `out`, symlinks resolved,
     equals one of `inputs` (input stores, input files, run directories),
@@ -473,22 +508,29 @@ def check_output_path(out: str | os.PathLike, *, inputs: Iterable[str | os.PathL
     store's writers would take it for their own); or when its parent cannot
     be created: the nearest existing ancestor must be a writable directory
     on a file system that stores files (not ``/proc`` or another kernel
-    view).  Local paths only.  Whether an existing `out` may be replaced is
-    each writer's decision (its ``--overwrite`` rules), not this one's.
+    view).  Whether an existing `out` may be replaced is each writer's
+    decision (its ``--overwrite`` rules), not this one's.
+
+    A remote `out` (a URL, `map2map.storage`) is compared with the remote
+    inputs of its scheme by whole key segments (a local input can neither
+    hold nor lie in it), and the prefixes above it, up to its bucket, are
+    looked up with `storage_options` for a store it would lie in.  Nothing
+    local applies to it (there is no parent directory to create or check):
+    whether the bucket exists and the credentials are accepted shows at its
+    writer's first write.
     """
     text = os.fspath(out)
     if not text:
         raise UserError(f"{option} is empty; give a path")
-    path = _resolved(text)
+    if storage.is_remote(text):
+        _check_remote_output(text, inputs, option, storage_options)
+        return
+    path = _resolved(storage.local_path(text))
     for item in inputs:
-        other = _resolved(item)
-        if path == other:
-            raise UserError(f"{option} {text} is the input {os.fspath(item)}; give another path for the output")
-        if _within(path, other):
-            raise UserError(f"{option} {text} is inside the input {os.fspath(item)}; write the output beside it")
-        if _within(other, path):
-            raise UserError(f"{option} {text} contains the input {os.fspath(item)}; replacing it would "
-                            "delete the input: give another path")
+        if storage.is_remote(item):
+            continue
+        other = _resolved(storage.local_path(item))
+        _check_nesting(text, os.fspath(item), path == other, _within(path, other), _within(other, path), option)
     nest = _enclosing_store(path)
     if nest is not None:
         raise UserError(f"{option} {text} is inside the map2map store {nest}; write the output beside it")
@@ -505,23 +547,56 @@ def check_output_path(out: str | os.PathLike, *, inputs: Iterable[str | os.PathL
         raise UserError(f"{option} {text} cannot be created: the directory {ancestor} is not writable")
 
 
-def foreign_entries(path: str | os.PathLike) -> list[str]:
-    """Names directly inside the store directory `path` that are not the store's own, sorted.
+def _check_nesting(text: str, item: str, same: bool, inside: bool, around: bool, option: str) -> None:
+    """Refuse the output `text` that is the input `item`, lies inside it or contains it."""
+    if same:
+        raise UserError(f"{option} {text} is the input {item}; give another path for the output")
+    if inside:
+        raise UserError(f"{option} {text} is inside the input {item}; write the output beside it")
+    if around:
+        raise UserError(f"{option} {text} contains the input {item}; replacing it would "
+                        "delete the input: give another path")
+
+
+def _check_remote_output(text: str, inputs: Iterable[str | os.PathLike], option: str,
+                         storage_options: StorageOptions | None) -> None:
+    """`check_output_path` for a remote `text`: nesting with remote inputs, and no store above it."""
+    url = storage.normalise(text)
+    for item in inputs:
+        if storage.is_remote(item):
+            other = storage.normalise(item)
+            _check_nesting(text, os.fspath(item), _url_parts(url) == _url_parts(other), _url_within(url, other),
+                           _url_within(other, url), option)
+    nest = _enclosing_remote_store(url, storage_options)
+    if nest is not None:
+        raise UserError(f"{option} {text} is inside the map2map store {nest}; write the output beside it")
+
+
+def foreign_entries(path: str | os.PathLike, storage_options: StorageOptions | None = None) -> list[str]:
+    """Names directly inside the store `path` (a directory, or a remote prefix) that are not the store's own, sorted.
 
     The store's own are its ``zarr.json``, the arrays of its group, and
     names map2map writers keep there while they work (``.m2m-*``, e.g.
     inference tile markers).  Anything else (a user's file, another store
     nested in it) is foreign, and no ``--overwrite`` may delete it.
     """
-    return sorted(name for name in os.listdir(path)
-                  if name != "zarr.json" and not name.startswith(".m2m-") and not _is_array(Path(path) / name))
+    location = os.fspath(path)
+    return sorted(name for name in storage.names(location, storage_options)
+                  if name != "zarr.json" and not name.startswith(".m2m-")
+                  and not _is_array(storage.join(location, name), storage_options))
 
 
-def _is_array(path: Path) -> bool:
-    """Whether `path` is a Zarr array's directory (its ``zarr.json`` says so), read without Zarr's warnings."""
+def _is_array(location: str, storage_options: StorageOptions | None = None) -> bool:
+    """Whether `location` is a Zarr array (its ``zarr.json`` says so), read without Zarr's warnings."""
+    node_file = storage.join(location, "zarr.json")
     try:
-        node = json.loads((path / "zarr.json").read_text())
-    except (OSError, ValueError):
+        if storage.is_remote(node_file):
+            fs, key = storage.filesystem(node_file, storage_options)
+            raw = fs.cat_file(key)
+        else:
+            raw = Path(storage.local_path(node_file)).read_bytes()
+        node = json.loads(raw)
+    except (OSError, ValueError):  # missing or unreadable (FileNotFoundError is an OSError), or not JSON
         return False
     return isinstance(node, dict) and node.get("node_type") == "array"
 

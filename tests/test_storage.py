@@ -139,7 +139,7 @@ def test_a_missing_bucket_is_one_line(s3):
     url = f"s3://m2m-missing-{uuid.uuid4().hex[:8]}/x.zarr"
     with pytest.raises(UserError) as err:
         store.open_store(url, storage_options=s3.options)
-    assert "does not exist" in _one_line(err.value)
+    assert f"bucket {url.split('/')[2]} does not exist" in _one_line(err.value)
 
 
 def test_refused_credentials_are_one_line(monkeypatch):

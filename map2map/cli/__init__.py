@@ -62,7 +62,11 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a store (fields, shapes, chunks, sizes, completeness) or a "
                                     "checkpoint (model card, epoch, losses, parameters)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("path", metavar="STORE|CHECKPOINT", help="path of a store or of a checkpoint file")
+    p.add_argument("path", metavar="STORE|CHECKPOINT",
+                   help="path or URL (s3://bucket/train.zarr, ...) of a store, or path of a checkpoint file")
+    p.add_argument("--storage-options", metavar="JSON", default=None,
+                   help="keyword arguments of the object storage backend for a URL STORE, as a JSON object, "
+                        "e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'")
     p.set_defaults(stage=("map2map.info", "InfoConfig"))
 
 

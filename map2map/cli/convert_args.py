@@ -13,7 +13,8 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Stream .npy fields (channel-first, one file per sample) into a Zarr store "
                                    "whose shards line up with training crops.")
-    p.add_argument("output", help="path of the store to write")
+    p.add_argument("output", help="path or URL of the store to write (s3://bucket/train.zarr, file://...; "
+                                  "object storage needs the backend's package, e.g. s3fs)")
     p.add_argument("--field", action="append", required=True, metavar="NAME=PATTERN",
                    help="a field and the glob pattern of its .npy files (sorted by path; the i-th files of "
                         "all fields form sample i); repeat for more fields")
@@ -31,7 +32,8 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
                         "unit (with --append it must equal the store's, or be left out)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true",
-                      help="replace an existing map2map store (built beside it and swapped in at the end)")
+                      help="replace an existing map2map store (built beside it and swapped in at the end; refused "
+                           "in object storage, which has no rename: write to a new URL)")
     mode.add_argument("--append", action="store_true", help="add the files as new samples to a complete store")
     p.add_argument("--chunk", type=_ints, default=keep,
                    help="inner chunk N or N,N,N (must divide the shard; default: the largest divisor of the "
@@ -55,6 +57,10 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
                         "paired with the samples like --field's); needs --style-names")
     p.add_argument("--style-names", type=_names, default=None, metavar="NAME,NAME",
                    help="names of the numbers in each --style-pattern file, in order, e.g. Om,D")
+    p.add_argument("--storage-options", metavar="JSON", default=None,
+                   help="keyword arguments of the object storage backend for a URL OUTPUT, as a JSON object, "
+                        "e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (credentials come from the "
+                        "environment as the backend reads them)")
     p.add_argument("--workers", type=int, default=2, help="processes converting shards in parallel (at least 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(stage=("map2map.convert", "ConvertConfig"))
