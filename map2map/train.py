@@ -21,6 +21,9 @@ The flow, top to bottom in `run` (a `TrainConfig` in, a `TrainSummary` out):
    (disjoint per rank, reshuffled from (seed, epoch)), a `DataLoader` whose
    workers live across epochs; the sampler's items carry their epoch to them
    (`map2map.data.sampler.EpochItem`), so augmentation still changes every epoch.
+   The stores may be URLs (`map2map.storage`): the datasets carry
+   ``--storage-options`` into every loader worker, and every rank parses
+   them from its own command line.  Only the stores: the run directory is local.
 3. Model, found by name and built as ``Model(in_chan, out_chan,
    scale_factor=..., **misc_kwargs)`` (keys neither the model nor a norm
    takes are refused, `map2map.models.build`); its total stride is checked
@@ -83,7 +86,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from map2map import __version__, adversary, modelfit, store
+from map2map import __version__, adversary, modelfit, storage, store
 from map2map.data.batching import collate
 from map2map.data import styles
 from map2map.data.fields import FieldDataset
@@ -124,12 +127,19 @@ class TrainConfig:
     `style` names the style parameters a styled model takes (`choose_styles`),
     `loss` and `eul_weight` choose the loss (`build_loss`); at their defaults
     they are left out of the config saved in checkpoints.
+    `train_data` and `val_data` are store locations, local paths or URLs
+    (`map2map.storage`); `storage_options` (a dict, or the
+    ``--storage-options`` JSON text) open the URL ones, here and in every
+    loader worker and process (the datasets carry them).  They are never
+    saved in checkpoints (they may hold credentials).  `run_dir` and
+    `load_state` are local paths.
     """
 
     model: str
     lr: float
     train_data: str | None = None
     val_data: str | None = None
+    storage_options: Mapping[str, Any] | None = None
     in_fields: tuple[str, ...] | None = None
     tgt_fields: tuple[str, ...] | None = None
     train_in_patterns: tuple[str, ...] | None = None
@@ -201,6 +211,8 @@ class TrainConfig:
         if self.style is not None:
             text = self.style if isinstance(self.style, str) else ",".join(self.style)
             object.__setattr__(self, "style", styles.parse_names(text))
+        if self.storage_options is not None:
+            object.__setattr__(self, "storage_options", _storage_dict(self.storage_options))
         for name in ("optimizer_args", "scheduler_args", "misc_kwargs"):
             object.__setattr__(self, name, _json_dict(getattr(self, name), "--" + name.replace("_", "-")))
         if self.adv_optimizer_args is not None:
@@ -541,6 +553,20 @@ def _json_dict(value: Any, option: str) -> dict[str, Any]:
     return dict(value)
 
 
+def _storage_dict(value: Any) -> dict[str, Any]:
+    """Storage options as the config keeps them: a dict, from a dict or the ``--storage-options`` JSON text."""
+    if isinstance(value, str):
+        return storage.parse_options(value)
+    if not isinstance(value, Mapping):
+        raise UserError(f"--storage-options must be a JSON object like '{{\"anon\": true}}', got {value!r}")
+    return dict(value)
+
+
+def open_train_store(cfg: TrainConfig) -> store.Store:
+    """The training store (``--train-data``), opened with the run's storage options."""
+    return store.open_store(cfg.train_data, storage_options=cfg.storage_options)
+
+
 _DATASET_KEYS = set(inspect.signature(FieldDataset.__init__).parameters) - {"self", "kwargs"}
 
 
@@ -584,6 +610,7 @@ def make_dataset(cfg: TrainConfig, split: str, in_pad: Any, seed: int, fields_on
         aug_add=cfg.aug_add if training else None, aug_mul=cfg.aug_mul if training else None,
         in_norms=cfg.in_norms, tgt_norms=cfg.tgt_norms, callback_at=cfg.callback_at, seed=seed,
         readahead=None if cfg.readahead is None or fields_only else int(cfg.readahead * 2**20),
+        storage_options=cfg.storage_options,
         **({} if style_names is None else {"styles": tuple(style_names)}), **norm_kwargs)
 
 
@@ -1166,7 +1193,7 @@ def _crop_boxsize(cfg: TrainConfig, ds: FieldDataset, out_shape: Sequence[int]) 
     """Physical side length of the output crop, when the store knows its box size."""
     if cfg.train_data is None or len(set(out_shape)) != 1 or len(set(ds.size)) != 1:
         return None
-    box = store.open_store(cfg.train_data).boxsize
+    box = open_train_store(cfg).boxsize
     return None if box is None else float(box) * out_shape[0] / (ds.size[0] * ds.scale_factor)
 
 
@@ -1261,8 +1288,27 @@ def check_config(cfg: TrainConfig) -> None:
             raise UserError(f"{option} must be a finite standard deviation of 0 or more, got {value}")
     if not (math.isfinite(cfg.div_shuffle_dist) and cfg.div_shuffle_dist >= 0):
         raise UserError(f"--div-shuffle-dist must be 0 or more, got {cfg.div_shuffle_dist}")
+    check_locations(cfg)
     if os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
         raise UserError(f"--run-dir {cfg.run_dir} exists and is not a directory")
+
+
+def check_locations(cfg: TrainConfig) -> None:
+    """Refuse, one line each, a store URL of a scheme fsspec cannot open, and a URL where only local paths
+    work: the run directory, the state to resume from and .npy patterns (stores alone may be remote)."""
+    for option, location in (("--train-data", cfg.train_data), ("--val-data", cfg.val_data)):
+        if location is not None:
+            storage.check_scheme(location, option)
+    for option, location in (("--run-dir", cfg.run_dir), ("--load-state", cfg.load_state)):
+        if location and storage.is_remote(location):
+            raise UserError(f"{option} {location}: checkpoints and TensorBoard logs are written and read in a "
+                            "local directory; give a local path (only --train-data and --val-data may be URLs)")
+    for split in ("train", "val"):
+        for kind in ("in", "tgt"):
+            remote = [p for p in getattr(cfg, f"{split}_{kind}_patterns") or () if storage.is_remote(p)]
+            if remote:
+                raise UserError(f"--{split}-{kind}-patterns {remote[0]}: .npy patterns are local files; convert "
+                                f"them to a store (m2m convert) and give --{split}-data URL instead")
 
 
 def _names_style_size(cls: Any) -> bool:
@@ -1292,7 +1338,8 @@ def choose_styles(cfg: TrainConfig) -> tuple[str, ...] | None:
     if cfg.train_data is None:
         raise UserError(f"model {cfg.model} is styled, and styles come from a store: give --train-data STORE "
                         "with styles (m2m convert --styles TABLE.csv)")
-    names, _ = styles.store_styles(cfg.train_data, cfg.style, required=True)
+    names, _ = styles.store_styles(cfg.train_data, cfg.style, required=True,
+                                   storage_options=cfg.storage_options)
     return names
 
 
@@ -1306,7 +1353,7 @@ def style_norm_for(cfg: TrainConfig, names: Sequence[str], state: Mapping[str, A
     card = (state or {}).get("card")
     recorded = modelfit.ModelCard.from_dict(card, cfg.state_path).style_norm if card else None
     if recorded is None:
-        return styles.norm_from_store(cfg.train_data, tuple(names))
+        return styles.norm_from_store(cfg.train_data, tuple(names), storage_options=cfg.storage_options)
     if recorded.names != tuple(names):
         raise UserError(f"{cfg.state_path} was trained with the style parameters {','.join(recorded.names)}, but "
                         f"this run chooses {','.join(names)}; give --style {','.join(recorded.names)}, or start "
@@ -1337,7 +1384,7 @@ def build_loss(cfg: TrainConfig, criterion: nn.Module, ds: FieldDataset, out_sha
     if channels != ds.ndim:
         raise UserError(f"{option} paints the target as a displacement of {ds.ndim} channels (one per axis), but "
                         f"the target has {channels}; train on a displacement target, or use --loss lag")
-    box = store.open_store(cfg.train_data).boxsize if cfg.train_data else None
+    box = open_train_store(cfg).boxsize if cfg.train_data else None
     if box is None:
         where = f"store {cfg.train_data}" if cfg.train_data else "the .npy training data"
         raise UserError(f"{option} needs the box size to paint densities, but {where} has none; convert with "
@@ -1409,13 +1456,18 @@ def _describe(cfg: TrainConfig, env: DistEnv, device: torch.device, model: nn.Mo
             f"{cfg.loader_workers} loader workers"] + ([adversary.describe(adv)] if adv is not None else [])
 
 
+def _location(path: str) -> str:
+    """A store location as the model card records it: a URL as given (normalised), a local path absolute."""
+    return storage.normalise(path) if storage.is_remote(path) else os.path.abspath(storage.local_path(path))
+
+
 def model_card(cfg: TrainConfig, ds: FieldDataset, stride: int, style_norm: styles.StyleNorm | None = None
                ) -> modelfit.ModelCard:
     """The model card saved with every checkpoint: everything inference needs besides the weights (with the
     style parameters and their norm for a styled model)."""
     stores = [p for p in (cfg.train_data, cfg.val_data) if p]
-    stores = [os.path.abspath(p) for p in stores] or [*(cfg.train_in_patterns or ()), *(cfg.train_tgt_patterns or ())]
-    version = store.open_store(cfg.train_data).meta.get("format_version") if cfg.train_data else None
+    stores = [_location(p) for p in stores] or [*(cfg.train_in_patterns or ()), *(cfg.train_tgt_patterns or ())]
+    version = open_train_store(cfg).meta.get("format_version") if cfg.train_data else None
     return modelfit.ModelCard(
         model=cfg.model, in_chan=sum(ds.in_chan), out_chan=sum(ds.tgt_chan), scale_factor=cfg.scale_factor,
         ndim=ds.ndim, model_kwargs=dict(cfg.misc_kwargs), callback_at=cfg.callback_at,
@@ -1541,6 +1593,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, opened: dict[st
     boxsize = _crop_boxsize(cfg, train_ds, out_shape) if env.is_main else None
     card = model_card(cfg, train_ds, stride, style_norm).to_dict()
     config = dataclasses.asdict(cfg)
+    config.pop("storage_options")  # they may hold credentials, and say where the data were, not how it trained
     if adv is None:  # checkpoints of runs without an adversary stay as they were
         config = {k: v for k, v in config.items() if k not in adversary.FIELDS}
     config = {k: v for k, v in config.items()  # and so do those of runs without styles or another loss

@@ -56,7 +56,11 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("train_data")
+    return make_data(tmp_path_factory.mktemp("train_data"))
+
+
+def make_data(root: Path) -> dict[str, Path]:
+    """Training and validation stores (16^3 1LPT -> 2LPT) and the callback module with the tiny models."""
     (root / "cb").mkdir()
     (root / "cb" / "nets.py").write_text(CALLBACKS)
     return {"train": za_lpt_store(root, "train", 2, 1), "val": za_lpt_store(root, "val", 1, 2), "cb": root / "cb",

@@ -40,8 +40,17 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                     "`torchrun --nproc-per-node N` or `srun` for N processes (gloo on CPU, nccl on GPU).")
 
     data = p.add_argument_group("data")
-    data.add_argument("--train-data", metavar="STORE", help="store (from m2m convert) with the training fields")
-    data.add_argument("--val-data", metavar="STORE", help="store with the validation fields (same names)")
+    data.add_argument("--train-data", metavar="STORE",
+                      help="store (from m2m convert) with the training fields: a local path or a URL "
+                           "(s3://, gs://, file://, ...; see --storage-options)")
+    data.add_argument("--val-data", metavar="STORE",
+                      help="store with the validation fields (same names): a local path or a URL")
+    data.add_argument("--storage-options", metavar="JSON",
+                      help="keyword arguments of the fsspec filesystem that reads URL stores (--train-data, "
+                           "--val-data such as s3://bucket/train.zarr), e.g. '{\"endpoint_url\": "
+                           "\"https://s3.example.org\"}'; credentials come from the environment as usual. Every "
+                           "loader worker and process gets them. The run directory (checkpoints, TensorBoard "
+                           "logs) stays local")
     data.add_argument("--in", dest="in_fields", type=_str_list, metavar="NAME[,NAME]",
                       help="input field names in the stores, concatenated along channels")
     data.add_argument("--tgt", dest="tgt_fields", type=_str_list, metavar="NAME[,NAME]",
@@ -179,8 +188,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--seed", type=int, default=42,
                      help="seed of the model initialization, data order and augmentation")
     run.add_argument("--run-dir", default=".", metavar="DIR",
-                     help="directory for checkpoints and TensorBoard logs (created if missing); one training "
-                          "at a time: a second one in the same directory is refused")
+                     help="local directory for checkpoints and TensorBoard logs (created if missing; not a URL, "
+                          "also when the stores are); one training at a time: a second one in the same "
+                          "directory is refused")
     run.add_argument("--load-state", default=None, metavar="PATH",
                      help=f"state to resume from (model, optimizer, RNG, epoch); default: {CKPT_LINK} in the run "
                           "directory, starting fresh when it is missing or empty; '' starts fresh")
