@@ -112,15 +112,21 @@ class ReadAhead:
         self.next, self.part, self.done = place, 0, 0
 
 
-def _open_store_fields(path: str, names: Sequence[str], cache_bytes: int) -> list[ZarrField]:
-    st = store.open_store(path)
+def _open_store_fields(path: str, names: Sequence[str], cache_bytes: int,
+                       storage_options: dict | None = None) -> list[ZarrField]:
+    st = store.open_store(path, storage_options=storage_options)
     for n in names:
         st.field(n)  # one-line error listing the fields the store has
-    return [ZarrField(path, n, st.nsample, cache_bytes) for n in names]
+    return [ZarrField(st.path, n, st.nsample, cache_bytes, storage_options=storage_options) for n in names]
 
 
 class FieldDataset(Dataset):
-    """Crops of input and target fields from a store (or .npy globs); see the module docstring."""
+    """Crops of input and target fields from a store (or .npy globs); see the module docstring.
+
+    `store` may be a URL (`map2map.storage`) opened with `storage_options`
+    (fsspec keyword arguments), which the readers carry into DataLoader
+    workers; a store in object storage is read by `map2map.data.remote`.
+    """
 
     def __init__(self, *, store: str | None = None, in_fields: Sequence[str] | None = None,
                  tgt_fields: Sequence[str] | None = None, in_patterns: Sequence[str] | None = None,
@@ -132,9 +138,10 @@ class FieldDataset(Dataset):
                  aug_mul: float | None = None, in_norms: Sequence[str] | None = None,
                  tgt_norms: Sequence[str] | None = None, callback_at: str | None = None, seed: int = 0,
                  cache_bytes: int = 64 * 2**20, readahead: int | None = None,
-                 styles: Sequence[str] | None = None, **kwargs: Any) -> None:
+                 styles: Sequence[str] | None = None, storage_options: dict | None = None,
+                 **kwargs: Any) -> None:
         self.inputs, self.targets = self._sources(store, in_fields, tgt_fields, in_patterns, tgt_patterns,
-                                                  cache_bytes)
+                                                  cache_bytes, storage_options)
         self.nsample = self.inputs[0].shape[0]
         self.size = self._spatial(self.inputs, "input")
         self.ndim = len(self.size)
@@ -184,16 +191,17 @@ class FieldDataset(Dataset):
 
             if store is None:
                 raise UserError("styles are read from a store: give a store (--train-data) to train with styles")
-            self.style_names, self.styles = store_styles(store, tuple(styles), "training with the styles", required=True)
+            self.style_names, self.styles = store_styles(store, tuple(styles), "training with the styles", required=True,
+                                                             storage_options=storage_options)
 
     @staticmethod
-    def _sources(store_path, in_fields, tgt_fields, in_patterns, tgt_patterns,
-                 cache_bytes) -> tuple[list[FieldSource], list[FieldSource]]:
+    def _sources(store_path, in_fields, tgt_fields, in_patterns, tgt_patterns, cache_bytes,
+                 storage_options=None) -> tuple[list[FieldSource], list[FieldSource]]:
         if store_path is not None:
             if not in_fields:
                 raise UserError("a store needs input field names (in_fields / --in)")
             names = list(in_fields) + list(tgt_fields or [])
-            fields = _open_store_fields(store_path, names, cache_bytes)
+            fields = _open_store_fields(store_path, names, cache_bytes, storage_options)
             return fields[:len(in_fields)], fields[len(in_fields):]
         if not in_patterns:
             raise UserError("give a store with in_fields, or in_patterns (.npy glob patterns)")

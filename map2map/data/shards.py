@@ -14,8 +14,10 @@ and checked against the file size (a shard cut short is an `OSError`, not a
 SIGBUS from a mapping past the end of the file), and each inner chunk is
 memory-mapped at its byte range.  zarr-python 3.1 reads inner chunks one by
 one through its async machinery at 0.1-0.4 GB/s, and ``pread`` into a
-buffer costs one more pass over every byte.  Any other layout, codec or
-store is read by zarr-python itself (see `map2map.data.windows`).
+buffer costs one more pass over every byte.  The same layout in object
+storage is read by `map2map.data.remote` (which shares `IndexedShards` and
+`sharded_layout` with this module); any other layout or codec is read by
+zarr-python itself (see `map2map.data.windows`).
 
 Read-ahead.  A *byte range* (`ByteRange`) is a run of bytes in one shard
 file.  Bytes not in the page cache reach a mapping by page faults, each
@@ -44,7 +46,7 @@ import mmap
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Iterable, NamedTuple
 
 import numpy as np
@@ -135,7 +137,7 @@ def bound_ranges(ranges: Iterable[ByteRange], max_bytes: int | None) -> list[Byt
 class ShardLayout:
     """Where and how an uncompressed sharded array lays out its bytes (shapes over all dims)."""
 
-    root: Path                   # the array's directory
+    root: PurePath               # the array's directory (or key prefix in object storage)
     shard: tuple[int, ...]       # shard shape
     chunk: tuple[int, ...]       # inner chunk shape
     dtype: np.dtype              # little-endian
@@ -151,20 +153,18 @@ class ShardLayout:
         """Size of a shard's index: an (offset, nbytes) uint64 pair per inner chunk, then a crc32c."""
         return math.prod(self.per_shard) * 16 + 4
 
-    def file(self, shard: tuple[int, ...]) -> Path:
+    def file(self, shard: tuple[int, ...]) -> PurePath:
         """The file of the shard at shard coordinates `shard`."""
         return self.root / self.encode_key(shard)
 
 
-def layout_of(arr) -> ShardLayout | None:
-    """The layout of the zarr array `arr` if this module can read it (uncompressed, sharded with the
-    index at the end, little-endian, in a local store), else None."""
+def sharded_layout(arr, root: PurePath) -> ShardLayout | None:
+    """The layout of the zarr array `arr`, with its shard files under `root`, if its codecs are the ones
+    this module decodes (uncompressed, sharded with the index at the end, little-endian), else None."""
     from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
-    from zarr.storage import LocalStore
 
     codecs = arr.metadata.codecs
-    store = arr.store_path.store
-    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or not isinstance(store, LocalStore):
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
         return None
     sharding = codecs[0]
     inner_ok = len(sharding.codecs) == 1 and isinstance(sharding.codecs[0], BytesCodec)
@@ -175,8 +175,19 @@ def layout_of(arr) -> ShardLayout | None:
                                       and sharding.codecs[0].endian.value == "little")
     if not (inner_ok and index_ok and little):
         return None
-    return ShardLayout(Path(store.root) / arr.store_path.path, tuple(arr.shards), tuple(sharding.chunk_shape),
-                       dtype.newbyteorder("<"), arr.metadata.encode_chunk_key)
+    return ShardLayout(root, tuple(arr.shards), tuple(sharding.chunk_shape), dtype.newbyteorder("<"),
+                       arr.metadata.encode_chunk_key)
+
+
+def layout_of(arr) -> ShardLayout | None:
+    """The layout of the zarr array `arr` if this module can read it (`sharded_layout`, in a local store),
+    else None."""
+    from zarr.storage import LocalStore
+
+    store = arr.store_path.store
+    if not isinstance(store, LocalStore):
+        return None
+    return sharded_layout(arr, Path(store.root) / arr.store_path.path)
 
 
 def check_index(index: np.ndarray, size: int, shard: tuple[int, ...], where: str) -> None:
@@ -199,7 +210,56 @@ def map_chunk(fd: int, offset: int, nbytes: int, dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - start)
 
 
-class ShardReader:
+class IndexedShards:
+    """What every reader of layout `layout` shares: shard indices kept per shard (`index`, made by
+    subclasses), and where an inner chunk lies.  `where` names the array in errors."""
+
+    def __init__(self, layout: ShardLayout, where: str) -> None:
+        self.layout = layout
+        self.where = where
+        self._index: dict[tuple, np.ndarray | None] = {}
+
+    def index(self, shard: tuple[int, ...]) -> np.ndarray | None:
+        """The shard's index, shaped ``per_shard + (2,)``; None if the shard was never written."""
+        raise NotImplementedError
+
+    def load_indices(self, shards: Iterable[tuple[int, ...]]) -> None:
+        """Read the indices of `shards` not read yet (one by one here; a remote reader asks for them all at once)."""
+        for shard in shards:
+            self.index(shard)
+
+    def shard_of(self, cidx: tuple[int, ...]) -> tuple[int, ...]:
+        """Shard coordinates of the inner chunk at chunk coordinates `cidx` (all dims)."""
+        return tuple(i * c // s for i, c, s in zip(cidx, self.layout.chunk, self.layout.shard))
+
+    def chunk_bytes(self, cidx: tuple[int, ...]) -> ByteRange | None:
+        """Where the inner chunk at chunk coordinates `cidx` (all dims) lies; None if never written."""
+        lay = self.layout
+        shard = self.shard_of(cidx)
+        index = self.index(shard)
+        if index is None:
+            return None
+        offset, nbytes = index[tuple(i % p for i, p in zip(cidx, lay.per_shard))]
+        return None if offset == MISSING else ByteRange(shard, int(offset), int(nbytes))
+
+    def file_order(self, cidxs: Iterable[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """The inner chunks `cidxs` (chunk coordinates, all dims) shard by shard (shards in C order), and
+        within a shard in the order its file holds them (never written ones first)."""
+        def key(cidx):
+            where = self.chunk_bytes(cidx)
+            return (self.shard_of(cidx), -1 if where is None else where.offset)
+        return sorted(cidxs, key=key)
+
+    def cut(self, data: np.ndarray, cidx: tuple[int, ...], extent: tuple[int, ...]) -> np.ndarray:
+        """The inner chunk `data` at chunk coordinates `cidx` cut to `extent` (the array's shape): a chunk
+        at the array's end has padding the array does not cover."""
+        chunk = self.layout.chunk
+        if any((i + 1) * c > n for i, c, n in zip(cidx, chunk, extent)):
+            data = data[tuple(slice(0, min(c, n - i * c)) for i, c, n in zip(cidx, chunk, extent))]
+        return data
+
+
+class ShardReader(IndexedShards):
     """Inner chunks of one array with layout `layout`, memory-mapped out of its shard files.
 
     `where` names the array in errors.  Shard indices are read (and checked)
@@ -208,9 +268,7 @@ class ShardReader:
     """
 
     def __init__(self, layout: ShardLayout, where: str) -> None:
-        self.layout = layout
-        self.where = where
-        self._index: dict[tuple, np.ndarray | None] = {}
+        super().__init__(layout, where)
         self._files: OrderedDict[tuple, int] = OrderedDict()
         self._pid = os.getpid()
 
@@ -253,28 +311,6 @@ class ShardReader:
                 self._index[shard] = index
         return self._index[shard]
 
-    def shard_of(self, cidx: tuple[int, ...]) -> tuple[int, ...]:
-        """Shard coordinates of the inner chunk at chunk coordinates `cidx` (all dims)."""
-        return tuple(i * c // s for i, c, s in zip(cidx, self.layout.chunk, self.layout.shard))
-
-    def chunk_bytes(self, cidx: tuple[int, ...]) -> ByteRange | None:
-        """Where the inner chunk at chunk coordinates `cidx` (all dims) lies; None if never written."""
-        lay = self.layout
-        shard = self.shard_of(cidx)
-        index = self.index(shard)
-        if index is None:
-            return None
-        offset, nbytes = index[tuple(i % p for i, p in zip(cidx, lay.per_shard))]
-        return None if offset == MISSING else ByteRange(shard, int(offset), int(nbytes))
-
-    def file_order(self, cidxs: Iterable[tuple[int, ...]]) -> list[tuple[int, ...]]:
-        """The inner chunks `cidxs` (chunk coordinates, all dims) shard by shard (shards in C order), and
-        within a shard in the order its file holds them (never written ones first)."""
-        def key(cidx):
-            where = self.chunk_bytes(cidx)
-            return (self.shard_of(cidx), -1 if where is None else where.offset)
-        return sorted(cidxs, key=key)
-
     def hint(self, ranges: Iterable[ByteRange]) -> int:
         """Ask the kernel to read `ranges` into the page cache, in order, without waiting; the bytes asked for.
 
@@ -304,6 +340,4 @@ class ShardReader:
             data = np.zeros(lay.chunk, dtype=lay.dtype)  # never written: the array's fill value, 0
         else:
             data = map_chunk(self._fd(where.shard), where.offset, where.nbytes, lay.dtype).reshape(lay.chunk)
-        if any((i + 1) * c > n for i, c, n in zip(cidx, lay.chunk, extent)):
-            data = data[tuple(slice(0, min(c, n - i * c)) for i, c, n in zip(cidx, lay.chunk, extent))]
-        return data
+        return self.cut(data, cidx, extent)

@@ -142,13 +142,15 @@ def fit_style_norm(names: Sequence[str], values: np.ndarray) -> StyleNorm:
 
 
 def store_styles(path, wanted: Sequence[str] | None = None, option: str = "--style",
-                 required: bool = False) -> tuple[tuple[str, ...], np.ndarray] | None:
-    """The selected style parameters of store `path` (names, float32 values (nsample, nparam) in the
-    order of `wanted`; all by default), checked finite; None for a store without styles unless
-    `wanted` names some or `required` (a styled model), which are a `UserError`."""
+                 required: bool = False, storage_options: dict | None = None
+                 ) -> tuple[tuple[str, ...], np.ndarray] | None:
+    """The selected style parameters of store `path` (a local path or URL, opened with `storage_options`)
+    (names, float32 values (nsample, nparam) in the order of `wanted`; all by default), checked finite;
+    None for a store without styles unless `wanted` names some or `required` (a styled model), which
+    are a `UserError`."""
     from map2map.store import read_styles
 
-    found = read_styles(path)
+    found = read_styles(path, storage_options)
     if found is None:
         if wanted is not None or required:
             need = f"{option} {','.join(wanted)}" if wanted is not None else "a styled model"
@@ -162,10 +164,11 @@ def store_styles(path, wanted: Sequence[str] | None = None, option: str = "--sty
     return names, values
 
 
-def norm_from_store(path, wanted: Sequence[str] | None = None, option: str = "--style") -> StyleNorm | None:
-    """The style norm (`fit_style_norm`) of the selected styles of training store `path`; None without
-    styles (see `store_styles`)."""
-    found = store_styles(path, wanted, option)
+def norm_from_store(path, wanted: Sequence[str] | None = None, option: str = "--style",
+                    storage_options: dict | None = None) -> StyleNorm | None:
+    """The style norm (`fit_style_norm`) of the selected styles of training store `path` (opened with
+    `storage_options`); None without styles (see `store_styles`)."""
+    found = store_styles(path, wanted, option, storage_options=storage_options)
     return None if found is None else fit_style_norm(*found)
 
 

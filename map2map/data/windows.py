@@ -11,16 +11,20 @@ augmentation permutes axes) costs no separate pass over the data.
 Sources: `ZarrField`, one array of a store, read by inner chunks kept in a
 small per-process cache bounded in bytes (neighbouring crops reuse the halo
 they share), through the shard decoder of `map2map.data.shards` when the
-array's layout allows it and through zarr-python otherwise (tests check both
-agree bit for bit); and `NpyField`, .npy files (one per sample) read through
-memory maps.  Counters record bytes decoded and bytes returned (their ratio
+array's layout allows it (for a store in object storage, a URL, the remote
+shard reader of `map2map.data.remote`) and through zarr-python otherwise
+(tests check all agree bit for bit); and `NpyField`, .npy files (one per
+sample) read through memory maps.  Counters record bytes decoded and bytes returned (their ratio
 is the read amplification).
 
 Read-ahead.  `hint_window` asks the kernel to start reading what a read of a
 window will load from disk (for `ZarrField` through the shard decoder: the
 byte ranges of the inner chunks it touches that are not in the cache, in the
 order the read touches them), bounded in bytes, and returns without waiting
-for the data.
+for the data.  From object storage the same hint starts fetching those
+chunks, coalesced and concurrently, in a background thread
+(`map2map.data.remote.RemoteShardReader.prefetch`); the read then takes them
+from there.
 `read_window` hints its own window before copying it, so the disk reads
 ahead of the copy; a caller that knows which windows come next (the sampler's
 order) can hint them early with the same arguments it will read them with.
@@ -31,6 +35,7 @@ DataLoader workers started with fork or spawn.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -38,8 +43,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from map2map import geometry
-from map2map.data import shards
+from map2map import geometry, storage
+from map2map.data import remote, shards
 
 
 @dataclass
@@ -75,8 +80,17 @@ class FieldSource(Protocol):
         source's own cache holds now, so that the bytes of a window stay the same from call to call
         (a caller hinting a window in parts, with `skip`, needs that)."""
 
+    def end_window(self, sample: int, win: tuple[geometry.Interval, ...], periodic: bool = True) -> None:
+        """The read of `win` of `sample` is done (`read_window` says so after its copy): a later hint of the
+        same window asks for it again."""
+
 
 WINDOW_HINT_BYTES = 2**29  # most bytes `read_window` hints ahead of its own copy (the rest is read by faults)
+ANNOUNCED_WINDOWS = 4096  # hinted windows not read yet a remote `ZarrField` remembers
+
+
+def _window_key(win: Sequence[geometry.Interval]) -> tuple[tuple[int, int], ...]:
+    return tuple((int(lo), int(hi)) for lo, hi in win)
 
 
 def hint_window(source: FieldSource, sample: int, win: tuple[geometry.Interval, ...], periodic: bool = True,
@@ -112,6 +126,7 @@ def read_window(source: FieldSource, sample: int, win: tuple[geometry.Interval, 
         hint_window(source, sample, win, periodic, WINDOW_HINT_BYTES)
     for src, dst in geometry.window_pieces(win, source.shape[2:], periodic):
         source.read_box(sample, src, [(a[dst], neg) for a, neg in channels])
+    source.end_window(sample, win, periodic)
     source.stats.returned += sum(a.size * a.itemsize for a, _ in channels)
     return out
 
@@ -162,7 +177,9 @@ class ZarrField:
     Only the path and array name are kept until the first read, and every
     handle is reopened in a new process, so a reader can be pickled into
     DataLoader workers and survives a fork.  `direct=False` reads through
-    zarr-python even where the shard decoder could.
+    zarr-python even where the shard decoder could.  `path` may be a URL
+    (`map2map.storage`), opened with `storage_options` (pickled with the
+    reader, so they reach worker processes).
     """
 
     path: str
@@ -170,6 +187,7 @@ class ZarrField:
     nsample: int
     cache_bytes: int = 64 * 2**20
     direct: bool = True
+    storage_options: dict | None = None
     stats: ReadStats = field(default_factory=ReadStats)
 
     def __post_init__(self) -> None:
@@ -180,22 +198,31 @@ class ZarrField:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("_arr", "_cache", "_shards"):
+        for key in ("_arr", "_cache", "_shards", "_announced"):
             state.pop(key, None)
         state["_pid"] = None
         return state
 
     def _open_array(self):
-        import zarr
+        from map2map import store
 
-        return zarr.open_group(self.path, mode="r", use_consolidated=None)[self.name]
+        return store.open_group(self.path, "r", self.storage_options)[self.name]
 
     def _ensure_open(self) -> None:
         if self._pid == os.getpid():
             return
         self._arr = self._open_array()
-        layout = shards.layout_of(self._arr) if self.direct else None
-        self._shards = shards.ShardReader(layout, f"{self.path}/{self.name}") if layout else None
+        self._shards = None
+        where = f"{self.path}/{self.name}"
+        if self.direct and storage.is_remote(self.path):
+            fs, root = storage.filesystem(self.path, self.storage_options)
+            layout = remote.remote_layout_of(self._arr, root)
+            self._shards = remote.RemoteShardReader(layout, fs, where) if layout else None
+        elif self.direct:
+            layout = shards.layout_of(self._arr)
+            self._shards = shards.ShardReader(layout, where) if layout else None
+        self._remote = isinstance(self._shards, remote.RemoteShardReader)
+        self._announced: collections.OrderedDict[tuple, set] = collections.OrderedDict()
         self._cache = shards.ChunkCache(self.cache_bytes)
         self._pid = os.getpid()
 
@@ -213,7 +240,14 @@ class ZarrField:
 
     @property
     def uses_direct_path(self) -> bool:
+        """Whether the shard decoder reads (from a local disk or, see `remote_reader`, object storage)."""
         return self.shard_layout is not None
+
+    @property
+    def remote_reader(self) -> remote.RemoteShardReader | None:
+        """This process's remote shard reader (its request counters), None where it does not read."""
+        self._ensure_open()
+        return self._shards if isinstance(self._shards, remote.RemoteShardReader) else None
 
     def box_chunks(self, sample: int, box: tuple[slice, ...]) -> list[tuple[int, ...]]:
         """Spatial coordinates of the inner chunks the box-aligned region `box` of `sample` intersects, in
@@ -229,30 +263,75 @@ class ZarrField:
                       periodic: bool = True) -> list[tuple[int, ...]]:
         """Spatial coordinates of the inner chunks a read of `win` of `sample` touches, each once, in the
         order it first touches them."""
+        pieces = [src for src, _ in geometry.window_pieces(win, self.shape[2:], periodic)]
+        if self.remote_reader is not None:  # every index the window needs, fetched at once
+            self._shards.load_indices([self._shards.shard_of((sample, 0) + c) for src in pieces
+                                       for c in itertools.product(*[geometry.chunk_range(s.start, s.stop, n)
+                                                                    for s, n in zip(src, self.chunk)])])
         seen: dict[tuple[int, ...], None] = {}
-        for src, _ in geometry.window_pieces(win, self.shape[2:], periodic):
+        for src in pieces:
             seen.update(dict.fromkeys(self.box_chunks(sample, src)))
         return list(seen)
+
+    def _window_bytes(self, sample: int, win: tuple[geometry.Interval, ...], periodic: bool,
+                      skip_cached: bool) -> list[tuple[tuple[int, ...], shards.ByteRange]]:
+        """(chunk coordinates (all dims), bytes) of each inner chunk a read of `win` of `sample` loads from
+        storage, in the order it loads them (see `window_ranges`)."""
+        self._ensure_open()
+        if self._shards is None:
+            return []
+        keys = ((sample, 0) + cidx for cidx in self.window_chunks(sample, win, periodic)
+                if not (skip_cached and (sample,) + cidx in self._cache))
+        return [(k, r) for k, r in ((k, self._shards.chunk_bytes(k)) for k in keys) if r is not None]
 
     def window_ranges(self, sample: int, win: tuple[geometry.Interval, ...],
                       periodic: bool = True, skip_cached: bool = True) -> list[shards.ByteRange]:
         """The byte ranges a read of `win` of `sample` loads from disk, in the order it loads them:
         those of the inner chunks it touches, less those never written and (with `skip_cached`) the
         chunks in the cache, contiguous ones merged; none where zarr-python reads (it reads by itself)."""
-        self._ensure_open()
-        if self._shards is None:
-            return []
-        where = (self._shards.chunk_bytes((sample, 0) + cidx) for cidx in self.window_chunks(sample, win, periodic)
-                 if not (skip_cached and (sample,) + cidx in self._cache))
-        return shards.merge_ranges(r for r in where if r is not None)
+        return shards.merge_ranges(r for _, r in self._window_bytes(sample, win, periodic, skip_cached))
 
     def hint_window(self, sample: int, win: tuple[geometry.Interval, ...], periodic: bool = True,
                     max_bytes: int | None = None, skip: int = 0, skip_cached: bool = True) -> int:
         """Hint `window_ranges` less its first `skip` bytes, at most `max_bytes` of them (see
-        `shards.ShardReader.hint`); the bytes asked for."""
-        ranges = shards.skip_ranges(self.window_ranges(sample, win, periodic, skip_cached), skip)
+        `shards.ShardReader.hint`); the bytes asked for.  From object storage: start fetching every
+        chunk with bytes among those, less the chunks in the cache (`remote.RemoteShardReader.prefetch`),
+        each for as many reads as the window makes of it; a window hinted again before its read
+        (`end_window`) adds no reads to the chunks it asked for already."""
+        chunks = self._window_bytes(sample, win, periodic, skip_cached)
+        ranges = shards.skip_ranges(shards.merge_ranges(r for _, r in chunks), skip)
         ranges = shards.bound_ranges(ranges, max_bytes)
-        return self._shards.hint(ranges) if ranges else 0
+        if not ranges:
+            return 0
+        if self.remote_reader is None:
+            return self._shards.hint(ranges)
+        reads = collections.Counter(  # a chunk is read once per piece of the window it lies in
+            c for src, _ in geometry.window_pieces(win, self.shape[2:], periodic)
+            for c in itertools.product(*[geometry.chunk_range(s.start, s.stop, n) for s, n in zip(src, self.chunk)]))
+        announced = self._announce((sample, _window_key(win), periodic))
+        asked, start, wanted = sum(r.nbytes for r in ranges), 0, []
+        for key, r in chunks:  # the chunks overlapping bytes [skip, skip + asked) of the window's byte stream
+            if (start < skip + asked and start + r.nbytes > skip and key not in announced
+                    and (key[0],) + key[2:] not in self._cache):
+                wanted.append((key, r, reads[key[2:]]))
+                announced.add(key)
+            start += r.nbytes
+        self._shards.prefetch(wanted)
+        return asked
+
+    def _announce(self, window: tuple) -> set:
+        """The chunks whose reads the hints of `window` (sample, window, periodic) have registered with the
+        remote reader since its last read; at most `ANNOUNCED_WINDOWS` windows are remembered (a window
+        forgotten unread leaves its chunks pending until the reader's bound drops them)."""
+        announced = self._announced.setdefault(window, set())
+        self._announced.move_to_end(window)
+        while len(self._announced) > ANNOUNCED_WINDOWS:
+            self._announced.popitem(last=False)
+        return announced
+
+    def end_window(self, sample: int, win: tuple[geometry.Interval, ...], periodic: bool = True) -> None:
+        if self._pid == os.getpid() and self._remote:
+            self._announced.pop((sample, _window_key(win), periodic), None)
 
     def read_box(self, sample: int, box: tuple[slice, ...], out: list[tuple[np.ndarray, bool]]) -> None:
         self._ensure_open()
@@ -273,6 +352,8 @@ class ZarrField:
         """The (channels, *spatial) chunk at spatial chunk coordinates `cidx` of `sample`, from the cache."""
         key = (sample,) + cidx
         data = self._cache.get(key)
+        if data is not None and self._remote:
+            self._shards.release((sample, 0) + cidx)  # a read the remote reader was told of, served here
         if data is None:
             if self._shards:  # the channel chunk covers all channels
                 data = self._shards.chunk((sample, 0) + cidx, self.shape)[0]
@@ -317,6 +398,9 @@ class NpyField:
     def hint_window(self, sample: int, win: tuple[geometry.Interval, ...], periodic: bool = True,
                     max_bytes: int | None = None, skip: int = 0, skip_cached: bool = True) -> int:
         return 0  # a memory map reads by page faults
+
+    def end_window(self, sample: int, win: tuple[geometry.Interval, ...], periodic: bool = True) -> None:
+        pass
 
     def read_box(self, sample: int, box: tuple[slice, ...], out: list[tuple[np.ndarray, bool]]) -> None:
         data = self._map(sample)
