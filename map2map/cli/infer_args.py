@@ -77,7 +77,12 @@ def _add_model_and_tiling(p: argparse.ArgumentParser) -> None:
                    help="output inner chunk, dividing the shard (default: the largest divisor of the shard "
                         "up to 32, which zarr writes about 8x faster than 8^3 chunks)%(default).0s")
     t.add_argument("--overwrite", action="store_true",
-                   help="replace a complete OUTPUT (the new one is swapped in when it is complete)")
+                   help="replace a complete OUTPUT (the new one is swapped in when it is complete); refused for "
+                        "an OUTPUT in object storage, which cannot swap a store in: write to a new URL")
+    t.add_argument("--storage-options", default=None, metavar="JSON",
+                   help="keyword arguments of the fsspec filesystem for --data and --out URLs (s3://, gs://, "
+                        "...), e.g. '{\"endpoint_url\": \"https://s3.example.org\"}'; credentials come from the "
+                        "environment as usual. Every worker gets them. --load-state stays a local file")
     c = p.add_argument_group("where it runs")
     c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the model runs on each worker (auto: cuda if the worker has a GPU)")
@@ -111,13 +116,17 @@ def add_infer(sub: argparse._SubParsersAction) -> None:
                                    "halo) as Dask tasks, writing a prediction store with the same dims and "
                                    "coordinates; the result equals one pass over the periodically padded box. "
                                    "Rerunning an interrupted command resumes it.")
-    p.add_argument("--data", required=True, metavar="STORE", help="input store (from m2m convert)")
+    p.add_argument("--data", required=True, metavar="STORE",
+                   help="input store (from m2m convert): a local path or a URL (s3://bucket/in.zarr, gs://, "
+                        "file://; see --storage-options)")
     p.add_argument("--in", dest="in_fields", type=_names, default=None, metavar="NAME[,NAME]",
                    help="input field(s) of the store, concatenated along channels (default: the model card's)")
     p.add_argument("--tgt", type=_names, default=None, metavar="NAME[,NAME]",
                    help="target field(s) of the store: report the per-sample loss against them (default: the "
                         "model card's, when the store has them)")
-    p.add_argument("--out", required=True, metavar="OUTPUT", help="prediction store to write")
+    p.add_argument("--out", required=True, metavar="OUTPUT",
+                   help="prediction store to write: a local path or a URL (see --storage-options); rerunning "
+                        "an interrupted command resumes it, in object storage too")
     p.add_argument("--velocity", action="store_true",
                    help="for a model of displacements styled by the growth factor D: also write the field 'vel', "
                         "the peculiar velocity a H f D dpsi/dD in km/s, dpsi/dD by forward-mode differentiation "

@@ -32,6 +32,14 @@ whose origin differs from the whole-box window's by a multiple of the model's
 total stride, so the stitched result equals one forward pass over the whole
 periodically padded box.
 
+The input and output stores may be URLs (`map2map.storage`, with
+``--storage-options``, which every task carries to its worker).  An output
+in object storage is written the same way except where object storage
+differs: each shard is one object stored with one PUT and no fsync, the
+markers are empty objects under a prefix (listed once), there is no writer
+lock, and a complete store there is never replaced (``--overwrite`` is
+refused: there is no rename to swap a new one in).
+
 The package, in the order a run goes through it: `specs` (the config and
 the small specs every task gets), `defaults` (the checkpoint's model card
 fills what the command leaves out), `inputs` and `planning` (checked on the

@@ -44,12 +44,12 @@ def _callback_dir(card: ModelCard, given: str | None) -> str | None:
     return card.callback_at
 
 
-def _store_fields(path: str | None) -> list[str] | None:
+def _store_fields(path: str | None, storage_options: Any = None) -> list[str] | None:
     if not path:
         return None
     from map2map import store
 
-    return store.open_store(path).field_names
+    return store.open_store(path, storage_options=storage_options).field_names
 
 
 def resolve(cfg: InferConfig) -> Resolved:
@@ -98,7 +98,7 @@ def resolve(cfg: InferConfig) -> Resolved:
 
     tgt = cfg.tgt
     if tgt is None and card.tgt_fields and cfg.data:
-        have = _store_fields(cfg.data) or []
+        have = _store_fields(cfg.data, cfg.storage_options) or []
         if all(name in have for name in card.tgt_fields):
             tgt = card.tgt_fields
         else:

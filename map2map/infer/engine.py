@@ -1,7 +1,17 @@
-"""`m2m infer`: check everything, plan, create or resume the output, run the tiles, mark the store complete."""
+"""`m2m infer`: check everything, plan, create or resume the output, run the tiles, mark the store complete.
+
+The input store and the output store may be URLs (`map2map.storage`), read
+and written with the run's storage options, which travel to every worker
+with the tasks.  A local output keeps the local machinery (fsync, rename,
+swap, writer lock); an output in object storage is written as whole-shard
+objects, with markers as empty objects and the completion mark last, and
+has no writer lock (object storage has no file locks: one run per URL is
+the user's to keep).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -14,7 +24,7 @@ from typing import Any
 
 import torch
 
-from map2map import store, tiles
+from map2map import storage, store, tiles
 from map2map.errors import UserError
 from map2map.infer.cluster import (IN_PROCESS, close_started, collect_stats, dask_client, local_workers,
                                    preload_all, run_in_process, scheduler_address, start_local, streams, submit_all,
@@ -22,7 +32,7 @@ from map2map.infer.cluster import (IN_PROCESS, close_started, collect_stats, das
 from map2map.infer.defaults import check_channels, resolve
 from map2map.infer.inputs import Inputs, check_finite, npy_inputs, store_inputs, target_box
 from map2map.infer.markers import read_done
-from map2map.infer.output import check_output, create_output, sample_losses, settings_hash
+from map2map.infer.output import check_output, check_reachable, create_output, sample_losses, settings_hash
 from map2map.infer.planning import Plan, make_plan
 from map2map.infer.specs import DONE_DIR, VEL_FIELD, InferConfig, Job
 from map2map.infer.styles import Styling, resolve_styles
@@ -130,8 +140,38 @@ def _local_device(requested: str, amp: str) -> tuple[str, list[str]]:
     return torch.device(name).type, notes + ([slow] if slow else [])
 
 
+def _check_locations(opts: InferConfig) -> str:
+    """The output location (an absolute path, or a normalised URL), after checking the locations
+    themselves: known URL schemes, input URLs whose bucket exists and whose service takes the
+    credentials, a local checkpoint, an output that is no input (`map2map.store.check_output_path`) and,
+    for a URL, whose bucket exists and whose service takes the credentials (`check_reachable`)."""
+    for option, location in (("--data", opts.data), ("--out", opts.out)):
+        if location:
+            storage.check_scheme(location, option)
+    if storage.is_remote(opts.load_state):
+        raise UserError(f"--load-state {opts.load_state}: a checkpoint is read from a local file; copy it here "
+                        "first")
+    if opts.data and storage.is_remote(opts.data):
+        check_reachable(storage.normalise(opts.data), opts.storage_options)
+    remote = storage.is_remote(opts.out)
+    out = storage.normalise(opts.out) if remote else os.path.abspath(storage.local_path(opts.out))
+    if remote:
+        check_reachable(out, opts.storage_options)
+    store.check_output_path(opts.out, inputs=[*_input_paths(opts), opts.load_state], option="--out",
+                            storage_options=opts.storage_options)
+    return out
+
+
+def _input_paths(opts: InferConfig) -> list[str]:
+    """The input store, or the .npy files the patterns match."""
+    if opts.data:
+        return [opts.data]
+    return sorted({p for pattern in [*(opts.test_in_patterns or ()), *(opts.test_tgt_patterns or ())]
+                   for p in glob.glob(pattern)})
+
+
 def _check_options(opts: InferConfig) -> str:
-    """The absolute output path, after the checks that need no file but the paths themselves."""
+    """The output location (`_check_locations`), after the checks that need no file but the paths themselves."""
     if opts.batch_size < 1:
         raise UserError(f"--batch-size {opts.batch_size} must be positive")
     if opts.device not in DEVICES:
@@ -151,13 +191,9 @@ def _check_options(opts: InferConfig) -> str:
         raise UserError("--out: give the path of the prediction store to write")
     if not opts.data and not opts.test_in_patterns:
         raise UserError("--data: give the input store")
-    inputs = [opts.data] if opts.data else sorted(
-        {p for pattern in [*(opts.test_in_patterns or ()), *(opts.test_tgt_patterns or ())]
-         for p in glob.glob(pattern)})
-    store.check_output_path(opts.out, inputs=[*inputs, opts.load_state], option="--out")
     if opts.scheduler or opts.scheduler_file:
         scheduler_address(opts)  # a malformed address or scheduler file fails now, before the model loads
-    return os.path.abspath(opts.out)
+    return _check_locations(opts)
 
 
 def _model_arguments(given: InferConfig, opts: InferConfig, inp: Inputs) -> dict[str, Any]:
@@ -232,19 +268,25 @@ def _pending(done: dict, nsample: int, ntiles: int, batch_size: int) -> list[tup
 
 
 def _finish(target: str, out: str, fields: list[str], nsample: int, ntiles: int,
-            criterion: str | None) -> list[float | None] | None:
+            criterion: str | None, storage_options=None) -> list[float | None] | None:
     """Check every tile is recorded, mark the store complete (with the losses) and swap it in if needed.
 
     The workers fsynced the shards of the output `fields` before recording
-    each tile, so the completion mark does not fsync them again."""
-    done = read_done(os.path.join(target, DONE_DIR))
+    each tile, so the completion mark does not fsync them again.  In object
+    storage the markers are objects under a prefix, removed before the
+    completion mark is written, last."""
+    done_dir = storage.join(target, DONE_DIR)
+    done = read_done(done_dir, storage_options)
     missing = nsample * ntiles - len([k for k in done if k[0] < nsample and k[1] < ntiles])
     if missing:
         raise RuntimeError(f"{missing} tiles have no completion record after the run; rerun to finish them")
     losses = sample_losses(done, nsample) if criterion else None
-    shutil.rmtree(os.path.join(target, DONE_DIR))
+    if storage.is_remote(target):
+        storage.remove_tree(done_dir, storage_options)
+    else:
+        shutil.rmtree(done_dir)
     extra = {"loss": {"criterion": criterion, "per_sample": losses}} if criterion else {}
-    store.mark_complete(target, nsample, synced=fields, **extra)
+    store.mark_complete(target, nsample, synced=fields, storage_options=storage_options, **extra)
     if target != out:
         store.swap_in(target, out)
     return losses
@@ -281,6 +323,11 @@ class Prepared:
         return VEL_FIELD if self.styling is not None and self.styling.vel_factors else None
 
     @property
+    def storage_options(self) -> dict[str, Any]:
+        """The storage options of the input and output URLs (parsed by `prepare`)."""
+        return dict(self.opts.storage_options or {})
+
+    @property
     def in_process(self) -> bool:
         return not self.remote and self.workers == 1
 
@@ -295,8 +342,11 @@ def prepare(config: InferConfig, start_cluster: bool = False) -> Prepared:
 
     With `start_cluster`, a local cluster the run needs starts in a thread meanwhile; the caller runs
     `execute` or, if it does not, `Prepared.close`.  Raises `UserError` for every bad input; writes nothing.
+    The storage options may come as the ``--storage-options`` JSON text: the prepared run holds them parsed.
     """
     t_start = time.perf_counter()
+    if config.storage_options is None or isinstance(config.storage_options, str):
+        config = dataclasses.replace(config, storage_options=storage.parse_options(config.storage_options))
     out = _check_options(config)
     remote = bool(config.scheduler or config.scheduler_file)
     # a cluster's own workers decide their device (map2map.infer.gpus); ours follow what this process sees
@@ -359,7 +409,7 @@ def _job(prep: Prepared, token: str, target: str, device: str, workers: int | No
                prep.spec, prep.plan.plan, prep.plan.offsets, prep.plan.out_shape, prep.criterion, device,
                torch_threads(opts, device, workers), opts.amp, opts.tta,
                prep.styling.values if prep.styling else (), prep.styling.norm if prep.styling else None,
-               prep.vel_field, prep.styling.vel_factors if prep.styling else ())
+               prep.vel_field, prep.styling.vel_factors if prep.styling else (), prep.storage_options)
 
 
 def _run_here(prep: Prepared, target: str, token: str | None, todo, total: int, done: int,
@@ -371,7 +421,8 @@ def _run_here(prep: Prepared, target: str, token: str | None, todo, total: int, 
     state.setup(None)
     try:
         if token is None:
-            token = create_output(target, prep.layouts, prep.inp, prep.settings, prep.digest, prep.styling)
+            token = create_output(target, prep.layouts, prep.inp, prep.settings, prep.digest, prep.styling,
+                                  prep.storage_options)
         job = _job(prep, token, target, prep.device, 1)
         summary.cluster = f"{IN_PROCESS}, {opts.threads_per_worker} threads"
         state.begin(token)
@@ -394,7 +445,8 @@ def _run_on_cluster(prep: Prepared, target: str, token: str | None, todo, total:
     starting, prep.starting = prep.starting, None
     with dask_client(opts, prep.device, starting) as (client, info):
         if token is None:  # only once the cluster is there: a failed start leaves nothing behind
-            token = create_output(target, prep.layouts, prep.inp, prep.settings, prep.digest, prep.styling)
+            token = create_output(target, prep.layouts, prep.inp, prep.settings, prep.digest, prep.styling,
+                                  prep.storage_options)
         job = _job(prep, token, target, opts.device if prep.remote else prep.device, info.get("workers"))
         summary.cluster = info["cluster"]
         nworkers = info.get("workers") or len(client.scheduler_info(n_workers=-1)["workers"])
@@ -414,11 +466,11 @@ def execute(prep: Prepared) -> InferSummary:
     The caller holds the writer lock of `prep.out` (`map2map.utils.locks.writer_lock`).
     """
     opts, inp, pl, notes = prep.opts, prep.inp, prep.plan, prep.notes
-    target, token = check_output(prep.out, prep.digest, opts.overwrite, notes)
+    target, token = check_output(prep.out, prep.digest, opts.overwrite, notes, prep.storage_options)
 
-    if token:  # resuming (its marker directory is gone only if it died while finishing: redo all)
-        os.makedirs(os.path.join(target, DONE_DIR), exist_ok=True)
-    done = read_done(os.path.join(target, DONE_DIR)) if token else {}
+    if token and not storage.is_remote(target):  # resuming (its marker directory is gone only if it died
+        os.makedirs(os.path.join(target, DONE_DIR), exist_ok=True)  # while finishing: redo all)
+    done = read_done(storage.join(target, DONE_DIR), prep.storage_options) if token else {}
     ntiles = pl.plan.ntiles
     todo = _pending(done, inp.nsample, ntiles, opts.batch_size)
     total = ntiles * inp.nsample
@@ -435,7 +487,7 @@ def execute(prep: Prepared) -> InferSummary:
         token, summary.tiles_s = run_tiles(prep, target, token, todo, total, ndone_before, summary)
     t_finish = time.perf_counter()
     summary.loss = _finish(target, prep.out, [lay.name for lay in prep.layouts], inp.nsample, ntiles,
-                           prep.criterion)
+                           prep.criterion, prep.storage_options)
     summary.finish_s = time.perf_counter() - t_finish
     summary.criterion = prep.criterion
     summary.setup_s = t_setup - prep.t_start
@@ -453,9 +505,20 @@ def run(config: InferConfig) -> InferSummary:
     """
     prep = prepare(config, start_cluster=True)
     try:
-        with writer_lock(prep.out, "m2m infer") as lock:
-            if lock.note:
+        with output_lock(prep.out, "m2m infer") as lock:
+            if lock is not None and lock.note:
                 prep.notes.append(lock.note)
             return execute(prep)
     finally:
         prep.close()
+
+
+@contextlib.contextmanager
+def output_lock(out: str, what: str):
+    """The writer lock of a local output (`map2map.utils.locks.writer_lock`); None for an output in object
+    storage, which has no file locks (see the module docstring)."""
+    if storage.is_remote(out):
+        yield None
+        return
+    with writer_lock(out, what) as lock:
+        yield lock

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from map2map import store
+from map2map import storage, store
 from map2map.npyfile import glob_paired
 from map2map.errors import UserError
 from map2map.infer.specs import InferConfig, SourceSpec
@@ -30,20 +30,39 @@ class Inputs:
     identity: Any
 
 
+def store_location(location: str) -> str:
+    """How the run names an input store: an absolute path, or a normalised URL."""
+    if storage.is_remote(location):
+        return storage.normalise(location)
+    return os.path.abspath(storage.local_path(location))
+
+
+def store_stamp(path: str, storage_options) -> Any:
+    """What changes when the store at `path` is rewritten: its ``zarr.json``'s file stamp, or for a URL
+    the object's size, modification time and ETag."""
+    if not storage.is_remote(path):
+        return file_stamp(os.path.join(path, "zarr.json"))
+    fs, key = storage.filesystem(storage.join(path, "zarr.json"), storage_options)
+    info = fs.info(key)
+    return [info.get("size"), str(info.get("LastModified", info.get("mtime", ""))), info.get("ETag")]
+
+
 def store_inputs(opts: InferConfig) -> Inputs:
-    path = os.path.abspath(opts.data)
-    st = store.open_store(path)
+    path = store_location(opts.data)
+    options = dict(opts.storage_options or {})
+    st = store.open_store(path, storage_options=options)
     if not opts.in_fields:
         raise UserError(f"--in: name the input field(s) of {path}; it has {', '.join(st.field_names)}")
     names = list(opts.in_fields) + list(opts.tgt or [])
     if len(set(names)) != len(names):
         raise UserError(f"field names repeat in --in / --tgt: {names}")
     arrays = [st.field(n) for n in names]
-    specs = [SourceSpec("zarr", path, n, st.nsample) for n in names]
+    specs = [SourceSpec("zarr", path, n, st.nsample, storage_options=options if storage.is_remote(path) else None)
+             for n in names]
     nin = len(opts.in_fields)
     first = arrays[0]
     shard = tuple(first.shards[2:]) if first.shards else tuple(first.chunks[2:])
-    stamp = file_stamp(os.path.join(path, "zarr.json"))
+    stamp = store_stamp(path, options)
     return Inputs(specs[:nin], specs[nin:], [a.shape[1] for a in arrays[:nin]],
                   [a.shape[1] for a in arrays[nin:]], _same_box(arrays[:nin], names[:nin], "input"), st.nsample,
                   st.boxsize, shard, st.sources(opts.in_fields[0]), path,

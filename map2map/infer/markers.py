@@ -7,6 +7,10 @@ loss written as Python's ``repr`` of the float (exact round trip) or
 temporary file is needed, and finding the finished tiles is one directory
 scan that opens no file.  Markers of the earlier format (``{sample}-{tile}``
 holding JSON) are still read, so a run interrupted before this format resumes.
+
+In object storage (`done_dir` a URL, `map2map.storage`) a marker is an empty
+object under the prefix `done_dir`, of the same name: a PUT that returned is
+stored (no fsync), and finding the finished tiles is one listing of the prefix.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import json
 import os
 from typing import Any, Iterable
 
+from map2map import storage
+from map2map.storage import StorageOptions
 from map2map.utils import durable
 
 Mark = tuple[int, int, "float | None", int]  # (sample, tile, loss, voxels)
@@ -39,20 +45,29 @@ def parse_marker(name: str) -> tuple[tuple[int, int], dict[str, Any]] | None:
         return None
 
 
-def mark_all(done_dir: str, marks: Iterable[Mark]) -> None:
-    """Record finished tiles: one empty marker each, then one fsync of `done_dir` makes them all durable.
+def mark_all(done_dir: str, marks: Iterable[Mark], storage_options: StorageOptions | None = None) -> None:
+    """Record finished tiles: one empty marker each, then one fsync of `done_dir` makes them all durable
+    (in object storage: one empty object each, stored once their PUTs return).
 
-    Call it only once the tiles' data is durable (see `map2map.utils.durable`).
+    Call it only once the tiles' data is durable (see `map2map.utils.durable`; in object storage: once
+    the PUTs of their shards returned).
     """
+    if storage.is_remote(done_dir):
+        names = [marker_name(sample, tile, loss, count) for sample, tile, loss, count in marks]
+        if names:
+            fs, prefix = storage.filesystem(done_dir, storage_options)
+            fs.pipe({f"{prefix}/{name}": b"" for name in names})  # the PUTs run concurrently
+        return
     for sample, tile, loss, count in marks:
         os.close(os.open(os.path.join(done_dir, marker_name(sample, tile, loss, count)),
                          os.O_WRONLY | os.O_CREAT, 0o666))
     durable.fsync_path(done_dir)
 
 
-def mark_done(done_dir: str, sample: int, tile: int, loss: float | None, count: int) -> None:
+def mark_done(done_dir: str, sample: int, tile: int, loss: float | None, count: int,
+              storage_options: StorageOptions | None = None) -> None:
     """Record one finished tile (see `mark_all`)."""
-    mark_all(done_dir, [(sample, tile, loss, count)])
+    mark_all(done_dir, [(sample, tile, loss, count)], storage_options)
 
 
 def _read_legacy(done_dir: str, name: str) -> tuple[tuple[int, int], dict[str, Any]] | None:
@@ -64,10 +79,17 @@ def _read_legacy(done_dir: str, name: str) -> tuple[tuple[int, int], dict[str, A
         return None  # a foreign or unreadable file (e.g. a record cut short): that tile is simply redone
 
 
-def read_done(done_dir: str) -> dict[tuple[int, int], dict[str, Any]]:
+def read_done(done_dir: str, storage_options: StorageOptions | None = None) -> dict[tuple[int, int], dict[str, Any]]:
     """The finished tiles recorded in `done_dir`: {(sample, tile): {"loss": ..., "n": ...}}; one directory
-    scan (files of the earlier format are opened)."""
+    scan (files of the earlier format are opened), or one listing of the prefix in object storage (where
+    only this format was ever written)."""
     out = {}
+    if storage.is_remote(done_dir):
+        for name in storage.names(done_dir, storage_options):
+            rec = parse_marker(name)
+            if rec is not None:
+                out[rec[0]] = rec[1]
+        return out
     if not os.path.isdir(done_dir):
         return out
     with os.scandir(done_dir) as entries:

@@ -16,7 +16,6 @@ from map2map.infer import engine
 from map2map.infer.engine import InferSummary
 from map2map.npyfile import glob_paired
 from map2map.utils import durable
-from map2map.utils.locks import writer_lock
 from map2map.infer.specs import InferConfig
 
 
@@ -40,12 +39,13 @@ def write_npy(arr, sample: int, channels: slice, path: str, shard: Sequence[int]
         del mm
 
 
-def _write_all(summary: InferSummary, tgts: list[list[str]], keep: bool) -> None:
-    """Write every sample's prediction of the store `summary.output` beside its target files (and remove
-    the store unless `keep`: `summary.output` is then None)."""
-    import zarr
+def _write_all(summary: InferSummary, tgts: list[list[str]], keep: bool, storage_options=None) -> None:
+    """Write every sample's prediction of the store `summary.output` (a path, or a URL read with
+    `storage_options`) beside its target files (and remove the store unless `keep`: `summary.output` is
+    then None)."""
+    from map2map import store
 
-    arr = zarr.open_group(summary.output, mode="r", use_consolidated=False)[summary.field]
+    arr = store.open_group(summary.output, "r", storage_options, use_consolidated=False)[summary.field]
     shard = tuple(arr.shards[2:]) if arr.shards else tuple(arr.chunks[2:])
     for sample in range(summary.nsample):
         start = 0
@@ -56,7 +56,7 @@ def _write_all(summary: InferSummary, tgts: list[list[str]], keep: bool) -> None
             summary.written.append(path)
             start += c
     if not keep:
-        shutil.rmtree(summary.output)
+        shutil.rmtree(summary.output)  # our own hidden store beside the targets: always local
         summary.output = None
 
 
@@ -81,11 +81,11 @@ def run(config: InferConfig) -> InferSummary:
         config = dataclasses.replace(config, out=os.path.join(os.path.dirname(tgts[0][0]), name), overwrite=True)
     prep = engine.prepare(config, start_cluster=True)
     try:
-        with writer_lock(prep.out, "m2m test") as lock:  # held until the store is read (and removed)
-            if lock.note:
+        with engine.output_lock(prep.out, "m2m test") as lock:  # held until the store is read (and removed)
+            if lock is not None and lock.note:
                 prep.notes.append(lock.note)
             summary = engine.execute(prep)
-            _write_all(summary, tgts, keep)
+            _write_all(summary, tgts, keep, prep.storage_options)
     finally:
         prep.close()
     return summary

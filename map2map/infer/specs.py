@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from map2map import store, tiles
+from map2map import storage, store, tiles
 from map2map.modelfit import ModelSpec
 
-DONE_DIR = ".m2m-done"  # tile markers inside an output store while it is being written
+DONE_DIR = ".m2m-done"  # tile markers inside an output store while it is being written (a key prefix remotely)
 PARTIAL = store.PARTIAL  # suffix of the store --overwrite builds beside the old one
 VEL_FIELD = "vel"  # the velocity field --velocity writes beside the prediction
 
@@ -31,7 +30,10 @@ class InferConfig:
     the planner choose the tile (`map2map.infer.planning`).  A styled model
     (its card names style parameters) takes each sample's styles from the
     input store, or `style` (``Om=0.31,D=0.72``) for every sample; `velocity`
-    also writes the field `VEL_FIELD` (`map2map.infer.styles`).
+    also writes the field `VEL_FIELD` (`map2map.infer.styles`).  `data` and
+    `out` may be URLs (`map2map.storage`); `storage_options` (a dict, or the
+    ``--storage-options`` JSON text, which the stage parses) apply to both,
+    and `load_state` stays a local file.
     """
 
     load_state: str
@@ -73,22 +75,27 @@ class InferConfig:
     allow_nonfinite: bool = False
     style: str | None = None
     velocity: bool = False
+    storage_options: Mapping[str, Any] | str | None = None
 
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """How a worker opens one field: ("zarr", store path, array name, nsample) or ("npy", paths)."""
+    """How a worker opens one field: ("zarr", store location, array name, nsample, storage options of a
+    URL) or ("npy", paths)."""
 
     kind: str
     path: str = ""
     name: str = ""
     nsample: int = 0
     paths: tuple[str, ...] = ()
+    storage_options: Mapping[str, Any] | None = None
 
     def open(self):
         from map2map.data.windows import NpyField, ZarrField
 
         if self.kind == "zarr":
+            if storage.is_remote(self.path):
+                return ZarrField(self.path, self.name, self.nsample, storage_options=dict(self.storage_options or {}))
             return ZarrField(self.path, self.name, self.nsample)
         return NpyField(list(self.paths))
 
@@ -100,7 +107,8 @@ class Job:
     (`map2map.infer.tta`).  For a styled model `styles` holds each sample's physical style values in the
     order of `style_norm` (the model card's); with ``--velocity`` `vel_field` names the velocity output and
     `vel_factors` holds each sample's factor from d(output)/dD, as the model gives it, to km/s
-    (`map2map.infer.styles`)."""
+    (`map2map.infer.styles`).  `out_path` is a local path or a URL, written with `storage_options`
+    (travelling with every task to every worker, in this process or another)."""
 
     token: str
     out_path: str
@@ -125,10 +133,16 @@ class Job:
     style_norm: Any = None  # a `map2map.data.styles.StyleNorm`, None for an unstyled model
     vel_field: str | None = None
     vel_factors: tuple[float, ...] = ()
+    storage_options: Mapping[str, Any] | None = None
+
+    @property
+    def remote(self) -> bool:
+        """Whether the output is in object storage (`map2map.storage.is_remote`)."""
+        return storage.is_remote(self.out_path)
 
     @property
     def done_dir(self) -> str:
-        return os.path.join(self.out_path, DONE_DIR)
+        return storage.join(self.out_path, DONE_DIR)
 
     @property
     def out_chans(self) -> tuple[int, ...]:

@@ -61,12 +61,13 @@ def _show(names) -> str:
     return ",".join(names)
 
 
-def _from_store(path: str, names: tuple[str, ...]) -> np.ndarray:
+def _from_store(path: str, names: tuple[str, ...], storage_options: Any = None) -> np.ndarray:
     """Each sample's values of parameters `names` in the input store `path` (module docstring)."""
     from map2map.data.styles import store_styles
     from map2map.store import open_store
 
-    have = open_store(path).style_names
+    st = open_store(path, storage_options=storage_options)
+    have = st.style_names
     fix = f"give every sample the same with --style {','.join(n + '=VALUE' for n in names)}"
     if not have:
         raise UserError(f"the checkpoint's model is styled ({_show(names)}) but store {path} has no styles; "
@@ -75,7 +76,7 @@ def _from_store(path: str, names: tuple[str, ...]) -> np.ndarray:
     if missing:
         raise UserError(f"the checkpoint's model takes style parameters {_show(names)}, but store {path} has "
                         f"{_show(have)} (no {_show(missing)}); {fix}")
-    return store_styles(path, names, required=True)[1]
+    return store_styles(path, names, required=True, storage_options=storage_options)[1]
 
 
 def resolve_styles(opts, card, nsample: int, out_chan: int, ndim: int) -> Styling | None:
@@ -102,7 +103,7 @@ def resolve_styles(opts, card, nsample: int, out_chan: int, ndim: int) -> Stylin
         raise UserError(f"the checkpoint's model is styled ({_show(names)}) and .npy inputs carry no styles; "
                         f"give them with --style {','.join(n + '=VALUE' for n in names)}")
     else:
-        values, source = _from_store(opts.data, names), "store"
+        values, source = _from_store(opts.data, names, opts.storage_options), "store"
     factors: tuple[float, ...] = ()
     if opts.velocity:
         norm.index("D", "--velocity")

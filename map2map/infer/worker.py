@@ -6,7 +6,11 @@ model runs on batch k, a reader thread reads and normalises the windows of
 batch k + 1 (and hints batch k + 2's windows to the kernel, so the disk reads
 ahead), and a writer thread narrows, un-normalises, writes and fsyncs batch
 k - 1 (with ``--velocity`` its velocity field too, `map2map.infer.styles`)
-and then marks its tiles done.  So at most `PIPELINE_DEPTH` batches are in
+and then marks its tiles done.  An output in object storage (`Job.remote`)
+gets the same bytes another way: a tile owns whole shards, so each shard
+is encoded in memory and stored as one object with one PUT (`ShardObjects`),
+and a PUT that returned is stored, so nothing is fsynced there before the
+tile's marker (an empty object) is written.  So at most `PIPELINE_DEPTH` batches are in
 flight per task (read ahead, in the model, being written), and the model
 waits for I/O only when I/O is slower than the model.  A stream rather than one
 batch per task, because a pipeline needs to know its next batch: Dask hands a
@@ -165,9 +169,9 @@ class WorkerState(WorkerPlugin):
         key = (job.token, job.out_path, name or job.out_field)
         with self._lock:
             if key not in self.outputs:
-                import zarr
+                from map2map.store import open_group
 
-                group = zarr.open_group(job.out_path, mode="r+", use_consolidated=False)
+                group = open_group(job.out_path, "r+", job.storage_options)
                 self.outputs[key] = group[key[2]]
             return self.outputs[key]
 
@@ -211,6 +215,48 @@ def shard_files(arr, array_dir: str, sample: int, regions: Sequence[tuple[tiles.
         for coords in tiles.shards_of(region, shard):
             paths.append(os.path.join(array_dir, arr.metadata.encode_chunk_key((sample, 0) + coords)))
     return paths
+
+
+def encode_shards(arr, writes: Sequence[tuple[tuple, np.ndarray]]) -> dict[str, bytes]:
+    """The objects `writes` ((index, values) pairs, each index a union of whole shards of `arr`) make in
+    `arr`'s store: key within the array -> bytes, as zarr encodes them for `arr` (same metadata, so the
+    same bytes), in memory, without reading what the shards held before."""
+    import zarr
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import MemoryStore
+
+    objects = dict(arr.metadata.to_buffer_dict(default_buffer_prototype()))
+    mem = zarr.open_array(store=MemoryStore(store_dict=objects), mode="r+").with_config({"write_empty_chunks": True})
+    for index, values in writes:
+        mem[index] = values
+    return {key: buf.to_bytes() for key, buf in objects.items() if key != "zarr.json"}
+
+
+class ShardObjects:
+    """The writes of one batch to output arrays in object storage, stored as one object per shard.
+
+    zarr writes a shard by reading what it held first (a GET, before the
+    PUT); a tile owns whole shards, so here the batch's shards are encoded
+    in memory (`encode_shards`) and each is stored with one PUT, the PUTs of
+    the batch at once (`store`).
+    """
+
+    def __init__(self) -> None:
+        self.writes: dict[str, tuple[Any, list[tuple[tuple, np.ndarray]]]] = {}
+
+    def add(self, name: str, arr, index: tuple, values: np.ndarray) -> None:
+        """Gather the write ``arr[index] = values`` to the array `name` of the output."""
+        self.writes.setdefault(name, (arr, []))[1].append((index, values))
+
+    def store(self, out_path: str, storage_options) -> None:
+        """PUT every gathered shard into the output at `out_path`; returns once all are stored."""
+        from map2map import storage
+
+        fs, root = storage.filesystem(out_path, storage_options)
+        objects = {f"{root}/{name}/{key}": data for name, (arr, writes) in self.writes.items()
+                   for key, data in encode_shards(arr, writes).items()}
+        if objects:
+            fs.pipe(objects)
 
 
 def preload(job: Job) -> str:
@@ -264,7 +310,6 @@ def run_stream(state: WorkerState, job: Job, work: Work, on_batch: Callable[[int
     model, device = state.model(job)
     plan = job.plan
     arr = state.output(job)
-    array_dir = os.path.join(job.out_path, job.out_field)
     flight = InFlight()
     in_number, inputs = state.acquire_stack(job, "in")
     tgt = state.acquire_stack(job, "tgt") if job.targets else None
@@ -294,13 +339,18 @@ def run_stream(state: WorkerState, job: Job, work: Work, on_batch: Callable[[int
         sample, ids = work[k]
         t0 = time.perf_counter()
         marks, held = [], 0
+        objects = ShardObjects() if job.remote else None  # remote: whole shards gathered, stored below
         for b, t in enumerate(ids):
             region = plan.out_region(t)
             narrow = tuple(slice(o, o + n * plan.scale) for o, n in zip(job.offsets, plan.size(t)))
             pred = np.ascontiguousarray(y[b][(slice(0, nout),) + narrow])
+            index = (sample, slice(None)) + tuple(slice(lo, hi) for lo, hi in region)
             if vel_arr is not None:  # d output / dD, in the model's units, times the sample's factor: km/s
                 vel = y[b][(slice(nout, None),) + narrow] * np.float32(job.vel_factors[sample])
-                vel_arr[(sample, slice(None)) + tuple(slice(lo, hi) for lo, hi in region)] = vel
+                if objects is None:
+                    vel_arr[index] = vel
+                else:
+                    objects.add(job.vel_field, vel_arr, index, vel)
             loss = None
             if tgt is not None:
                 target = tgt[1].read(sample, region, np.empty_like(pred))
@@ -308,15 +358,21 @@ def run_stream(state: WorkerState, job: Job, work: Work, on_batch: Callable[[int
                 with torch.inference_mode():
                     loss = float(state.criterion(job)(torch.from_numpy(pred)[None], torch.from_numpy(target)[None]))
             undo_norms(pred, job.tgt_norms, job.out_chans, job.model.callback_at, channel_axis=0, **norm_kwargs)
-            arr[(sample, slice(None)) + tuple(slice(lo, hi) for lo, hi in region)] = pred
+            if objects is None:
+                arr[index] = pred
+            else:
+                objects.add(job.out_field, arr, index, pred)
             marks.append((sample, t, loss, int(pred.size)))
         flight.add(0, held)
-        regions = [plan.out_region(t) for t in ids]
-        files = shard_files(arr, array_dir, sample, regions)
+        regions = [plan.out_region(t) for t in ids]  # whole shards (checked): one writer, one PUT, per shard
+        files = shard_files(arr, os.path.join(job.out_path, job.out_field), sample, regions)
         if vel_arr is not None:
             files += shard_files(vel_arr, os.path.join(job.out_path, job.vel_field), sample, regions)
-        durable.fsync_files(files)
-        mark_all(job.done_dir, marks)  # only once every shard of the batch is on disk
+        if objects is None:
+            durable.fsync_files(files)
+        else:  # one PUT per shard; in object storage a shard whose PUT returned is stored
+            objects.store(job.out_path, job.storage_options)
+        mark_all(job.done_dir, marks, job.storage_options)  # only once every shard of the batch is stored
         state.record(job.token, write_s=time.perf_counter() - t0, batches=1, tiles=len(ids))
         flight.add(-1, -(x.nbytes + y.nbytes + held))
         if on_batch is not None:
