@@ -27,8 +27,9 @@ Object storage: OUTPUT may be a URL (``s3://bucket/train.zarr``,
 ``file://...``; `map2map.storage`), opened with ``--storage-options JSON``,
 which the worker processes get too (``memory://`` lives in one process, so
 it is written without workers).  Every task writes whole shards, and each
-shard is one object, written by one PUT; the completion mark comes after
-the last of them.  An incomplete store there (an interrupted run's) is
+shard is one object, encoded in memory and written by one PUT without
+reading it first (`map2map.store.ShardObjects`); the completion mark comes
+after the last of them.  An incomplete store there (an interrupted run's) is
 deleted and converted again, ``--append`` works as on disk, but a complete
 store is never replaced: object storage has no rename, so ``--overwrite``
 is refused (`map2map.store.staged_path`) and the fix is a new URL.  No
@@ -559,6 +560,7 @@ def _write_task(path: str, task: _Task, dtype: str, check_finite: bool,
     warned about.
     """
     arr = store.open_group(path, "r+", storage_options)[task.field]
+    objects = store.ShardObjects() if storage.is_remote(path) else None  # whole shards, one PUT each
     nbytes, bad = 0, _Bad()
     for region in task.regions:
         buf = np.empty((task.header.shape[0],) + tuple(s.stop - s.start for s in region), dtype=dtype)
@@ -566,8 +568,14 @@ def _write_task(path: str, task: _Task, dtype: str, check_finite: bool,
             npyfile.read_block(task.header, (slice(None),) + region, buf)
         if check_finite:
             bad = bad + _count_bad(task.header, region, buf)
-        arr[(task.sample, slice(None)) + region] = buf
+        index = (task.sample, slice(None)) + region
+        if objects is None:
+            arr[index] = buf
+        else:
+            objects.add(task.field, arr, index, buf)
         nbytes += buf.nbytes
+    if objects is not None:
+        objects.store(path, storage_options)
     return nbytes, bad
 
 

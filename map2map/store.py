@@ -44,7 +44,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import zarr
@@ -340,6 +340,48 @@ def open_group(path: str | Path, mode: str, storage_options: StorageOptions | No
     if mode == "w-":
         kwargs.pop("use_consolidated")
     return zarr.open_group(mode=mode, **storage.zarr_kwargs(os.fspath(path), storage_options), **kwargs)
+
+
+def encode_shards(arr, writes: Sequence[tuple[tuple, np.ndarray]]) -> dict[str, bytes]:
+    """The objects `writes` ((index, values) pairs, each index a union of whole shards of `arr`) make in
+    `arr`'s store: key within the array -> bytes, as zarr encodes them for `arr` (same metadata, so the
+    same bytes), in memory, without reading what the shards held before."""
+    import zarr
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import MemoryStore
+
+    objects = dict(arr.metadata.to_buffer_dict(default_buffer_prototype()))
+    mem = zarr.open_array(store=MemoryStore(store_dict=objects), mode="r+").with_config({"write_empty_chunks": True})
+    for index, values in writes:
+        mem[index] = values
+    return {key: buf.to_bytes() for key, buf in objects.items() if key != "zarr.json"}
+
+
+class ShardObjects:
+    """Writes of whole shards to arrays of a store in object storage, each shard stored as one object.
+
+    zarr writes a shard by reading what it held first (a GET, before the
+    PUT), even when the write covers all of it.  A writer that owns whole
+    shards (a convert task, an inference tile) gathers its writes here
+    (`add`); `store` encodes the shards in memory (`encode_shards`) and
+    stores each with one PUT, all of them at once.
+    """
+
+    def __init__(self) -> None:
+        self.writes: dict[str, tuple[Any, list[tuple[tuple, np.ndarray]]]] = {}
+
+    def add(self, name: str, arr, index: tuple, values: np.ndarray) -> None:
+        """Gather the write ``arr[index] = values`` to the array `name` of the store (`index` covers whole
+        shards of `arr`)."""
+        self.writes.setdefault(name, (arr, []))[1].append((index, values))
+
+    def store(self, out_path: str, storage_options) -> None:
+        """PUT every gathered shard into the store at `out_path`; returns once all are stored."""
+        fs, root = storage.filesystem(out_path, storage_options)
+        objects = {f"{root}/{name}/{key}": data for name, (arr, writes) in self.writes.items()
+                   for key, data in encode_shards(arr, writes).items()}
+        if objects:
+            fs.pipe(objects)
 
 
 def read_meta(path: str | Path, storage_options: StorageOptions | None = None) -> dict[str, Any] | None:

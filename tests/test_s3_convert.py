@@ -113,8 +113,8 @@ def test_convert_to_s3_writes_the_local_store_object_for_object(tmp_path, inputs
 
 
 def test_each_shard_is_written_by_one_put_before_the_completion_mark(tmp_path, inputs, s3, monkeypatch):
-    """Counted at the filesystem: every shard object is PUT once (the tasks write whole shards), and the
-    group metadata says complete only in PUTs after the last shard's."""
+    """Counted at the filesystem: every shard object is PUT once (the tasks write whole shards) and never
+    read first, and the group metadata says complete only in PUTs after the last shard's."""
     import s3fs
 
     puts: list[tuple[str, bool]] = []  # (key, whether it is the group metadata saying complete)
@@ -126,8 +126,17 @@ def test_each_shard_is_written_by_one_put_before_the_completion_mark(tmp_path, i
         puts.append((path, complete))
         return await pipe(self, path, data, *args, **kwargs)
 
+    gets: list[str] = []
+    cat = s3fs.S3FileSystem._cat_file
+
+    async def read(self, path, *args, **kwargs):
+        gets.append(path)
+        return await cat(self, path, *args, **kwargs)
+
     monkeypatch.setattr(s3fs.S3FileSystem, "_pipe_file", recorded)
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", read)
     convert.run(config(s3.url("one.zarr"), inputs, workers=1, storage_options=s3.options))
+    assert not [key for key in gets if "/disp/c/" in key or "/dens/c/" in key]
     shards = [i for i, (key, _) in enumerate(puts) if "/disp/c/" in key or "/dens/c/" in key]
     assert len(shards) == len({puts[i][0] for i in shards}) == 2 * 2 * SHARDS_PER_SAMPLE
     marks = [i for i, (_, complete) in enumerate(puts) if complete]

@@ -8,7 +8,7 @@ ahead), and a writer thread narrows, un-normalises, writes and fsyncs batch
 k - 1 (with ``--velocity`` its velocity field too, `map2map.infer.styles`)
 and then marks its tiles done.  An output in object storage (`Job.remote`)
 gets the same bytes another way: a tile owns whole shards, so each shard
-is encoded in memory and stored as one object with one PUT (`ShardObjects`),
+is encoded in memory and stored as one object with one PUT (`map2map.store.ShardObjects`),
 and a PUT that returned is stored, so nothing is fsynced there before the
 tile's marker (an empty object) is written.  So at most `PIPELINE_DEPTH` batches are in
 flight per task (read ahead, in the model, being written), and the model
@@ -43,6 +43,7 @@ import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from map2map import tiles
+from map2map.store import ShardObjects
 from map2map.infer import gpus
 from map2map.infer.markers import mark_all
 from map2map.infer.specs import Job
@@ -215,48 +216,6 @@ def shard_files(arr, array_dir: str, sample: int, regions: Sequence[tuple[tiles.
         for coords in tiles.shards_of(region, shard):
             paths.append(os.path.join(array_dir, arr.metadata.encode_chunk_key((sample, 0) + coords)))
     return paths
-
-
-def encode_shards(arr, writes: Sequence[tuple[tuple, np.ndarray]]) -> dict[str, bytes]:
-    """The objects `writes` ((index, values) pairs, each index a union of whole shards of `arr`) make in
-    `arr`'s store: key within the array -> bytes, as zarr encodes them for `arr` (same metadata, so the
-    same bytes), in memory, without reading what the shards held before."""
-    import zarr
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.storage import MemoryStore
-
-    objects = dict(arr.metadata.to_buffer_dict(default_buffer_prototype()))
-    mem = zarr.open_array(store=MemoryStore(store_dict=objects), mode="r+").with_config({"write_empty_chunks": True})
-    for index, values in writes:
-        mem[index] = values
-    return {key: buf.to_bytes() for key, buf in objects.items() if key != "zarr.json"}
-
-
-class ShardObjects:
-    """The writes of one batch to output arrays in object storage, stored as one object per shard.
-
-    zarr writes a shard by reading what it held first (a GET, before the
-    PUT); a tile owns whole shards, so here the batch's shards are encoded
-    in memory (`encode_shards`) and each is stored with one PUT, the PUTs of
-    the batch at once (`store`).
-    """
-
-    def __init__(self) -> None:
-        self.writes: dict[str, tuple[Any, list[tuple[tuple, np.ndarray]]]] = {}
-
-    def add(self, name: str, arr, index: tuple, values: np.ndarray) -> None:
-        """Gather the write ``arr[index] = values`` to the array `name` of the output."""
-        self.writes.setdefault(name, (arr, []))[1].append((index, values))
-
-    def store(self, out_path: str, storage_options) -> None:
-        """PUT every gathered shard into the output at `out_path`; returns once all are stored."""
-        from map2map import storage
-
-        fs, root = storage.filesystem(out_path, storage_options)
-        objects = {f"{root}/{name}/{key}": data for name, (arr, writes) in self.writes.items()
-                   for key, data in encode_shards(arr, writes).items()}
-        if objects:
-            fs.pipe(objects)
 
 
 def preload(job: Job) -> str:
