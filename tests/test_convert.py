@@ -593,7 +593,7 @@ def test_two_appends_at_once_one_wins_one_is_refused(tmp_path):
 
 
 def test_lock_of_a_killed_conversion_is_taken_over_with_a_note(tmp_path, capsys):
-    save_fields(tmp_path / "in", "f", (1, 64, 64, 64), 4)
+    save_fields(tmp_path / "in", "f", (1, 64, 64, 64), 8)
     out = tmp_path / "s.zarr"
     args = [str(out), f"--field=f={tmp_path}/in/f_*.npy", "--crop", "8"]
     pid = _start_and_kill(args, out, "f")
