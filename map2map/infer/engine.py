@@ -108,7 +108,8 @@ class InferSummary(Summary):
                 parts = [f"{k} {sum(v.get(k + '_s', 0.0) for v in self.workers.values()):.2f} s"
                          for k in ("read", "model", "write")]
                 out.append(f"pipeline: {', '.join(parts)} (summed over {self.slots} task slots; read: windows, "
-                           f"norms; write: narrowing, norms, loss, zarr, fsync), model busy "
+                           f"norms; write: narrowing, norms, loss, zarr, "
+                           f"{'PUT' if storage.is_remote(self.output or '') else 'fsync'}), model busy "
                            f"{100 * self.model_busy:.0f}% of the tile phase, {self.tiles_per_s:.1f} tiles/s")
         for i, loss in enumerate(self.loss or []):
             out.append(f"sample {i}: {self.criterion} {loss:.6g}")
