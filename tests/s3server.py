@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.request import urlopen
+
+from ports import free_port
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "m2m-test-key", "AWS_SECRET_ACCESS_KEY": "m2m-test-secret",
                "AWS_DEFAULT_REGION": "us-east-1"}
@@ -44,11 +45,6 @@ def delayed(environ, start_response):
 run_simple(host, port, delayed, threaded=True, use_reloader=False)
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

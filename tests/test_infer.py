@@ -11,7 +11,6 @@ processes started here on loopback.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from map2map import convert, infer, store
 from map2map.models import G, VNet, narrow_like
 
 from conftest import run_m2m
+from ports import free_port
 from twoconv import TwoConv
 
 TESTS = os.path.dirname(os.path.abspath(__file__))  # the --callback-at directory of tests/twoconv.py
@@ -77,11 +77,6 @@ def reference(model: torch.nn.Module, x: np.ndarray, pad: int, out_shape) -> np.
         y = model(torch.from_numpy(padded)[None])
     return narrow_like(y, tuple(out_shape))[0].numpy()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def record(case: str, diff: float) -> None:

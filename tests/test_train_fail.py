@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from map2map.cli import build_parser, train_args
 from map2map.cli.configs import stage_of
 from map2map.errors import UserError
 from map2map.utils.distenv import DistEnv
+from ports import free_port
 from stores import za_lpt_store
 
 # Training steps per rank and epoch in every run below: 2 samples x 8 crops = 16 items, 8 per rank, batches of 2.
@@ -116,11 +116,6 @@ class Ended:
     err: list[str]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def ranks(args: list[str], run_dirs: list[Path], timeout: float = 240) -> list[Ended]:
     """`m2m ARGS` as ranks 0 and 1 of one run, plain processes (srun without --kill-on-bad-exit), rank r in
@@ -135,20 +130,20 @@ def ranks(args: list[str], run_dirs: list[Path], timeout: float = 240) -> list[E
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     ended: dict[int, float] = {}
     try:
-        while len(ended) < len(procs):
+        while len(ended) < len(procs) and time.monotonic() - t0 < timeout:
             for rank, p in enumerate(procs):
                 if rank not in ended and p.poll() is not None:
                     ended[rank] = time.monotonic() - t0
-            assert time.monotonic() - t0 < timeout, f"ranks still running after {timeout} s: {sorted(set(range(2)) - set(ended))}"
             time.sleep(0.05)
     finally:
         for p in procs:
             p.kill()
-    results = []
-    for rank, p in enumerate(procs):
-        out, err = p.communicate()
-        results.append(Ended(p.returncode, ended[rank], out.strip().splitlines(), err.strip().splitlines()))
-    return results
+    outputs = [p.communicate() for p in procs]
+    if len(ended) < len(procs):  # say where each rank was: its last lines
+        tails = "\n".join(f"rank {rank} stderr: {err.strip().splitlines()[-5:]}" for rank, (_, err) in enumerate(outputs))
+        pytest.fail(f"ranks still running after {timeout} s: {sorted(set(range(2)) - set(ended))}\n{tails}")
+    return [Ended(p.returncode, ended[rank], out.strip().splitlines(), err.strip().splitlines())
+            for rank, (p, (out, err)) in enumerate(zip(procs, outputs))]
 
 
 def one_line(ended: Ended) -> str:

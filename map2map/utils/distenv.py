@@ -98,6 +98,18 @@ def _int(env: Mapping[str, str], key: str) -> int:
         raise UserError(f"environment variable {key}={env[key]!r} is not an integer") from None
 
 
+def rendezvous_port(job: int) -> int:
+    """The rendezvous port of SLURM job `job` when MASTER_PORT is not set: one of 20000-29999.
+
+    Below Linux's ephemeral range (32768 and up by default), so that no
+    outgoing connection on the host holds it, and a rank that retries its
+    connection before rank 0 listens cannot be handed the port itself and
+    connect to itself; jobs sharing a node get different ports unless their
+    ids are equal modulo 10000.
+    """
+    return 20000 + job % 10000
+
+
 def dist_env(env: MutableMapping[str, str] | None = None) -> DistEnv:
     """Read this process's place from `env` (default `os.environ`).
 
@@ -132,7 +144,7 @@ def dist_env(env: MutableMapping[str, str] | None = None) -> DistEnv:
         if not job or not job.isdigit():
             raise UserError("under srun with several tasks but no MASTER_PORT and no SLURM_JOB_ID: "
                             "cannot choose a rendezvous port; export MASTER_PORT")
-        env["MASTER_PORT"] = str(20000 + int(job) % 20000)
+        env["MASTER_PORT"] = str(rendezvous_port(int(job)))
     env.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
                LOCAL_WORLD_SIZE=str(local_world))
     return DistEnv(rank, local_rank, world, local_world, "slurm")
