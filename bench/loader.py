@@ -178,7 +178,13 @@ def run_side(args: argparse.Namespace) -> None:
         if epoch == 0 and args.workers == 0 and io0 is not None and io1 is not None:
             read_bytes = (io1 - io0) / len(order)
     stats = ds.read_stats().amplification if args.side == "ours" and args.workers == 0 else None
-    print(json.dumps({"rates": rates, "amplification": stats, "read_bytes_per_item": read_bytes}))
+    threads = None
+    if args.side == "ours":  # what FieldDataset's copy_threads=None chooses in the process that reads
+        from map2map.data.windows import auto_copy_threads
+
+        threads = auto_copy_threads() if args.workers == 0 else 1
+    print(json.dumps({"rates": rates, "amplification": stats, "read_bytes_per_item": read_bytes,
+                      "copy_threads": threads}))
 
 
 def measure(side: str, workers: int, files, args) -> dict:
@@ -196,6 +202,8 @@ def measure(side: str, workers: int, files, args) -> dict:
     out.unlink()
     summary = {"items_per_s": [round(r, 3) for r in res["rates"]], "peak_rss_MiB": round(peak / 2**20, 1),
                "amplification": res["amplification"]}
+    if res.get("copy_threads") is not None:
+        summary["copy_threads"] = res["copy_threads"]
     if args.cold and res["read_bytes_per_item"] is not None:
         summary["storage_MB_per_item"] = round(res["read_bytes_per_item"] / 1e6, 1)
     return summary

@@ -137,11 +137,12 @@ def window_cases(draw):
 
 
 @EXAMPLES
-@given(case=window_cases(), cache=st.sampled_from([0, 2**12, 2**20]))
-def test_window_reads_equal_zarr(stores, case, cache):
-    """The shard decoder's read, hints included, is bit for bit what zarr-python reads, for any window."""
+@given(case=window_cases(), cache=st.sampled_from([0, 2**12, 2**20]), threads=st.sampled_from([1, 3]))
+def test_window_reads_equal_zarr(stores, case, cache, threads):
+    """The shard decoder's read, hints included, is bit for bit what zarr-python reads, for any window,
+    with the chunks copied in this thread or by several at once."""
     name, sample, win = case
-    src = ZarrField(stores[name], "f", 2, cache_bytes=cache)
+    src = ZarrField(stores[name], "f", 2, cache_bytes=cache, copy_threads=threads)
     assert src.uses_direct_path
     got = read_window(src, sample, win)
     want = zarr_window(stores[name], sample, win)
@@ -284,3 +285,43 @@ def test_copy_into_any_view_equals_plain_assignment(shape, data, negate):
     want = np.zeros_like(big)
     augment.inverse_view(want[None], element)[0][region] = -src if negate else src
     assert np.array_equal(big.view(np.uint32), want.view(np.uint32))
+
+
+def _auto_threads(_):
+    from map2map.data.windows import auto_copy_threads
+
+    return auto_copy_threads()
+
+
+def test_copy_threads_are_chosen_per_process():
+    """``copy_threads=None``: several in the main process (here, where this machine has several cores), one in
+    each DataLoader worker, whose siblings use the other cores."""
+    import torch
+
+    from map2map.data.windows import MAX_COPY_THREADS, auto_copy_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert auto_copy_threads() == max(1, min(MAX_COPY_THREADS, cores))
+    loader = torch.utils.data.DataLoader(list(range(4)), batch_size=None, num_workers=2, collate_fn=_auto_threads)
+    assert [int(n) for n in loader] == [1, 1, 1, 1]
+
+
+def test_threaded_items_equal_single_threaded_items(stores):
+    """FieldDataset items of a 3-d vector field, augmented (transposed, flipped and negated copies), are bit for
+    bit the same whatever the copy threads; a bad count is one line."""
+    from map2map.data.fields import FieldDataset
+    from map2map.errors import UserError
+
+    def items(threads):
+        ds = FieldDataset(store=stores["3d"], in_fields=["f"], tgt_fields=["f"], crop=4, in_pad=3, augment=True,
+                          cache_bytes=0, copy_threads=threads)
+        return [ds[i] for i in range(len(ds))]
+
+    one, three = items(1), items(3)
+    assert len(one) == 2 * 5 * 3 * 4
+    for a, b in zip(one, three):
+        for key in ("input", "target"):
+            assert np.array_equal(a[key].numpy().view(np.uint32), b[key].numpy().view(np.uint32))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(UserError, match="copy_threads must be a positive integer"):
+            items(bad)

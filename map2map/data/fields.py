@@ -113,11 +113,12 @@ class ReadAhead:
 
 
 def _open_store_fields(path: str, names: Sequence[str], cache_bytes: int,
-                       storage_options: dict | None = None) -> list[ZarrField]:
+                       storage_options: dict | None = None, copy_threads: int | None = None) -> list[ZarrField]:
     st = store.open_store(path, storage_options=storage_options)
     for n in names:
         st.field(n)  # one-line error listing the fields the store has
-    return [ZarrField(st.path, n, st.nsample, cache_bytes, storage_options=storage_options) for n in names]
+    return [ZarrField(st.path, n, st.nsample, cache_bytes, storage_options=storage_options, copy_threads=copy_threads)
+            for n in names]
 
 
 class FieldDataset(Dataset):
@@ -126,6 +127,10 @@ class FieldDataset(Dataset):
     `store` may be a URL (`map2map.storage`) opened with `storage_options`
     (fsspec keyword arguments), which the readers carry into DataLoader
     workers; a store in object storage is read by `map2map.data.remote`.
+    `copy_threads`: threads each store field copies its chunks into an item
+    with (`map2map.data.windows.ZarrField`); None: 1 in DataLoader worker
+    processes, else the process's cores up to a few, since with no loader
+    workers the cores idle while the main process assembles an item.
     """
 
     def __init__(self, *, store: str | None = None, in_fields: Sequence[str] | None = None,
@@ -139,9 +144,12 @@ class FieldDataset(Dataset):
                  tgt_norms: Sequence[str] | None = None, callback_at: str | None = None, seed: int = 0,
                  cache_bytes: int = 64 * 2**20, readahead: int | None = None,
                  styles: Sequence[str] | None = None, storage_options: dict | None = None,
-                 **kwargs: Any) -> None:
+                 copy_threads: int | None = None, **kwargs: Any) -> None:
+        if copy_threads is not None and (isinstance(copy_threads, bool) or not isinstance(copy_threads, int)
+                                         or copy_threads < 1):
+            raise UserError(f"copy_threads must be a positive integer (None: chosen per process), got {copy_threads!r}")
         self.inputs, self.targets = self._sources(store, in_fields, tgt_fields, in_patterns, tgt_patterns,
-                                                  cache_bytes, storage_options)
+                                                  cache_bytes, storage_options, copy_threads)
         self.nsample = self.inputs[0].shape[0]
         self.size = self._spatial(self.inputs, "input")
         self.ndim = len(self.size)
@@ -196,12 +204,12 @@ class FieldDataset(Dataset):
 
     @staticmethod
     def _sources(store_path, in_fields, tgt_fields, in_patterns, tgt_patterns, cache_bytes,
-                 storage_options=None) -> tuple[list[FieldSource], list[FieldSource]]:
+                 storage_options=None, copy_threads=None) -> tuple[list[FieldSource], list[FieldSource]]:
         if store_path is not None:
             if not in_fields:
                 raise UserError("a store needs input field names (in_fields / --in)")
             names = list(in_fields) + list(tgt_fields or [])
-            fields = _open_store_fields(store_path, names, cache_bytes, storage_options)
+            fields = _open_store_fields(store_path, names, cache_bytes, storage_options, copy_threads)
             return fields[:len(in_fields)], fields[len(in_fields):]
         if not in_patterns:
             raise UserError("give a store with in_fields, or in_patterns (.npy glob patterns)")

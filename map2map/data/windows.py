@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -85,6 +86,7 @@ class FieldSource(Protocol):
         same window asks for it again."""
 
 
+MAX_COPY_THREADS = 4  # most threads a `ZarrField` copies chunks with by itself (``copy_threads=None``)
 WINDOW_HINT_BYTES = 2**29  # most bytes `read_window` hints ahead of its own copy (the rest is read by faults)
 ANNOUNCED_WINDOWS = 4096  # hinted windows not read yet a remote `ZarrField` remembers
 
@@ -144,6 +146,16 @@ def _blocks(dst: np.ndarray) -> list[int]:
     return [8 if first else 32, 32, 64]
 
 
+def auto_copy_threads() -> int:
+    """Copy threads for ``copy_threads=None``: 1 in a DataLoader worker process (its siblings use the other
+    cores), else the cores this process may run on, at most `MAX_COPY_THREADS`."""
+    import torch.utils.data
+
+    if torch.utils.data.get_worker_info() is not None:
+        return 1
+    return max(1, min(MAX_COPY_THREADS, len(os.sched_getaffinity(0))))
+
+
 def _copy(dst: np.ndarray, src: np.ndarray, negate: bool) -> None:
     """``dst[...] = src`` (or ``-src``) for a C-ordered `src`.
 
@@ -179,7 +191,11 @@ class ZarrField:
     DataLoader workers and survives a fork.  `direct=False` reads through
     zarr-python even where the shard decoder could.  `path` may be a URL
     (`map2map.storage`), opened with `storage_options` (pickled with the
-    reader, so they reach worker processes).
+    reader, so they reach worker processes).  `copy_threads`: threads
+    that copy the chunks of a box into place at once (each chunk into its
+    own part of the output, so the result does not depend on them; page
+    faults of cold chunks then overlap too); None chooses per process
+    (`auto_copy_threads`).
     """
 
     path: str
@@ -188,6 +204,7 @@ class ZarrField:
     cache_bytes: int = 64 * 2**20
     direct: bool = True
     storage_options: dict | None = None
+    copy_threads: int | None = 1
     stats: ReadStats = field(default_factory=ReadStats)
 
     def __post_init__(self) -> None:
@@ -198,7 +215,7 @@ class ZarrField:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("_arr", "_cache", "_shards", "_announced"):
+        for key in ("_arr", "_cache", "_shards", "_announced", "_copier"):
             state.pop(key, None)
         state["_pid"] = None
         return state
@@ -224,6 +241,9 @@ class ZarrField:
         self._remote = isinstance(self._shards, remote.RemoteShardReader)
         self._announced: collections.OrderedDict[tuple, set] = collections.OrderedDict()
         self._cache = shards.ChunkCache(self.cache_bytes)
+        threads = auto_copy_threads() if self.copy_threads is None else self.copy_threads
+        self._copy_threads = threads
+        self._copier = ThreadPoolExecutor(threads, thread_name_prefix="m2m-copy") if threads > 1 else None
         self._pid = os.getpid()
 
     @property
@@ -336,6 +356,8 @@ class ZarrField:
     def read_box(self, sample: int, box: tuple[slice, ...], out: list[tuple[np.ndarray, bool]]) -> None:
         self._ensure_open()
         chunk = self.chunk
+        pending: collections.deque = collections.deque()  # copies in flight, each holding its chunk
+        limit = 2 * self._copy_threads  # copies in flight at most
         for cidx in self.box_chunks(sample, box):
             data = self._chunk(sample, cidx)
             lo = [i * c for i, c in zip(cidx, chunk)]
@@ -346,7 +368,14 @@ class ZarrField:
                 dst.append(slice(a - s.start, b - s.start))
             src, dst = tuple(src), tuple(dst)
             for c, (target, negate) in enumerate(out):
-                _copy(target[dst], data[(c,) + src], negate)
+                if self._copier is None:
+                    _copy(target[dst], data[(c,) + src], negate)
+                    continue
+                pending.append(self._copier.submit(_copy, target[dst], data[(c,) + src], negate))
+                while len(pending) > limit:  # bounded: chunks in flight stay few (result() raises a copy's error)
+                    pending.popleft().result()
+        while pending:
+            pending.popleft().result()
 
     def _chunk(self, sample: int, cidx: tuple[int, ...]) -> np.ndarray:
         """The (channels, *spatial) chunk at spatial chunk coordinates `cidx` of `sample`, from the cache."""
