@@ -290,6 +290,27 @@ def test_required_pad_falls_back_to_real_passes_and_fails_clearly():
         required_pad(UNet(3, 3, dim=2, width=2), 1, 8, 2, max_pad=30)
 
 
+@pytest.mark.parametrize("make,in_chan,crop,dim,scale", [
+    (lambda: VNet(3, 3, dim=2, width=4), 3, 8, 2, 1),
+    (lambda: UNet(1, 1, dim=3, width=2), 1, 8, 3, 1),
+    (lambda: G(1, 1, scale_factor=2, dim=2), 1, 6, 2, 2),
+    (lambda: nn.Sequential(nn.Conv3d(2, 4, 3), nn.LeakyReLU(), nn.Conv3d(4, 2, 5)), 2, 8, 3, 1),
+])
+def test_real_and_meta_probes_agree(monkeypatch, make, in_chan, crop, dim, scale):
+    """Probes run for real within a cost budget (a small model on the CPU) and on a 'meta' copy beyond it;
+    with every pass real (an unbounded budget) or every pass meta (no budget), pads and shapes agree."""
+    from map2map.models import stride
+
+    model = make()
+    got = {}
+    for budget in (0.0, float("inf")):
+        monkeypatch.setattr(stride, "REAL_PASS_FLOPS", budget)
+        pad = required_pad(model, in_chan, crop, dim, scale_factor=scale)
+        got[budget] = pad, stride.output_shape(model, in_chan, (crop + 2 * pad,) * dim)
+    assert got[0.0] == got[float("inf")]
+    assert all(n >= crop * scale and (n - crop * scale) % 2 == 0 for n in got[0.0][1])  # covers the target
+
+
 # ---------------------------------------------------------------- power spectrum
 
 def _np_power(x: np.ndarray, boxsize: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

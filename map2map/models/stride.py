@@ -11,6 +11,7 @@ facts into numbers and clear errors.
 from __future__ import annotations
 
 import copy
+import math
 from fractions import Fraction
 from typing import Sequence
 
@@ -107,6 +108,24 @@ def _forward_shape(model: nn.Module, in_chan: int, shape: Sequence[int]) -> tupl
         model.train(was_training)
 
 
+REAL_PASS_FLOPS = 4e9  # most estimated operations of the real passes a probe runs instead of 'meta' ones
+
+
+def _real_cost(model: nn.Module, shape: Sequence[int]) -> float:
+    """Estimated operations of a real pass of `model` over spatial `shape`: 2 x parameters x input voxels
+    (each weight used once per voxel, as in a convolution); infinite off the CPU."""
+    if next(model.parameters(), torch.empty(0)).device.type != "cpu":
+        return math.inf
+    return 2.0 * sum(p.numel() for p in model.parameters()) * math.prod(shape)
+
+
+def _cheap(model: nn.Module, shape: Sequence[int]) -> bool:
+    """Whether a real pass of `model` over spatial `shape` costs about as little as a 'meta' one
+    (`_real_cost` at most `REAL_PASS_FLOPS`).  The first 'meta' pass of a process imports parts of torch
+    that take seconds; a small model's real pass on the CPU takes a fraction of that."""
+    return _real_cost(model, shape) <= REAL_PASS_FLOPS
+
+
 def _shape_probe(model: nn.Module) -> nn.Module | None:
     """A shape-only 'meta' copy of `model`, or None for a model that cannot be copied there."""
     try:
@@ -121,9 +140,14 @@ def output_shape(model: nn.Module, in_chan: int, shape: Sequence[int]) -> tuple[
     This is the one output-shape probe of the package (training, inference
     and the pad search use it).  The pass runs on a 'meta' copy of the model
     (shapes only, no arithmetic, no parameter data), in eval mode without
-    gradients; a model with an operation that has no meta support gets a
-    real pass on zeros instead.  `model`'s training mode is left as it was.
+    gradients; a model with an operation that has no meta support, and a
+    small one on the CPU (`_cheap`), gets a real pass on zeros instead.
+    `model`'s training mode is left as it was.
     """
+    if _cheap(model, shape):
+        out = _forward_shape(model, in_chan, shape)
+        if out is not None:
+            return out
     probe = _shape_probe(model)
     out = _forward_shape(probe, in_chan, shape) if probe is not None else None
     return out if out is not None else _forward_shape(model, in_chan, shape)
@@ -134,10 +158,10 @@ def _covers(out: int | None, target: int) -> bool:
 
 
 def _search(model: nn.Module, in_chan: int, crop: int, dim: int, target: int,
-            max_pad: int) -> tuple[int | None, bool]:
-    """The smallest pad up to `max_pad` whose output covers `target`, and whether any pass ran at all."""
+            pads: range) -> tuple[int | None, bool]:
+    """The smallest pad of `pads` whose output covers `target`, and whether any pass ran at all."""
     ran = False
-    for pad in range(max_pad + 1):
+    for pad in pads:
         out = _forward_shape(model, in_chan, (crop + 2 * pad,) * dim)
         ran = ran or out is not None
         if _covers(out[0] if out else None, target):
@@ -146,14 +170,25 @@ def _search(model: nn.Module, in_chan: int, crop: int, dim: int, target: int,
 
 
 def _find_pad(model: nn.Module, in_chan: int, crop: int, dim: int, target: int, max_pad: int) -> int | None:
-    """Search on a shape-only 'meta' copy of `model`; if no meta pass runs at all (an operation
-    without meta support), search again with real passes."""
+    """Search the first pads with real passes while their total cost stays within `REAL_PASS_FLOPS` (a
+    small model on the CPU), the rest on a shape-only 'meta' copy of `model`; if no meta pass runs at all
+    (an operation without meta support), search the rest again with real passes."""
+    small, cost = 0, 0.0
+    while small <= max_pad:
+        cost += _real_cost(model, (crop + 2 * small,) * dim)
+        if cost > REAL_PASS_FLOPS:
+            break
+        small += 1
+    pad = _search(model, in_chan, crop, dim, target, range(small))[0]
+    if pad is not None or small > max_pad:
+        return pad
+    rest = range(small, max_pad + 1)
     probe = _shape_probe(model)
     if probe is not None:
-        pad, meta_ran = _search(probe, in_chan, crop, dim, target, max_pad)
+        pad, meta_ran = _search(probe, in_chan, crop, dim, target, rest)
         if meta_ran:
             return pad
-    return _search(model, in_chan, crop, dim, target, max_pad)[0]
+    return _search(model, in_chan, crop, dim, target, rest)[0]
 
 
 def required_pad(model: nn.Module, in_chan: int, crop: int, dim: int, scale_factor: float = 1,
