@@ -200,8 +200,10 @@ def required_pad(model: nn.Module, in_chan: int, crop: int, dim: int, scale_fact
     Sizes the model rejects (e.g. levels that do not line up) are skipped.
     Shapes are found by forward passes on zero inputs under `torch.no_grad`
     in eval mode, on a copy of the model on the 'meta' device: shapes only, no
-    arithmetic, so even a large super-resolution model costs nothing.  If the
-    meta copy cannot run, the passes are real (slow for large models).
+    arithmetic, so even a large super-resolution model costs nothing.  The
+    first pads of a small model on the CPU are tried with real passes, within
+    `REAL_PASS_FLOPS` in all (`_find_pad`); if the meta copy cannot run, the
+    passes are real (slow for large models).
     `model` is left in the training mode it had.  Raises `StrideError` if no
     p up to `max_pad` works.
     """
