@@ -292,3 +292,19 @@ def test_streams_partition_the_work_in_order(sizes, slots, most):
     assert len(got) == min(n, max(slots * STREAMS_PER_SLOT, -(-n // most)))
     if got:
         assert max(map(len, got)) - min(map(len, got)) <= 1 and max(map(len, got)) <= most
+
+
+def test_a_run_in_this_process_never_imports_dask_distributed(conv3d, tmp_path):
+    """Importing `distributed` costs about half a second, most of a small job's setup beside torch's own
+    import: `m2m infer` in one process (no --scheduler, no --workers) runs without it, end to end."""
+    root, data, ckpt, model, x, refs = conv3d
+    out = tmp_path / "pred.zarr"
+    argv = ["infer", "--data", data, "--in", "disp", "--model", "twoconv.TwoConv", "--callback-at", TESTS,
+            "--load-state", ckpt, "--out", str(out), "--crop", "8", "--misc-kwargs", '{"width": 4}', "--device", "cpu"]
+    code = ("import sys\nfrom map2map.cli import main\n"
+            f"status = main({argv!r})\n"
+            "print('status', status, 'distributed' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.stdout.strip().splitlines()[-1] == "status 0 False", r.stdout + r.stderr
+    got = store.open_store(out).field("prediction")
+    assert max(float(np.abs(got[i] - refs[i]).max()) for i in range(len(refs))) <= TOL

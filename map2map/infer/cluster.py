@@ -20,14 +20,10 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
-
-from distributed import Client
-from distributed.diagnostics.plugin import WorkerPlugin
 
 from map2map.errors import UserError, describe, one_line
 from map2map.infer.specs import InferConfig, Job
@@ -93,36 +89,10 @@ def scheduler_address(opts: InferConfig) -> tuple[str, str]:
     return address, what
 
 
-class ClosingClient(Client):
-    """A `Client` that closes itself, event-loop thread included, when it cannot start, before the error
-    leaves its constructor: otherwise `Client.__del__` closes it later and, its loop gone by then, prints
-    a timeout traceback at interpreter exit."""
-
-    def start(self, **kwargs: Any) -> None:
-        try:
-            super().start(**kwargs)
-        except BaseException:
-            self.close(timeout=CLOSE_TIMEOUT)
-            runner = getattr(self, "_loop_runner", None)  # close() leaves it running when the failed
-            if runner is not None:                         # start already marked the client closed
-                runner.stop()
-            raise
-
-
-class IgnoreInterrupt(WorkerPlugin):
-    """Worker processes of the local cluster ignore Ctrl-C.  A terminal sends SIGINT to the whole process
-    group; the client alone stops the run (closing the cluster) and says so in one line, where each worker
-    would print a traceback of its own."""
-
-    name = "m2m-ignore-interrupt"
-
-    def setup(self, worker) -> None:
-        if threading.current_thread() is threading.main_thread():  # where a nanny's worker runs its loop
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def connect(address: str, what: str, timeout: float):
     """A client of the scheduler at `address` (`what` names it in errors), or a one-line `UserError`."""
+    from map2map.infer.dask_types import ClosingClient
+
     try:
         return ClosingClient(address, timeout=timeout, set_as_default=False)
     except OSError as exc:  # refused, unreachable, timed out
@@ -225,6 +195,10 @@ def dask_client(opts: InferConfig, device: str, starting: Future | None = None
     local_pids: list[int] = []
     try:
         if cluster is not None:
+            from distributed import Client
+
+            from map2map.infer.dask_types import IgnoreInterrupt
+
             client = Client(cluster, set_as_default=False)
             local_pids = list(client.run(os.getpid).values())
             client.register_plugin(IgnoreInterrupt())
@@ -261,7 +235,9 @@ def register_state(client) -> None:
     Idempotent: on a long-lived cluster the first run registers it and later
     runs find the state, and the models, it keeps.
     """
-    client.register_plugin(WorkerState())
+    from map2map.infer.dask_types import WorkerStatePlugin
+
+    client.register_plugin(WorkerStatePlugin())
 
 
 def preload_all(client, job: Job) -> None:

@@ -18,9 +18,10 @@ worker one task at a time, and a task of one batch has nothing to overlap with.
 
 The same `run_stream` runs in a Dask worker (the task `run_tiles`) or in the
 client's own process (`map2map.infer.cluster.run_in_process`, no Dask), on a
-`WorkerState`.  In a Dask worker it is a worker plugin that the client
-registers (`map2map.infer.cluster.register_state`) and the tasks reach
-through ``distributed.get_worker()``.  It owns what a worker keeps between
+`WorkerState`.  In a Dask worker it is a worker plugin
+(`map2map.infer.dask_types.WorkerStatePlugin`) that the client registers
+(`map2map.infer.cluster.register_state`) and the tasks reach through
+``distributed.get_worker()``.  It owns what a worker keeps between
 tasks: the models (the two latest, so runs of the same model on a long-lived
 cluster load it once), and for the current run the field readers (readers
 keep chunk caches and open files; one stream uses one at a time, and returns
@@ -40,7 +41,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from distributed.diagnostics.plugin import WorkerPlugin
 
 from map2map import tiles
 from map2map.store import ShardObjects
@@ -60,7 +60,7 @@ def _new_stats() -> dict[str, Any]:
             "read_s": 0.0, "model_s": 0.0, "write_s": 0.0, "stream_s": 0.0}
 
 
-class WorkerState(WorkerPlugin):
+class WorkerState:
     """What one worker process keeps between tasks (see the module docstring).
 
     Registered once per cluster under `PLUGIN_NAME` and idempotent, so a
