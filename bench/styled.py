@@ -100,10 +100,11 @@ def make_train_store(root: Path, args: argparse.Namespace) -> Path:
     return out
 
 
-def train(store: Path, run_dir: Path, args: argparse.Namespace, model: str, extra: list[str]) -> dict[str, Any]:
+def train(store: Path, run_dir: Path, args: argparse.Namespace, model: str, extra: list[str],
+          kwargs: dict[str, Any]) -> dict[str, Any]:
     argv = ["train", "--train-data", str(store), "--in", "za0", "--tgt", "lpt", "--in-norms", "cosmology.dis",
             "--tgt-norms", "cosmology.dis", "--crop", str(args.crop), "--in-pad", "auto", "--model", model,
-            "--misc-kwargs", json.dumps({"width": args.width}), "--lr", str(args.lr),
+            "--misc-kwargs", json.dumps({"width": args.width, **kwargs}), "--lr", str(args.lr),
             "--batch-size", str(args.batch_size), "--loader-workers", "0", "--epochs", str(args.epochs),
             "--seed", "42", "--run-dir", str(run_dir), "--log-interval", "1000000", *extra]
     module, config = stage_of(build_parser().parse_args(argv))
@@ -185,6 +186,10 @@ def main() -> None:
     p.add_argument("--width", type=int, default=8, help="the V-Nets' width")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--styled-kwargs", type=json.loads, default={},
+                   help="JSON object of StyledVNet options beside the width, e.g. "
+                        "'{\"demodulate\": false, \"style_bypass\": true}'")
+    p.add_argument("--skip-unstyled", action="store_true", help="train only the styled model")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -197,8 +202,11 @@ def main() -> None:
                                     seed=1000, redshifts=args.test_z, velocity=True))
         record = json.loads((test_npy / "synth.json").read_text())
         runs = {}
-        for name, model, extra in (("styled", "StyledVNet", ["--style", "D"]), ("unstyled", "VNet", [])):
-            result = train(store, root / name, args, model, extra)
+        models = [("styled", "StyledVNet", ["--style", "D"], args.styled_kwargs)]
+        if not args.skip_unstyled:
+            models.append(("unstyled", "VNet", [], {}))
+        for name, model, extra, kwargs in models:
+            result = train(store, root / name, args, model, extra, kwargs)
             runs[name] = (result.pop("checkpoint"), result)
         tests = {}
         for sample in record["samples"]:
@@ -220,6 +228,7 @@ def main() -> None:
     print(json.dumps({"ngrid": args.ngrid, "boxsize": args.boxsize, "realisations": args.realisations,
                       "train_z": list(args.train_z), "train_D": train_d, "crop": args.crop, "epochs": args.epochs,
                       "batch_size": args.batch_size, "width": args.width, "lr": args.lr,
+                      "styled_kwargs": args.styled_kwargs,
                       "training": {name: result for name, (_, result) in runs.items()}, "test": tests,
                       "seconds": round(time.perf_counter() - t0, 1)}))
 

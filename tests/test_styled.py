@@ -119,8 +119,9 @@ def test_parameter_count(dim, in_chan, out_chan, style_size, width):
 
 
 def reference_conv(conv: ConvStyled, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-    """The modulated convolution of one sample, computed independently: the weight modulated and
-    demodulated by explicit loops over output and input channels, then torch's plain convolution."""
+    """The modulated convolution of one sample, computed independently: the weight modulated and (unless
+    the layer has ``demodulate=False``) demodulated by explicit loops over output and input channels, then
+    torch's plain convolution."""
     assert x.shape[0] == style.shape[0] == 1
     cin, cout, s = conv.in_chan, conv.out_chan, style[0]
     scale = [sum(s[j] * conv.style_weight[i, j] for j in range(conv.style_size)) + conv.style_bias[i]
@@ -129,7 +130,7 @@ def reference_conv(conv: ConvStyled, x: torch.Tensor, style: torch.Tensor) -> to
     weight = torch.empty_like(conv.weight)
     for o in range(cout):
         kernels = [(conv.weight[i, o] if transposed else conv.weight[o, i]) * scale[i] for i in range(cin)]
-        norm = torch.sqrt(sum((k ** 2).sum() for k in kernels) + DEMOD_EPS)
+        norm = torch.sqrt(sum((k ** 2).sum() for k in kernels) + DEMOD_EPS) if conv.demodulate else 1.0
         for i, k in enumerate(kernels):
             if transposed:
                 weight[i, o] = k / norm
@@ -143,15 +144,17 @@ def reference_conv(conv: ConvStyled, x: torch.Tensor, style: torch.Tensor) -> to
     return fn(x, weight, conv.bias, stride=conv.stride)
 
 
-def make_conv(kind, kernel_size, dim, seed=0, cin=3, cout=4, style_size=2):
+def make_conv(kind, kernel_size, dim, seed=0, cin=3, cout=4, style_size=2, demodulate=True):
     torch.manual_seed(seed)
-    return ConvStyled(style_size, cin, cout, kind=kind, kernel_size=kernel_size, dim=dim).double()
+    return ConvStyled(style_size, cin, cout, kind=kind, kernel_size=kernel_size, dim=dim,
+                      demodulate=demodulate).double()
 
 
+@pytest.mark.parametrize("demodulate", [True, False])
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("kind, kernel_size", CONV_KINDS)
-def test_modulated_conv_equals_independent_computation(dim, kind, kernel_size):
-    conv = make_conv(kind, kernel_size, dim)
+def test_modulated_conv_equals_independent_computation(dim, kind, kernel_size, demodulate):
+    conv = make_conv(kind, kernel_size, dim, demodulate=demodulate)
     gen = torch.Generator().manual_seed(1)
     for _ in range(2):
         x = torch.randn(1, 3, *(6,) * dim, generator=gen, dtype=torch.float64)
@@ -209,6 +212,20 @@ def test_demodulation_removes_the_style_scale():
         y = conv(x, torch.zeros(1, 2, dtype=torch.float64))
         conv.style_bias.mul_(7)
         torch.testing.assert_close(conv(x, torch.zeros(1, 2, dtype=torch.float64)), y)
+
+
+def test_without_demodulation_the_style_scales_the_output():
+    """With ``demodulate=False`` the same factor on every modulation scale multiplies the convolution
+    (the output less its bias): a style can carry an amplitude, e.g. the growth factor."""
+    conv = make_conv("C", 3, 3, demodulate=False)
+    x = torch.randn(1, 3, 5, 5, 5, dtype=torch.float64)
+    zero = torch.zeros(1, 2, dtype=torch.float64)
+    bias = conv.bias.reshape(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        y = conv(x, zero) - bias
+        conv.style_bias.mul_(7)
+        torch.testing.assert_close(conv(x, zero) - bias, 7 * y)
+    assert "demodulate=False" in repr(conv) and "demodulate" not in repr(make_conv("C", 3, 3))
 
 
 # --------------------------------------------------------------------------- blocks
@@ -315,6 +332,49 @@ def test_bypass_adds_the_narrowed_input():
     x, style = torch.randn(2, 2, 48, 52), torch.randn(2, 1)
     with torch.no_grad():
         torch.testing.assert_close(on(x, style), off(x, style) + narrow_by(x, 20))
+
+
+def test_style_bypass_scales_the_input_by_an_affine_map_of_the_style():
+    """``style_bypass=True`` adds ``(style @ bypass_weight.T + bypass_bias) * narrowed input``, per channel and
+    per sample, computed here independently from the same model without the bypass; at its start (weight 0,
+    bias 1) it is the plain bypass."""
+    torch.manual_seed(6)
+    scaled = StyledVNet(2, 2, 3, dim=2, width=3, style_bypass=True).double().eval()
+    plain = StyledVNet(2, 2, 3, dim=2, width=3).double().eval()
+    off = StyledVNet(2, 2, 3, bypass=False, dim=2, width=3).double().eval()
+    state = {k: v for k, v in scaled.state_dict().items() if not k.startswith("bypass_")}
+    plain.load_state_dict(state)
+    off.load_state_dict(state)
+    assert sorted(set(scaled.state_dict()) - set(state)) == ["bypass_bias", "bypass_weight"]
+    x, style = torch.randn(2, 2, 48, 52, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x, style), plain(x, style))  # starts as the plain bypass
+        scaled.bypass_weight.copy_(torch.randn(2, 3, dtype=torch.float64))
+        scaled.bypass_bias.copy_(torch.tensor([0.5, -2.0], dtype=torch.float64))
+        inner = narrow_by(x, 20)
+        want = off(x, style).clone()
+        for n in range(2):
+            for c in range(2):
+                a = sum(style[n, j] * scaled.bypass_weight[c, j] for j in range(3)) + scaled.bypass_bias[c]
+                want[n, c] += a * inner[n, c]
+        torch.testing.assert_close(scaled(x, style), want)
+    with pytest.raises(ValueError, match="style_bypass .* needs the bypass"):
+        StyledVNet(2, 3, 1, width=2, style_bypass=True)
+
+
+def test_undemodulated_vnet_has_the_same_parameters_and_batches_exactly():
+    torch.manual_seed(7)
+    model = StyledVNet(2, 2, 3, dim=2, width=3, demodulate=False).eval()
+    assert list(model.state_dict()) == list(StyledVNet(2, 2, 3, dim=2, width=3).state_dict())
+    convs = [m for m in model.modules() if isinstance(m, ConvStyled)]
+    assert convs and not any(m.demodulate for m in convs)
+    x, style = torch.randn(3, 2, 44, 48), torch.randn(3, 3)
+    with torch.no_grad():
+        batch = model(x, style)
+        singles = torch.cat([model(x[i:i + 1], style[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(batch, singles, rtol=1e-5, atol=1e-5)
+    assert not any(m.demodulate for m in StyledG(2, 2, 3, scale_factor=2, chan_base=4, chan_min=2, dim=2,
+                                                 demodulate=False).modules() if isinstance(m, ConvStyled))
 
 
 def test_extra_keywords_ignored_and_declared_stride():

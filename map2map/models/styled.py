@@ -10,7 +10,9 @@ the field.  Terms:
 * *demodulation*: the modulated weight is then divided, separately for every
   output channel, by the square root of its sum of squares over the input
   channel and kernel axes (plus `DEMOD_EPS`), so the style changes the mix of
-  input channels but not the scale of the output;
+  input channels but not the scale of the output (on by default, as in the
+  original; ``demodulate=False`` keeps the modulated weight as it is, so a
+  style can scale a layer's output, e.g. by the growth factor);
 * *kind* of a modulated convolution, spelled with the letters of the layer
   strings of `map2map.models.conv`: 'C' a k-voxel convolution of stride 1
   (k = 1 for the skip path of a residual block), 'D' a 2-voxel convolution of
@@ -60,7 +62,8 @@ def check_style(style: torch.Tensor, batch: int, style_size: int) -> None:
 
 
 class ConvStyled(nn.Module):
-    """A modulated, demodulated convolution of kind 'C', 'D' or 'U' (see the module docstring).
+    """A modulated convolution of kind 'C', 'D' or 'U', demodulated unless `demodulate` is False (see the
+    module docstring).
 
     `kernel_size` is the kernel of a 'C' convolution (3 unless given); 'D'
     and 'U' always use 2.  Parameters: ``style_weight`` (in_chan,
@@ -73,7 +76,7 @@ class ConvStyled(nn.Module):
     """
 
     def __init__(self, style_size: int, in_chan: int, out_chan: int, kind: str = "C",
-                 kernel_size: int | None = None, dim: int = 3) -> None:
+                 kernel_size: int | None = None, dim: int = 3, demodulate: bool = True) -> None:
         super().__init__()
         if dim not in _CONV_FN:
             raise ValueError(f"dim must be 1, 2 or 3, got {dim}")
@@ -83,7 +86,7 @@ class ConvStyled(nn.Module):
             raise ValueError(f"a {kind!r} convolution has kernel 2, got kernel_size={kernel_size}")
         kernel_size = (3 if kind == "C" else 2) if kernel_size is None else kernel_size
         self.style_size, self.in_chan, self.out_chan = style_size, in_chan, out_chan
-        self.kind, self.kernel_size, self.dim = kind, kernel_size, dim
+        self.kind, self.kernel_size, self.dim, self.demodulate = kind, kernel_size, dim, bool(demodulate)
         self.stride = 1 if kind == "C" else 2
         shape = (in_chan, out_chan) if kind == "U" else (out_chan, in_chan)
         self.style_weight = nn.Parameter(torch.empty(in_chan, style_size))
@@ -104,16 +107,18 @@ class ConvStyled(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"style_size={self.style_size}, {self.in_chan}, {self.out_chan}, kind={self.kind!r}, "
-                f"kernel_size={self.kernel_size}, dim={self.dim}")
+                f"kernel_size={self.kernel_size}, dim={self.dim}" + ("" if self.demodulate else ", demodulate=False"))
 
     def sample_weights(self, style: torch.Tensor) -> torch.Tensor:
-        """The modulated and demodulated weight of every sample of `style` (N, style_size):
-        shape (N, *weight.shape)."""
+        """The modulated (and, with `demodulate`, demodulated) weight of every sample of `style`
+        (N, style_size): shape (N, *weight.shape)."""
         scale = F.linear(style, self.style_weight, self.style_bias)  # (N, in_chan)
         in_axis = 1 if self.kind == "U" else 2  # the input-channel axis of the per-sample weights
         shape = [scale.shape[0], 1, 1, *(1,) * self.dim]
         shape[in_axis] = self.in_chan
         w = self.weight * scale.reshape(shape)
+        if not self.demodulate:
+            return w
         fan_in_axes = (in_axis, *range(3, w.dim()))
         return w * torch.rsqrt(w.square().sum(dim=fan_in_axes, keepdim=True) + DEMOD_EPS)
 
@@ -162,11 +167,12 @@ class ConvStyledBlock(nn.Module):
     'C', 'D' and 'U' are `ConvStyled` of that kind, 'B' is `BatchNormStyled`,
     'A' is `LeakyReLUStyled`; they live in the ``ModuleList`` ``convs`` and
     are called in order as ``layer(x, style)``.  `out_chan` defaults to
-    `in_chan`, `mid_chan` to the larger of the two.
+    `in_chan`, `mid_chan` to the larger of the two; `demodulate` is given to
+    every `ConvStyled`.
     """
 
     def __init__(self, style_size: int, in_chan: int, out_chan: int | None = None,
-                 mid_chan: int | None = None, seq: str = "CBA", dim: int = 3) -> None:
+                 mid_chan: int | None = None, seq: str = "CBA", dim: int = 3, demodulate: bool = True) -> None:
         super().__init__()
         check_seq(seq)
         out_chan = in_chan if out_chan is None else out_chan
@@ -175,7 +181,7 @@ class ConvStyledBlock(nn.Module):
         layers: list[nn.Module] = []
         for letter, (cin, cout) in zip(seq, layer_channels(seq, in_chan, out_chan, mid_chan)):
             if letter in KINDS:
-                layers.append(ConvStyled(style_size, cin, cout, kind=letter, dim=dim))
+                layers.append(ConvStyled(style_size, cin, cout, kind=letter, dim=dim, demodulate=demodulate))
             elif letter == "B":
                 layers.append(BatchNormStyled(cin, dim=dim))
             else:
@@ -201,14 +207,16 @@ class ResStyledBlock(ConvStyledBlock):
     """
 
     def __init__(self, style_size: int, in_chan: int, out_chan: int | None = None,
-                 mid_chan: int | None = None, seq: str = "CBACBA", dim: int = 3) -> None:
+                 mid_chan: int | None = None, seq: str = "CBACBA", dim: int = 3, demodulate: bool = True) -> None:
         check_seq(seq)
         if set(seq) & set("UD"):
             raise ValueError(f"ResStyledBlock seq {seq!r} cannot resize ('U' or 'D'); use ConvStyledBlock")
         last_act = seq.endswith("A")
-        super().__init__(style_size, in_chan, out_chan, mid_chan, seq=seq[:-1] if last_act else seq, dim=dim)
+        super().__init__(style_size, in_chan, out_chan, mid_chan, seq=seq[:-1] if last_act else seq, dim=dim,
+                         demodulate=demodulate)
         self.act = LeakyReLUStyled() if last_act else None
-        self.skip = ConvStyled(style_size, in_chan, self.out_chan, kind="C", kernel_size=1, dim=dim)
+        self.skip = ConvStyled(style_size, in_chan, self.out_chan, kind="C", kernel_size=1, dim=dim,
+                               demodulate=demodulate)
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         y = super().forward(x, style)
@@ -230,26 +238,46 @@ class StyledVNet(nn.Module):
     in_chan == out_chan) the input narrowed to the output is added to it.
     The default `width` is the original's; extra keyword arguments (e.g.
     `scale_factor`) are ignored.
+
+    Two options leave the original's layout (both off by default, so its
+    checkpoints load parameter for parameter):
+
+    * ``demodulate=False``: no convolution is demodulated, so the style can
+      scale what a layer passes on;
+    * ``style_bypass=True`` (needs the bypass): the input is added to the
+      output scaled per channel by an affine map of the style,
+      ``style @ bypass_weight.T + bypass_bias``, starting at the plain bypass
+      (weight 0, bias 1).  Where the target grows with a style parameter (a
+      displacement with the growth factor D), the network then needs to learn
+      only the correction to the scaled input.
     """
 
     PAD = 20  # voxels the model removes from each end of every axis
     total_stride = 4  # the downsampling of the deepest level; trusted by `map2map.models.stride.total_stride`
 
     def __init__(self, in_chan: int, out_chan: int, style_size: int, bypass: bool | None = None,
-                 dim: int = 3, width: int = 64, **kwargs) -> None:
+                 dim: int = 3, width: int = 64, demodulate: bool = True, style_bypass: bool = False,
+                 **kwargs) -> None:
         super().__init__()
-        w = width
+        w, m = width, {"dim": dim, "demodulate": demodulate}
         self.style_size, self.dim = style_size, dim
         self.bypass = resolve_bypass(bypass, in_chan, out_chan)
-        self.conv_l0 = ResStyledBlock(style_size, in_chan, w, seq="CACBA", dim=dim)
-        self.down_l0 = ConvStyledBlock(style_size, w, seq="DBA", dim=dim)
-        self.conv_l1 = ResStyledBlock(style_size, w, w, seq="CBACBA", dim=dim)
-        self.down_l1 = ConvStyledBlock(style_size, w, seq="DBA", dim=dim)
-        self.conv_c = ResStyledBlock(style_size, w, w, seq="CBACBA", dim=dim)
-        self.up_r1 = ConvStyledBlock(style_size, w, seq="UBA", dim=dim)
-        self.conv_r1 = ResStyledBlock(style_size, 2 * w, w, seq="CBACBA", dim=dim)
-        self.up_r0 = ConvStyledBlock(style_size, w, seq="UBA", dim=dim)
-        self.conv_r0 = ResStyledBlock(style_size, 2 * w, out_chan, seq="CAC", dim=dim)
+        if style_bypass and not self.bypass:
+            raise ValueError("style_bypass scales the bypass, so it needs the bypass (in_chan == out_chan)")
+        self.conv_l0 = ResStyledBlock(style_size, in_chan, w, seq="CACBA", **m)
+        self.down_l0 = ConvStyledBlock(style_size, w, seq="DBA", **m)
+        self.conv_l1 = ResStyledBlock(style_size, w, w, seq="CBACBA", **m)
+        self.down_l1 = ConvStyledBlock(style_size, w, seq="DBA", **m)
+        self.conv_c = ResStyledBlock(style_size, w, w, seq="CBACBA", **m)
+        self.up_r1 = ConvStyledBlock(style_size, w, seq="UBA", **m)
+        self.conv_r1 = ResStyledBlock(style_size, 2 * w, w, seq="CBACBA", **m)
+        self.up_r0 = ConvStyledBlock(style_size, w, seq="UBA", **m)
+        self.conv_r0 = ResStyledBlock(style_size, 2 * w, out_chan, seq="CAC", **m)
+        if style_bypass:
+            self.bypass_weight = nn.Parameter(torch.zeros(out_chan, style_size))
+            self.bypass_bias = nn.Parameter(torch.ones(out_chan))
+        else:
+            self.bypass_weight = self.bypass_bias = None
 
     def check_input(self, x: torch.Tensor, style: torch.Tensor) -> None:
         """Raise ValueError unless `x` is (N, C, spatial...) with every spatial size 2 * PAD plus a
@@ -272,7 +300,13 @@ class StyledVNet(nn.Module):
         y = self.conv_r1(torch.cat([narrow_by(y1, 4), y], dim=1), style)
         y = self.up_r0(y, style)
         y = self.conv_r0(torch.cat([narrow_by(y0, 16), y], dim=1), style)
-        return y + narrow_by(x, self.PAD) if self.bypass else y
+        if not self.bypass:
+            return y
+        x = narrow_by(x, self.PAD)
+        if self.bypass_weight is not None:
+            x = x * F.linear(style, self.bypass_weight, self.bypass_bias).reshape(*style.shape[:1], -1,
+                                                                                   *(1,) * self.dim)
+        return y + x
 
 
 class HBlockStyled(nn.Module):
@@ -280,14 +314,14 @@ class HBlockStyled(nn.Module):
     (``conv1``, ``conv2`` 3-voxel, ``proj`` 1-voxel), noise injection only with `noise`."""
 
     def __init__(self, style_size: int, prev_chan: int, next_chan: int, out_chan: int, noise: bool,
-                 dim: int = 3) -> None:
+                 dim: int = 3, demodulate: bool = True) -> None:
         super().__init__()
         self.upsample = Resampler(dim, 2)
         self.noise1 = AddNoise(False, chan=prev_chan) if noise else None
-        self.conv1 = ConvStyled(style_size, prev_chan, next_chan, dim=dim)
+        self.conv1 = ConvStyled(style_size, prev_chan, next_chan, dim=dim, demodulate=demodulate)
         self.noise2 = AddNoise(False, chan=next_chan) if noise else None
-        self.conv2 = ConvStyled(style_size, next_chan, next_chan, dim=dim)
-        self.proj = ConvStyled(style_size, next_chan, out_chan, kernel_size=1, dim=dim)
+        self.conv2 = ConvStyled(style_size, next_chan, next_chan, dim=dim, demodulate=demodulate)
+        self.proj = ConvStyled(style_size, next_chan, out_chan, kernel_size=1, dim=dim, demodulate=demodulate)
         self.act = nn.LeakyReLU(0.2)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, style: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,13 +344,15 @@ class StyledG(nn.Module):
     in_chan must equal out_chan.  Without `noise` (the default) the output
     is a deterministic function of input and style (as velocities by
     differentiation need); with it, noise is injected as in `G`.
+    ``demodulate=False`` leaves every convolution undemodulated (see
+    `StyledVNet`).
     """
 
     total_stride = 1  # no downsampling; trusted by `map2map.models.stride.total_stride`
 
     def __init__(self, in_chan: int, out_chan: int, style_size: int, scale_factor: int = 16,
                  chan_base: int = 512, chan_min: int = 64, chan_max: int = 512, noise: bool = False,
-                 dim: int = 3, **kwargs) -> None:
+                 dim: int = 3, demodulate: bool = True, **kwargs) -> None:
         super().__init__()
         if in_chan != out_chan:
             raise ValueError(f"StyledG adds its upsampled input to its output, so it needs in_chan == out_chan, "
@@ -329,9 +365,9 @@ class StyledG(nn.Module):
         def chan(b: int) -> int:
             return min(max(chan_base >> b, chan_min), chan_max)
 
-        self.block0 = ConvStyled(style_size, in_chan, chan(0), kernel_size=1, dim=dim)
+        self.block0 = ConvStyled(style_size, in_chan, chan(0), kernel_size=1, dim=dim, demodulate=demodulate)
         self.act = nn.LeakyReLU(0.2)
-        self.blocks = nn.ModuleList(HBlockStyled(style_size, chan(b), chan(b + 1), out_chan, noise, dim)
+        self.blocks = nn.ModuleList(HBlockStyled(style_size, chan(b), chan(b + 1), out_chan, noise, dim, demodulate)
                                     for b in range(n_blocks(scale_factor)))
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
