@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,29 @@ def run_m2m(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "map2map.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
+
+
+def start_m2m(*args: str) -> subprocess.Popen:
+    """Start the `m2m` program as users do, in a subprocess of text pipes, from the repository root."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "map2map.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def wait_for_markers(done: str, at_least: int, proc: subprocess.Popen, storage_options: dict | None = None,
+                     timeout: float = 120) -> int:
+    """Wait until the `m2m infer` run `proc` has marked at least `at_least` tiles finished in its marker
+    directory `done` (a path or URL); returns how many.  Fails if `proc` exits first or after `timeout` s."""
+    from map2map import infer
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        n = len(infer.read_done(done, storage_options))
+        if n >= at_least:
+            return n
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"fewer than {at_least} tiles marked after {timeout} s")
 
 
 def fails(capsys, argv: list[str], *needles: str) -> str:

@@ -7,11 +7,9 @@ still equal the whole-box pass."""
 from __future__ import annotations
 
 import math
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import psutil
@@ -30,7 +28,7 @@ from map2map.infer.markers import marker_name, parse_marker
 from map2map.infer.worker import PIPELINE_DEPTH
 from map2map.models import G, VNet
 
-from conftest import ROOT
+from conftest import start_m2m, wait_for_markers
 from test_infer import TESTS, make_store, reference, save_ckpt, tame
 from twoconv import TwoConv
 
@@ -233,13 +231,9 @@ def test_in_process_run_killed_then_resumed_is_exact(tmp_path):
     args = ["infer", "--data", data, "--in", "disp", "--model", "slow.Slow", "--callback-at", str(cb),
             "--load-state", str(ckpt), "--out", str(out), "--crop", "4", "--batch-size", "2", "--device", "cpu",
             "--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-m", "map2map.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = start_m2m(*args)
     try:
-        deadline = time.time() + 120
-        while len(infer.read_done(str(out / infer.DONE_DIR))) < 10:
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            time.sleep(0.02)
+        wait_for_markers(str(out / infer.DONE_DIR), 10, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ import torch
 from map2map import infer, store, tiles
 from map2map.errors import UserError
 
-from conftest import ROOT, run_m2m
+from conftest import run_m2m, start_m2m, wait_for_markers
 from test_fields import drop_completion_mark
 from test_infer import make_store, run_infer
 
@@ -69,24 +67,6 @@ def command(data: str, ckpt: str, cb: str, out: Path, *extra: str) -> list[str]:
             "--device", "cpu", "--no-progress", *extra]
 
 
-def start(args: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "map2map.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-
-
-def wait_for_markers(out: Path, at_least: int, proc: subprocess.Popen, timeout: float = 90) -> int:
-    done = str(out / infer.DONE_DIR)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        n = len(infer.read_done(done))
-        if n >= at_least:
-            return n
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    raise AssertionError(f"fewer than {at_least} tiles done after {timeout} s")
-
-
 def worker_processes(proc: subprocess.Popen) -> list[psutil.Process]:
     kids = psutil.Process(proc.pid).children(recursive=True)
     return [k for k in kids if "spawn_main" in " ".join(k.cmdline())]
@@ -119,10 +99,10 @@ def options(data: str, ckpt: str, cb: str, out: Path, **kw) -> dict:
 def test_client_sigkill_then_rerun_resumes_and_matches(slow, uninterrupted, cluster):
     root, data, ckpt, cb, _ = slow
     out = root / "killed-client.zarr"
-    proc = start(command(data, ckpt, cb, out))
+    proc = start_m2m(*command(data, ckpt, cb, out))
     workers = []
     try:
-        wait_for_markers(out, 12, proc)
+        wait_for_markers(str(out / infer.DONE_DIR), 12, proc)
         workers = worker_processes(proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -150,9 +130,9 @@ def test_client_sigkill_then_rerun_resumes_and_matches(slow, uninterrupted, clus
 def test_worker_sigkill_is_survived_and_matches(slow, uninterrupted):
     root, data, ckpt, cb, _ = slow
     out = root / "killed-worker.zarr"
-    proc = start(command(data, ckpt, cb, out))
+    proc = start_m2m(*command(data, ckpt, cb, out))
     try:
-        wait_for_markers(out, 8, proc)
+        wait_for_markers(str(out / infer.DONE_DIR), 8, proc)
         victim = worker_processes(proc)[0]
         victim.send_signal(signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=120)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,9 @@ import xarray as xr
 from map2map import infer, storage, store, tiles
 from map2map.errors import UserError
 
-from conftest import fails, run_m2m
+from conftest import fails, run_m2m, start_m2m, wait_for_markers
 from test_infer import make_store
-from test_infer_resume import SLOW_MODEL, parse_counts, start
+from test_infer_resume import SLOW_MODEL, parse_counts
 
 NSAMPLE = 2
 
@@ -179,13 +178,9 @@ def test_s3_sigkill_then_rerun_resumes_and_matches(case, local, s3):
     total = NSAMPLE * 64
     args = command(case, data, out, "--storage-options", s3.options_json, "--model-kwargs", '{"delay": 0.08}')
     done_prefix = storage.join(out, infer.DONE_DIR)
-    proc = start(args)
+    proc = start_m2m(*args)
     try:
-        deadline = time.time() + 120
-        while len(infer.read_done(done_prefix, s3.options)) < 12:
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "fewer than 12 tiles marked after 120 s"
-            time.sleep(0.05)
+        wait_for_markers(done_prefix, 12, proc, s3.options)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
