@@ -10,8 +10,10 @@ Prints one JSON line.  In the same run, on one random 3-channel box:
     placement (the tiles in that process, or its local cluster with ``--workers``),
     reading the box from a store and writing the prediction store;
 (d) ``original``: the original toolkit's algorithm end to end in a child process:
-    import, load the whole box from .npy into memory, load the model, run (b)'s
-    tiles stitched into one array in memory, save it as .npy.  The goals compare
+    import what the original's ``m2m.py`` imports (torch, numpy, and through its
+    training module TensorBoard's writer, torch.distributed, the data loader and
+    matplotlib's pyplot), load the whole box from .npy into memory, load the
+    model, run (b)'s tiles stitched into one array in memory, save it as .npy.  The goals compare
     (c) with (d): ``infer_over_original`` (wall time) and
     ``largest_process_over_original`` (the largest peak RSS of (c)'s processes over
     (d)'s).
@@ -76,6 +78,7 @@ from map2map.models import narrow_like
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(TESTS := Path(__file__).resolve().parents[1] / "tests"))
+from _inmemory import tiles_in_memory  # noqa: E402
 from _measure import write_random_npy  # noqa: E402
 from twoconv import TwoConv  # noqa: E402  (the user model of the tests, loaded by --callback-at)
 
@@ -106,21 +109,30 @@ print(infer.run(infer.InferConfig(**json.loads(sys.argv[1]))).dumps())
 
 
 ORIGINAL = """
-import json, sys, time
+import json, sys
 import numpy as np
 import torch
-sys.path.insert(0, sys.argv[1])
-import infer as bench
+# what the original's entry point (m2m.py -> main -> train, test) imports besides: TensorBoard's writer,
+# torch.distributed and the data loader (its training module), matplotlib's pyplot (its figures)
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot
+import torch.distributed
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+sys.path[:0] = sys.argv[1:3]
+from _inmemory import tiles_in_memory
+from twoconv import TwoConv
 from map2map import tiles
-a = json.loads(sys.argv[2])
+a = json.loads(sys.argv[3])
 torch.set_num_threads(a["threads"])
 x = np.load(a["input"])
-model = bench.TwoConv(x.shape[0], x.shape[0], width=a["width"])
+model = TwoConv(x.shape[0], x.shape[0], width=a["width"])
 model.load_state_dict(torch.load(a["ckpt"])["model"])
 model.eval()
 plan = tiles.TilePlan(x.shape[1:], (a["crop"],) * 3, ((1, 1),) * 3)
 out = np.empty_like(x)
-bench.tiles_in_memory(model, x, plan, a["batch_size"], out)
+tiles_in_memory(model, x, plan, a["batch_size"], out)
 np.save(a["output"], out)
 """
 
@@ -128,7 +140,8 @@ np.save(a["output"], out)
 def run_original(args: dict) -> tuple[float, int]:
     """(d): the original's algorithm end to end in a child process; returns wall time and peak RSS."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", ORIGINAL, str(Path(__file__).resolve().parent), json.dumps(args)],
+    proc = subprocess.Popen([sys.executable, "-c", ORIGINAL, str(Path(__file__).resolve().parent), str(TESTS),
+                             json.dumps(args)],
                             stderr=subprocess.PIPE, text=True)
     peak = 0
     while proc.poll() is None:
@@ -170,26 +183,6 @@ def run_infer(config: dict, interval: float = 0.1) -> tuple[float, dict, dict[in
     if proc.returncode:
         raise RuntimeError(f"m2m infer failed ({proc.returncode}): {err[-2000:]}")
     return wall, json.loads(out.strip().splitlines()[-1]), workers, client
-
-
-def tiles_in_memory(model, x: np.ndarray, plan: tiles.TilePlan, batch: int, out: np.ndarray | None = None) -> float:
-    """(b): the model over every tile, windows cut from the padded box in memory, stitched into `out` (a new
-    array if None); returns seconds."""
-    (lo, hi), = set(plan.pad)
-    extra = max(t * c - n for t, c, n in zip(plan.tile, plan.counts, plan.box))  # full windows past the edge
-    padded = np.pad(x, [(0, 0)] + [(lo, hi + extra)] * 3, mode="wrap")
-    out = np.empty_like(x) if out is None else out
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for ids in tiles.batches(range(plan.ntiles), batch):
-            xb = np.stack([padded[(slice(None),) + tuple(slice(a + lo, b + lo) for a, b in plan.window(t))]
-                           for t in ids])
-            y = model(torch.from_numpy(xb)).numpy()
-            for b, t in enumerate(ids):
-                ext = plan.extent(t)
-                out[(slice(None),) + tuple(slice(a, b) for a, b in ext)] = \
-                    y[b][(slice(None),) + tuple(slice(0, b - a) for a, b in ext)]
-    return time.perf_counter() - t0
 
 
 def finish_bench(root: Path, ntiles: int) -> dict:
