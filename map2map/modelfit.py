@@ -309,8 +309,9 @@ def pad_text(pad: Sequence[int] | Sequence[tuple[int, int]]) -> str:
 
 
 def auto_pad(model, in_chan: int, crop: Sequence[int], ndim: int, scale_factor: int,
-             tgt_pad: Sequence[tuple[int, int]]) -> list[int]:
-    """The smallest input pad per axis whose output covers the target crop (+ tgt-pad), by `required_pad`."""
+             tgt_pad: Sequence[tuple[int, int]], memo: dict | None = None) -> list[int]:
+    """The smallest input pad per axis whose output covers the target crop (+ tgt-pad), by `required_pad`
+    (`memo`: its `map2map.models.stride.ShapeMemo`)."""
     from map2map.models.stride import required_pad
 
     found: dict[tuple[int, int], int] = {}
@@ -318,7 +319,7 @@ def auto_pad(model, in_chan: int, crop: Sequence[int], ndim: int, scale_factor: 
     for c, (lo, hi) in zip(crop, tgt_pad):
         key = (c, (lo + hi + 1) // 2)
         if key not in found:
-            found[key] = required_pad(model, in_chan, key[0], ndim, scale_factor, key[1])
+            found[key] = required_pad(model, in_chan, key[0], ndim, scale_factor, key[1], memo=memo)
         pads.append(found[key])
     return pads
 

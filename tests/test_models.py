@@ -311,6 +311,29 @@ def test_real_and_meta_probes_agree(monkeypatch, make, in_chan, crop, dim, scale
     assert all(n >= crop * scale and (n - crop * scale) % 2 == 0 for n in got[0.0][1])  # covers the target
 
 
+@pytest.mark.parametrize("budget", [0.0, float("inf")])
+def test_a_shape_memo_runs_each_window_once_and_changes_nothing(monkeypatch, budget):
+    """With a memo shared by the pad search and the window's probe (as one inference plan shares it), the
+    window's shape, already found by the search's last pass, is not run again; pads and shapes are those
+    found without a memo, whether the passes are real or on 'meta'.  (The memo keeps real passes only.)"""
+    from map2map.models import stride
+
+    monkeypatch.setattr(stride, "REAL_PASS_FLOPS", budget)
+    calls = []
+    real = stride._run_shape
+    monkeypatch.setattr(stride, "_run_shape", lambda m, c, shape: calls.append(tuple(shape)) or real(m, c, shape))
+    model = nn.Sequential(nn.Conv3d(2, 4, 3), nn.LeakyReLU(), nn.Conv3d(4, 2, 3))
+    plain = required_pad(model, 2, 6, 3), stride.output_shape(model, 2, (10,) * 3)
+    calls.clear()
+    memo = {}
+    pad = required_pad(model, 2, 6, 3, memo=memo)
+    searched = list(calls)
+    assert (pad, stride.output_shape(model, 2, (6 + 2 * pad,) * 3, memo)) == plain == (2, (6, 6, 6))
+    assert searched == [(6,) * 3, (8,) * 3, (10,) * 3]
+    # real passes are memoised: the window of pad 2 was the search's last pass; 'meta' ones are not (cheap)
+    assert calls == searched + ([] if budget > 0 else [(10,) * 3])
+
+
 # ---------------------------------------------------------------- power spectrum
 
 def _np_power(x: np.ndarray, boxsize: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

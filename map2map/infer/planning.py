@@ -10,7 +10,7 @@ from map2map.errors import UserError
 from map2map.infer.inputs import Inputs
 from map2map.infer.specs import InferConfig
 from map2map.modelfit import auto_pad
-from map2map.models.stride import output_shape, total_stride
+from map2map.models.stride import ShapeMemo, output_shape, total_stride
 
 
 def _default_crop(inp: Inputs, stride: int) -> tuple[int, ...]:
@@ -18,11 +18,13 @@ def _default_crop(inp: Inputs, stride: int) -> tuple[int, ...]:
     return tuple(max(stride, min(c, n) // stride * stride) for c, n in zip(base, inp.box))
 
 
-def _pads(model, opts: InferConfig, in_chan: int, tile: tuple[int, ...], ndim: int) -> tuple[tuple[int, int], ...]:
+def _pads(model, opts: InferConfig, in_chan: int, tile: tuple[int, ...], ndim: int,
+          memo: ShapeMemo | None = None) -> tuple[tuple[int, int], ...]:
     if isinstance(opts.in_pad, str):
         if opts.in_pad != "auto":
             raise UserError(f"--in-pad {opts.in_pad!r}: expected 'auto' or integers")
-        return tuple((p, p) for p in auto_pad(model, in_chan, tile, ndim, opts.scale_factor, ((0, 0),) * ndim))
+        return tuple((p, p) for p in auto_pad(model, in_chan, tile, ndim, opts.scale_factor, ((0, 0),) * ndim,
+                                              memo))
     try:
         return geometry.parse_pad(list(opts.in_pad), ndim, "--in-pad")
     except ValueError as exc:
@@ -124,9 +126,10 @@ def make_plan(model, opts: InferConfig, inp: Inputs) -> Plan:
         shard = shard or tuple(t * s for t in tile)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    pad = _pads(model, opts, sum(inp.in_chans), tile, ndim)
+    memo: ShapeMemo = {}  # the pad search's passes; the window's shape is often the last of them
+    pad = _pads(model, opts, sum(inp.in_chans), tile, ndim, memo)
     plan = tiles.TilePlan(inp.box, tile, pad, s)
-    out_shape = output_shape(model, sum(inp.in_chans), plan.window_shape)
+    out_shape = output_shape(model, sum(inp.in_chans), plan.window_shape, memo)
     if out_shape is None:
         raise UserError(f"the model rejects an input window of {list(plan.window_shape)} voxels; choose another "
                         "--crop or --in-pad")

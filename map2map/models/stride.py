@@ -91,10 +91,24 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _forward_shape(model: nn.Module, in_chan: int, shape: Sequence[int]) -> tuple[int, ...] | None:
+ShapeMemo = dict  # (in_chan, spatial input shape) -> spatial output shape or None, of real passes of one model
+
+
+def _forward_shape(model: nn.Module, in_chan: int, shape: Sequence[int],
+                   memo: ShapeMemo | None = None) -> tuple[int, ...] | None:
     """Spatial output shape of one pass of `model` (eval, no grad) on zeros of spatial `shape` on its
     device (with a zero style for a styled model, `map2map.models.build.forward`), or None if the model
-    rejects that size."""
+    rejects that size.  With `memo` (of this `model` only), a shape found before is not run again."""
+    key = (in_chan, tuple(shape))
+    if memo is not None and key in memo:
+        return memo[key]
+    out = _run_shape(model, in_chan, shape)
+    if memo is not None:
+        memo[key] = out
+    return out
+
+
+def _run_shape(model: nn.Module, in_chan: int, shape: Sequence[int]) -> tuple[int, ...] | None:
     device = next(model.parameters(), torch.empty(0)).device
     was_training = model.training
     model.eval()
@@ -134,7 +148,8 @@ def _shape_probe(model: nn.Module) -> nn.Module | None:
         return None
 
 
-def output_shape(model: nn.Module, in_chan: int, shape: Sequence[int]) -> tuple[int, ...] | None:
+def output_shape(model: nn.Module, in_chan: int, shape: Sequence[int],
+                 memo: ShapeMemo | None = None) -> tuple[int, ...] | None:
     """The spatial output shape of `model` for an input of spatial `shape`, or None if it rejects it.
 
     This is the one output-shape probe of the package (training, inference
@@ -142,15 +157,17 @@ def output_shape(model: nn.Module, in_chan: int, shape: Sequence[int]) -> tuple[
     (shapes only, no arithmetic, no parameter data), in eval mode without
     gradients; a model with an operation that has no meta support, and a
     small one on the CPU (`_cheap`), gets a real pass on zeros instead.
-    `model`'s training mode is left as it was.
+    `model`'s training mode is left as it was.  A `memo` of `model`'s real
+    passes (shared with `required_pad` while one plan is made) saves
+    running a shape again.
     """
-    if _cheap(model, shape):
-        out = _forward_shape(model, in_chan, shape)
+    if _cheap(model, shape) or (memo is not None and (in_chan, tuple(shape)) in memo):
+        out = _forward_shape(model, in_chan, shape, memo)
         if out is not None:
             return out
     probe = _shape_probe(model)
     out = _forward_shape(probe, in_chan, shape) if probe is not None else None
-    return out if out is not None else _forward_shape(model, in_chan, shape)
+    return out if out is not None else _forward_shape(model, in_chan, shape, memo)
 
 
 def _covers(out: int | None, target: int) -> bool:
@@ -158,18 +175,19 @@ def _covers(out: int | None, target: int) -> bool:
 
 
 def _search(model: nn.Module, in_chan: int, crop: int, dim: int, target: int,
-            pads: range) -> tuple[int | None, bool]:
+            pads: range, memo: ShapeMemo | None = None) -> tuple[int | None, bool]:
     """The smallest pad of `pads` whose output covers `target`, and whether any pass ran at all."""
     ran = False
     for pad in pads:
-        out = _forward_shape(model, in_chan, (crop + 2 * pad,) * dim)
+        out = _forward_shape(model, in_chan, (crop + 2 * pad,) * dim, memo)
         ran = ran or out is not None
         if _covers(out[0] if out else None, target):
             return pad, True
     return None, ran
 
 
-def _find_pad(model: nn.Module, in_chan: int, crop: int, dim: int, target: int, max_pad: int) -> int | None:
+def _find_pad(model: nn.Module, in_chan: int, crop: int, dim: int, target: int, max_pad: int,
+              memo: ShapeMemo | None = None) -> int | None:
     """Search the first pads with real passes while their total cost stays within `REAL_PASS_FLOPS` (a
     small model on the CPU), the rest on a shape-only 'meta' copy of `model`; if no meta pass runs at all
     (an operation without meta support), search the rest again with real passes."""
@@ -179,7 +197,7 @@ def _find_pad(model: nn.Module, in_chan: int, crop: int, dim: int, target: int, 
         if cost > REAL_PASS_FLOPS:
             break
         small += 1
-    pad = _search(model, in_chan, crop, dim, target, range(small))[0]
+    pad = _search(model, in_chan, crop, dim, target, range(small), memo)[0]
     if pad is not None or small > max_pad:
         return pad
     rest = range(small, max_pad + 1)
@@ -188,11 +206,11 @@ def _find_pad(model: nn.Module, in_chan: int, crop: int, dim: int, target: int, 
         pad, meta_ran = _search(probe, in_chan, crop, dim, target, rest)
         if meta_ran:
             return pad
-    return _search(model, in_chan, crop, dim, target, rest)[0]
+    return _search(model, in_chan, crop, dim, target, rest, memo)[0]
 
 
 def required_pad(model: nn.Module, in_chan: int, crop: int, dim: int, scale_factor: float = 1,
-                 tgt_pad: int = 0, max_pad: int = 128) -> int:
+                 tgt_pad: int = 0, max_pad: int = 128, memo: ShapeMemo | None = None) -> int:
     """The smallest pad p such that `model` maps an input of crop + 2p voxels per axis
     onto at least crop * scale_factor + 2 * tgt_pad voxels, with an even excess
     (so the output narrows symmetrically onto the target).
@@ -204,14 +222,14 @@ def required_pad(model: nn.Module, in_chan: int, crop: int, dim: int, scale_fact
     first pads of a small model on the CPU are tried with real passes, within
     `REAL_PASS_FLOPS` in all (`_find_pad`); if the meta copy cannot run, the
     passes are real (slow for large models).
-    `model` is left in the training mode it had.  Raises `StrideError` if no
-    p up to `max_pad` works.
+    `model` is left in the training mode it had; `memo` keeps the real passes
+    (see `output_shape`).  Raises `StrideError` if no p up to `max_pad` works.
     """
     target = crop * scale_factor + 2 * tgt_pad
     if not float(target).is_integer():
         raise StrideError(f"crop {crop} times scale_factor {scale_factor} is not a whole number of voxels")
     target = int(target)
-    pad = _find_pad(model, in_chan, crop, dim, target, max_pad)
+    pad = _find_pad(model, in_chan, crop, dim, target, max_pad, memo)
     if pad is None:
         raise StrideError(f"no pad up to {max_pad} lets the model map a crop of {crop} onto "
                           f"{target} output voxels per axis; check the crop, scale factor and model")
