@@ -36,6 +36,7 @@ that no ``--overwrite`` deletes it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -345,26 +346,114 @@ def open_group(path: str | Path, mode: str, storage_options: StorageOptions | No
 def encode_shards(arr, writes: Sequence[tuple[tuple, np.ndarray]]) -> dict[str, bytes]:
     """The objects `writes` ((index, values) pairs, each index a union of whole shards of `arr`) make in
     `arr`'s store: key within the array -> bytes, as zarr encodes them for `arr` (same metadata, so the
-    same bytes), in memory, without reading what the shards held before."""
-    import zarr
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.storage import MemoryStore
+    same bytes), in memory, without reading what the shards held before.
 
-    objects = dict(arr.metadata.to_buffer_dict(default_buffer_prototype()))
-    mem = zarr.open_array(store=MemoryStore(store_dict=objects), mode="r+").with_config({"write_empty_chunks": True})
+    Shards of an uncompressed array (what `create` makes without a
+    compressor) whose writes cover them inside the array are laid out here
+    directly (`_plain_shards`), every inner chunk written, in zarr's order;
+    any other write goes through zarr's own codecs on an in-memory store.
+    """
+    objects: dict[str, bytes] = {}
+    rest = []
+    layout = _plain_layout(arr)
     for index, values in writes:
-        mem[index] = values
-    return {key: buf.to_bytes() for key, buf in objects.items() if key != "zarr.json"}
+        shards = _plain_shards(arr, layout, index, values) if layout is not None else None
+        if shards is None:
+            rest.append((index, values))
+        else:
+            objects.update(shards)
+    if rest:
+        import zarr
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.storage import MemoryStore
+
+        encoded = dict(arr.metadata.to_buffer_dict(default_buffer_prototype()))
+        mem = zarr.open_array(store=MemoryStore(store_dict=encoded), mode="r+").with_config(
+            {"write_empty_chunks": True})
+        for index, values in rest:
+            mem[index] = values
+        objects.update((key, buf.to_bytes()) for key, buf in encoded.items() if key != "zarr.json")
+    return objects
+
+
+def _plain_layout(arr) -> tuple[tuple[int, ...], tuple[int, ...], Any] | None:
+    """(shard shape, inner chunk shape, zarr's order of inner chunks in a shard) when `arr` is sharded
+    with raw little-endian inner chunks and a crc32c-checked index at the end (as `create` makes an
+    uncompressed array), else None."""
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+    try:
+        from zarr.core.indexing import morton_order_iter
+    except ImportError:  # another zarr: its own codecs encode every shard
+        return None
+    codecs = arr.metadata.codecs if hasattr(arr.metadata, "codecs") else ()
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+        return None
+    sharding = codecs[0]
+    little = all(isinstance(c, BytesCodec) and getattr(c.endian, "value", c.endian) == "little"
+                 for c in (sharding.codecs[0], sharding.index_codecs[0]))
+    if not (little and len(sharding.codecs) == 1 and len(sharding.index_codecs) == 2
+            and isinstance(sharding.index_codecs[1], Crc32cCodec) and sharding.index_location.value == "end"):
+        return None
+    return tuple(arr.shards), tuple(sharding.chunk_shape), morton_order_iter
+
+
+def _plain_shards(arr, layout, index: tuple, values: np.ndarray) -> dict[str, bytes] | None:
+    """The shard objects of the write ``arr[index] = values`` laid out directly (see `_plain_layout`):
+    key -> bytes, or None unless `index` (integers and slices of step 1) covers whole shards, all inside
+    the array."""
+    import google_crc32c
+
+    shard, chunk, order = layout
+    if not isinstance(index, tuple) or len(index) != len(arr.shape):
+        return None
+    lo, hi = [], []
+    for i, n in zip(index, arr.shape):
+        if isinstance(i, (int, np.integer)):
+            lo.append(int(i))
+            hi.append(int(i) + 1)
+        elif isinstance(i, slice) and i.step in (None, 1):
+            a, b, _ = i.indices(n)
+            lo.append(a)
+            hi.append(b)
+        else:
+            return None
+    if any(a % s or b % s or b <= a for a, b, s in zip(lo, hi, shard)):  # whole shards, inside the array
+        return None
+    region = tuple(b - a for a, b in zip(lo, hi))
+    dtype = arr.dtype.newbyteorder("<")
+    data = np.broadcast_to(np.asarray(values), region) if np.ndim(values) == 0 else np.asarray(values)
+    if data.size != math.prod(region):
+        return None
+    data = data.reshape(region)
+    per_shard = tuple(s // c for s, c in zip(shard, chunk))
+    objects = {}
+    for first in itertools.product(*(range(a, b, s) for a, b, s in zip(lo, hi, shard))):
+        parts, table = [], np.zeros(per_shard + (2,), dtype="<u8")
+        offset = 0
+        for inner in order(per_shard):
+            at = tuple(f - a + i * c for f, a, i, c in zip(first, lo, inner, chunk))
+            block = data[tuple(slice(x, x + c) for x, c in zip(at, chunk))]
+            raw = np.ascontiguousarray(block, dtype=dtype).tobytes()
+            table[inner] = (offset, len(raw))
+            parts.append(raw)
+            offset += len(raw)
+        table_bytes = table.tobytes()
+        parts += [table_bytes, np.uint32(google_crc32c.value(table_bytes)).astype("<u4").tobytes()]
+        key = arr.metadata.encode_chunk_key(tuple(f // s for f, s in zip(first, shard)))
+        objects[key] = b"".join(parts)
+    return objects
 
 
 class ShardObjects:
-    """Writes of whole shards to arrays of a store in object storage, each shard stored as one object.
+    """Writes of whole shards to arrays of a store, each shard stored as one object (or file).
 
     zarr writes a shard by reading what it held first (a GET, before the
     PUT), even when the write covers all of it.  A writer that owns whole
     shards (a convert task, an inference tile) gathers its writes here
     (`add`); `store` encodes the shards in memory (`encode_shards`) and
-    stores each with one PUT, all of them at once.
+    stores each with one PUT, all of them at once; in a local store each
+    is one file written whole (its writer fsyncs it, as inference does).
     """
 
     def __init__(self) -> None:
@@ -376,7 +465,16 @@ class ShardObjects:
         self.writes.setdefault(name, (arr, []))[1].append((index, values))
 
     def store(self, out_path: str, storage_options) -> None:
-        """PUT every gathered shard into the store at `out_path`; returns once all are stored."""
+        """Store every gathered shard in the store at `out_path` (a PUT each, or a local file each);
+        returns once all are stored."""
+        if not storage.is_remote(out_path):
+            for name, (arr, writes) in self.writes.items():
+                for key, data in encode_shards(arr, writes).items():
+                    path = os.path.join(out_path, name, key)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "wb") as f:
+                        f.write(data)
+            return
         fs, root = storage.filesystem(out_path, storage_options)
         objects = {f"{root}/{name}/{key}": data for name, (arr, writes) in self.writes.items()
                    for key, data in encode_shards(arr, writes).items()}

@@ -345,3 +345,65 @@ def test_completion_mark_leaves_out_only_the_chunks_writers_synced(tmp_path, mon
     assert ("a", "zarr.json") in synced and ("a",) in synced  # metadata and directories still made durable
     assert {p for p in files if p[0] == "b" and p[-1] != "zarr.json"} <= set(synced)
     assert store.open_store(path).nsample == 1
+
+
+# --------------------------------------------------------------------------- shards laid out directly
+
+def _zarr_encoded(arr, index, values) -> dict[str, bytes]:
+    """The oracle: zarr's own codecs writing ``arr[index] = values`` to an in-memory copy of `arr`."""
+    import zarr
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import MemoryStore
+
+    encoded = dict(arr.metadata.to_buffer_dict(default_buffer_prototype()))
+    mem = zarr.open_array(store=MemoryStore(store_dict=encoded), mode="r+").with_config({"write_empty_chunks": True})
+    mem[index] = values
+    return {k: v.to_bytes() for k, v in encoded.items() if k != "zarr.json"}
+
+
+@given(st.data())
+def test_shards_laid_out_directly_are_zarrs_bytes(data):
+    """An uncompressed sharded array's whole shards, laid out by `encode_shards` without zarr's codecs, are
+    byte for byte what zarr writes (inner chunks in its order, the crc32c-checked index at the end), for any
+    shard and inner chunk sizes, sample and channel indexing, and writes of one or several shards; zero
+    chunks included."""
+    import zarr
+
+    ndim = data.draw(st.integers(1, 3), label="ndim")
+    chunk = tuple(data.draw(st.lists(st.sampled_from([1, 2, 3]), min_size=ndim, max_size=ndim), label="chunk"))
+    per = tuple(data.draw(st.lists(st.integers(1, 3), min_size=ndim, max_size=ndim), label="chunks per shard"))
+    shard = tuple(c * p for c, p in zip(chunk, per))
+    counts = tuple(data.draw(st.lists(st.integers(1, 3), min_size=ndim, max_size=ndim), label="shards per axis"))
+    nchan = data.draw(st.integers(1, 2), label="channels")
+    shape = (2, nchan) + tuple(s * n for s, n in zip(shard, counts))
+    arr = zarr.create_array(zarr.storage.MemoryStore(), shape=shape, dtype="float32",
+                            shards=(1, nchan) + shard, chunks=(1, nchan) + chunk, compressors=None, fill_value=0)
+    sample = data.draw(st.integers(0, 1), label="sample")
+    lo = [data.draw(st.integers(0, n - 1), label="first shard") for n in counts]
+    hi = [data.draw(st.integers(a + 1, n), label="end shard") for a, n in zip(lo, counts)]
+    index = (sample, slice(None)) + tuple(slice(a * s, b * s) for a, b, s in zip(lo, hi, shard))
+    values = np.random.default_rng(data.draw(st.integers(0, 9), label="seed")).standard_normal(
+        (nchan,) + tuple((b - a) * s for a, b, s in zip(lo, hi, shard))).astype(np.float32)
+    values[(slice(None),) + tuple(slice(0, c) for c in chunk)] = 0  # an all-zero chunk is written too
+    assert store._plain_layout(arr) is not None
+    got = store.encode_shards(arr, [(index, values)])
+    assert got == _zarr_encoded(arr, index, values)
+    assert len(got) == np.prod([b - a for a, b in zip(lo, hi)])
+
+
+def test_other_writes_go_through_zarrs_codecs():
+    """A compressed array, and a write that is not whole shards inside the array, are encoded by zarr."""
+    import zarr
+
+    values = np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8)
+    zstd = zarr.create_array(zarr.storage.MemoryStore(), shape=(1, 2, 8, 8), dtype="float32", shards=(1, 2, 8, 8),
+                             chunks=(1, 2, 4, 4), compressors=zarr.codecs.ZstdCodec(level=1))
+    assert store._plain_layout(zstd) is None
+    index = (0, slice(None), slice(0, 8), slice(0, 8))
+    assert store.encode_shards(zstd, [(index, values)]) == _zarr_encoded(zstd, index, values)
+    edge = zarr.create_array(zarr.storage.MemoryStore(), shape=(1, 2, 12, 8), dtype="float32",
+                             shards=(1, 2, 8, 8), chunks=(1, 2, 4, 4), compressors=None)
+    layout = store._plain_layout(edge)
+    index = (0, slice(None), slice(8, 12), slice(0, 8))  # the last shard reaches past the array's end
+    assert store._plain_shards(edge, layout, index, values[:, :4]) is None
+    assert store.encode_shards(edge, [(index, values[:, :4])]) == _zarr_encoded(edge, index, values[:, :4])

@@ -6,11 +6,11 @@ model runs on batch k, a reader thread reads and normalises the windows of
 batch k + 1 (and hints batch k + 2's windows to the kernel, so the disk reads
 ahead), and a writer thread narrows, un-normalises, writes and fsyncs batch
 k - 1 (with ``--velocity`` its velocity field too, `map2map.infer.styles`)
-and then marks its tiles done.  An output in object storage (`Job.remote`)
-gets the same bytes another way: a tile owns whole shards, so each shard
-is encoded in memory and stored as one object with one PUT (`map2map.store.ShardObjects`),
-and a PUT that returned is stored, so nothing is fsynced there before the
-tile's marker (an empty object) is written.  So at most `PIPELINE_DEPTH` batches are in
+and then marks its tiles done.  A tile owns whole shards, so each shard is
+encoded in memory and written whole, as one file or, in object storage
+(`Job.remote`), one object with one PUT (`map2map.store.ShardObjects`); a
+PUT that returned is stored, so nothing is fsynced there before the tile's
+marker (an empty object) is written.  So at most `PIPELINE_DEPTH` batches are in
 flight per task (read ahead, in the model, being written), and the model
 waits for I/O only when I/O is slower than the model.  A stream rather than one
 batch per task, because a pipeline needs to know its next batch: Dask hands a
@@ -298,7 +298,7 @@ def run_stream(state: WorkerState, job: Job, work: Work, on_batch: Callable[[int
         sample, ids = work[k]
         t0 = time.perf_counter()
         marks, held = [], 0
-        objects = ShardObjects() if job.remote else None  # remote: whole shards gathered, stored below
+        objects = ShardObjects()  # whole shards gathered, each stored whole below
         for b, t in enumerate(ids):
             region = plan.out_region(t)
             narrow = tuple(slice(o, o + n * plan.scale) for o, n in zip(job.offsets, plan.size(t)))
@@ -306,10 +306,7 @@ def run_stream(state: WorkerState, job: Job, work: Work, on_batch: Callable[[int
             index = (sample, slice(None)) + tuple(slice(lo, hi) for lo, hi in region)
             if vel_arr is not None:  # d output / dD, in the model's units, times the sample's factor: km/s
                 vel = y[b][(slice(nout, None),) + narrow] * np.float32(job.vel_factors[sample])
-                if objects is None:
-                    vel_arr[index] = vel
-                else:
-                    objects.add(job.vel_field, vel_arr, index, vel)
+                objects.add(job.vel_field, vel_arr, index, vel)
             loss = None
             if tgt is not None:
                 target = tgt[1].read(sample, region, np.empty_like(pred))
@@ -317,20 +314,16 @@ def run_stream(state: WorkerState, job: Job, work: Work, on_batch: Callable[[int
                 with torch.inference_mode():
                     loss = float(state.criterion(job)(torch.from_numpy(pred)[None], torch.from_numpy(target)[None]))
             undo_norms(pred, job.tgt_norms, job.out_chans, job.model.callback_at, channel_axis=0, **norm_kwargs)
-            if objects is None:
-                arr[index] = pred
-            else:
-                objects.add(job.out_field, arr, index, pred)
+            objects.add(job.out_field, arr, index, pred)
             marks.append((sample, t, loss, int(pred.size)))
         flight.add(0, held)
         regions = [plan.out_region(t) for t in ids]  # whole shards (checked): one writer, one PUT, per shard
         files = shard_files(arr, os.path.join(job.out_path, job.out_field), sample, regions)
         if vel_arr is not None:
             files += shard_files(vel_arr, os.path.join(job.out_path, job.vel_field), sample, regions)
-        if objects is None:
+        objects.store(job.out_path, job.storage_options)  # one file, or one PUT, per shard
+        if not job.remote:  # in object storage a shard whose PUT returned is stored
             durable.fsync_files(files)
-        else:  # one PUT per shard; in object storage a shard whose PUT returned is stored
-            objects.store(job.out_path, job.storage_options)
         mark_all(job.done_dir, marks, job.storage_options)  # only once every shard of the batch is stored
         state.record(job.token, write_s=time.perf_counter() - t0, batches=1, tiles=len(ids))
         flight.add(-1, -(x.nbytes + y.nbytes + held))
