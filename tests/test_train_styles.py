@@ -24,7 +24,7 @@ from map2map.cli.configs import stage_of
 from map2map.data.fields import FieldDataset
 from map2map.data.fieldio import lookup_norms
 from map2map.errors import UserError
-from map2map.models import narrow_cast
+from map2map.models import build_model, forward, narrow_cast
 from map2map.models.eulerian import LagEulLoss, dis_norm_of
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -84,9 +84,9 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def styled_args(store: Path, *extra: str, model: str = "StyledVNet", epochs: int = 1, width: int = 4,
-                lr: str = "3e-3") -> list[str]:
+                lr: str = "3e-3", kwargs: str = "") -> list[str]:
     return ["train", "--train-data", str(store), "--in", "x", "--tgt", "y", "--crop", "8", "--in-pad", "20",
-            "--model", model, "--misc-kwargs", f'{{"width": {width}}}', "--lr", lr, "--batch-size", "6",
+            "--model", model, "--misc-kwargs", f'{{"width": {width}{kwargs}}}', "--lr", lr, "--batch-size", "6",
             "--loader-workers", "0", "--epochs", str(epochs), *extra]
 
 
@@ -122,15 +122,35 @@ def test_items_carry_their_samples_styles_in_the_order_chosen(data):
 
 def test_styled_model_fits_what_an_unstyled_one_cannot(data, tmp_path):
     """y = D x with x the same at every D: the best unstyled fit is E[D] x (mean squared error var(D) E[x^2]
-    = 1/6), a model that sees D can reach 0."""
+    = 1/6), a model that sees D can reach 0.  The styled V-Net has the options that let a style carry an
+    amplitude (`demodulate=False`, `style_bypass`); it must also predict a D and a field it never saw."""
     args = dict(epochs=30, width=8)
-    styled = run(styled_args(data["s2"], "--in-pad", "auto", **args), tmp_path / "styled").epochs
+    amplitude = ', "demodulate": false, "style_bypass": true'  # options that let a style scale the output
+    styled = run(styled_args(data["s2"], "--in-pad", "auto", **args, kwargs=amplitude), tmp_path / "styled").epochs
     unstyled = run(styled_args(data["s2"], "--in-pad", "auto", model="VNet", **args), tmp_path / "plain").epochs
     assert unstyled[-1].train_loss > 0.1  # at the floor of a model blind to D
     assert styled[-1].train_loss < 0.3 * unstyled[-1].train_loss
     card = state(tmp_path / "styled" / "state_30.pt")["card"]
     assert card["style_names"] == ["Om", "D"]  # all of the store's by default, in its order
     assert not state(tmp_path / "plain" / "state_30.pt")["card"].get("style_names")  # VNet: unstyled
+    # a growth factor neither model saw, on a field neither saw: the styled model predicts it better than
+    # the unstyled one and than its input (the identity, D = 1)
+    x = torch.from_numpy(np.random.default_rng(99).standard_normal((1, 2, 48, 48)).astype(np.float32))
+    d = 0.75
+    want = d * x[..., 20:-20, 20:-20]
+    errors = {}
+    for name in ("styled", "plain"):
+        ck = modelfit.read_checkpoint(str(tmp_path / name / "state_30.pt"))
+        card = ck.card
+        model = build_model(card.model, card.in_chan, card.out_chan, scale_factor=1, ndim=2,
+                            kwargs=card.model_kwargs, style_size=card.style_size)
+        model.load_state_dict(ck.model_state)
+        om = 0.295  # Om and D go together in the training styles: Om 0.28 at D 0.5, 0.31 at D 1
+        style = None if card.style_norm is None else card.style_norm.apply(torch.tensor([[om, d]]))
+        with torch.no_grad():
+            errors[name] = float(((forward(model.eval(), x, style) - want) ** 2).mean())
+    identity = float(((x[..., 20:-20, 20:-20] - want) ** 2).mean())
+    assert errors["styled"] < 0.5 * min(errors["plain"], identity), (errors, identity)
 
 
 def test_card_records_the_chosen_styles_and_norm(data, tmp_path):
