@@ -289,8 +289,8 @@ def test_streams_partition_the_work_in_order(sizes, slots, most):
 
 
 def test_a_run_in_this_process_never_imports_dask_distributed(conv3d, tmp_path):
-    """Importing `distributed` costs about half a second, most of a small job's setup beside torch's own
-    import: `m2m infer` in one process (no --scheduler, no --workers) runs without it, end to end."""
+    """Importing `distributed` is a noticeable part of a small job's start beside torch's own import:
+    `m2m infer` in one process (no --scheduler, no --workers) runs without it, end to end."""
     root, data, ckpt, model, x, refs = conv3d
     out = tmp_path / "pred.zarr"
     argv = ["infer", "--data", data, "--in", "disp", "--model", "twoconv.TwoConv", "--callback-at", TESTS,

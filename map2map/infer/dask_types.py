@@ -1,6 +1,6 @@
 """The classes map2map derives from Dask's own, in a module of their own so that importing
-`map2map.infer` does not import Dask's `distributed` (about half a second): a run in one process never
-needs it, and `map2map.infer.cluster` imports this module only where it talks to a cluster."""
+`map2map.infer` does not import Dask's `distributed` (a noticeable part of a small job's start): a run
+in one process never needs it, and `map2map.infer.cluster` imports this module only where it talks to a cluster."""
 
 from __future__ import annotations
 
