@@ -464,22 +464,26 @@ class ShardObjects:
         shards of `arr`)."""
         self.writes.setdefault(name, (arr, []))[1].append((index, values))
 
-    def store(self, out_path: str, storage_options) -> None:
+    def store(self, out_path: str, storage_options) -> list[str]:
         """Store every gathered shard in the store at `out_path` (a PUT each, or a local file each);
-        returns once all are stored."""
+        returns once all are stored, with the paths it wrote (local files, or the objects' keys), which
+        a local writer fsyncs before it marks them done."""
         if not storage.is_remote(out_path):
+            paths = []
             for name, (arr, writes) in self.writes.items():
                 for key, data in encode_shards(arr, writes).items():
                     path = os.path.join(out_path, name, key)
                     os.makedirs(os.path.dirname(path), exist_ok=True)
                     with open(path, "wb") as f:
                         f.write(data)
-            return
+                    paths.append(path)
+            return paths
         fs, root = storage.filesystem(out_path, storage_options)
         objects = {f"{root}/{name}/{key}": data for name, (arr, writes) in self.writes.items()
                    for key, data in encode_shards(arr, writes).items()}
         if objects:
             fs.pipe(objects)
+        return list(objects)
 
 
 def read_meta(path: str | Path, storage_options: StorageOptions | None = None) -> dict[str, Any] | None:

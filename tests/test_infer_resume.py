@@ -172,20 +172,26 @@ def test_rerun_with_other_settings_starts_over_and_overwrite_replaces(slow, unin
 
 
 def test_markers_follow_durable_shards(tmp_path):
-    """The files a tile batch fsyncs before its markers are exactly the output shards it wrote."""
-    from map2map.infer.worker import shard_files
+    """The files a tile batch fsyncs before its markers (what `ShardObjects.store` returns) are exactly the
+    output shards it wrote, and a region that is not whole shards is refused before anything is written."""
+    from map2map.infer.worker import check_whole_shards
 
     out = tmp_path / "o.zarr"
     group = store.create(str(out), [store.FieldLayout("p", 2, (16, 16, 12), (8, 8, 8), (4, 4, 4))], nsample=2,
                          boxsize=None, settings={})
     regions = [((8, 16), (0, 8), (0, 12)), ((0, 8), (8, 16), (8, 12))]  # the last axis ends in a partial shard
+    check_whole_shards(group["p"], regions)
+    objects = store.ShardObjects()
     for lo_hi in regions:
-        group["p"][(1, slice(None)) + tuple(slice(lo, hi) for lo, hi in lo_hi)] = 1.0
-    files = shard_files(group["p"], str(out / "p"), 1, regions)
+        shape = (2,) + tuple(hi - lo for lo, hi in lo_hi)
+        objects.add("p", group["p"], (1, slice(None)) + tuple(slice(lo, hi) for lo, hi in lo_hi),
+                    np.ones(shape, np.float32))
+    files = objects.store(str(out), None)
     written = [str(p) for p in (out / "p").rglob("*") if p.is_file() and p.name != "zarr.json"]
     assert len(files) == 3 and sorted(files) == sorted(written)
+    assert (group["p"][1] == 1).sum() == 2 * (8 * 8 * 12 + 8 * 8 * 4)
     with pytest.raises(RuntimeError, match="not a union of whole shards"):
-        shard_files(group["p"], str(out / "p"), 1, [((0, 4), (0, 8), (0, 8))])
+        check_whole_shards(group["p"], [((0, 4), (0, 8), (0, 8))])
 
 
 def test_markers_round_trip_and_skip_leftovers(tmp_path):

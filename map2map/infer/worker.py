@@ -33,7 +33,6 @@ the readers and arrays of earlier runs.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -204,18 +203,13 @@ def stats_of(token: str, dask_worker=None) -> dict[str, Any]:
     return state.run_stats(token) if isinstance(state, WorkerState) else {}
 
 
-def shard_files(arr, array_dir: str, sample: int, regions: Sequence[tuple[tiles.Interval, ...]]) -> list[str]:
-    """The files of the shards of output array `arr` (stored in `array_dir`) that make up `regions`
-    of `sample`; each region must be a union of whole shards (`tiles.whole_shards`), as tiles are."""
+def check_whole_shards(arr, regions: Sequence[tuple[tiles.Interval, ...]]) -> None:
+    """Refuse (RuntimeError) a region of output array `arr` that is not a union of whole shards
+    (`tiles.whole_shards`): tiles are, so that each shard has one writer and is written whole."""
     shard = arr.shards[2:] if arr.shards else arr.chunks[2:]
-    shape = arr.shape[2:]
-    paths = []
     for region in regions:
-        if not tiles.whole_shards(region, shard, shape):
+        if not tiles.whole_shards(region, shard, arr.shape[2:]):
             raise RuntimeError(f"region {region} of the output is not a union of whole shards {shard}")
-        for coords in tiles.shards_of(region, shard):
-            paths.append(os.path.join(array_dir, arr.metadata.encode_chunk_key((sample, 0) + coords)))
-    return paths
 
 
 def preload(job: Job) -> str:
@@ -318,10 +312,9 @@ def run_stream(state: WorkerState, job: Job, work: Work, on_batch: Callable[[int
             marks.append((sample, t, loss, int(pred.size)))
         flight.add(0, held)
         regions = [plan.out_region(t) for t in ids]  # whole shards (checked): one writer, one PUT, per shard
-        files = shard_files(arr, os.path.join(job.out_path, job.out_field), sample, regions)
-        if vel_arr is not None:
-            files += shard_files(vel_arr, os.path.join(job.out_path, job.vel_field), sample, regions)
-        objects.store(job.out_path, job.storage_options)  # one file, or one PUT, per shard
+        for out_arr in (arr,) if vel_arr is None else (arr, vel_arr):
+            check_whole_shards(out_arr, regions)
+        files = objects.store(job.out_path, job.storage_options)  # one file, or one PUT, per shard
         if not job.remote:  # in object storage a shard whose PUT returned is stored
             durable.fsync_files(files)
         mark_all(job.done_dir, marks, job.storage_options)  # only once every shard of the batch is stored
