@@ -154,10 +154,10 @@ def scale_of(name: str) -> float:
 
 
 def whole_box(model, norm: StyleNorm, x: np.ndarray, physical, velocity: bool = False, pad: int = PAD,
-              tta_mode: str = "none"):
+              tta_mode: str = "none", input_scales: bool = True):
     """The model once over the whole box `x` (physical units) padded periodically, with the physical styles
     `physical` (averaged over the symmetries of `tta_mode`); its output in physical units, and with
-    `velocity` the velocity in km/s."""
+    `velocity` the velocity in km/s (the input proportional to D with `input_scales`, else fixed)."""
     f = scale_of(NORM)
     padded = np.pad(x / np.float32(f), [(0, 0)] + [(pad, pad)] * (x.ndim - 1), mode="wrap")
     xt, phys = torch.from_numpy(padded)[None], torch.tensor(np.asarray(physical, dtype=np.float32))[None]
@@ -167,7 +167,7 @@ def whole_box(model, norm: StyleNorm, x: np.ndarray, physical, velocity: bool = 
             chans = (x.shape[0],)
             y = tta.averaged(lambda xb: forward(model, xb, norm.apply(phys)), xt, tta_mode, chans, chans)
             return narrow_like(y, box)[0].numpy() * f
-    out, dout = displacement_and_derivative(model, xt, phys, norm)
+    out, dout = displacement_and_derivative(model, xt, phys, norm, input_scales=input_scales)
     factor = velocity_factors(phys.numpy(), norm.names)[0]
     return narrow_like(out, box)[0].numpy() * f, narrow_like(dout, box)[0].numpy() * f * factor
 
@@ -265,6 +265,32 @@ def test_velocity_equals_a_finite_difference_of_the_tiled_displacement(data, tmp
     close(vel, fd, 1e-3)
 
 
+def test_velocity_of_an_input_fixed_in_d(data, tmp_path):
+    """--velocity-input fixed (an input that is the same at every D): the tiled velocity equals the whole-box
+    derivative along the style alone and a central difference of the tiled displacement in D with the
+    input unchanged, and differs from the default's, which also runs through the input."""
+    om, d, h = 0.31, 0.75, 1e-2
+    data = dict(data, ckpt2=data["smooth"])
+    summary = predict(data, 2, tmp_path / "v.zarr", velocity=True, velocity_input="fixed", style=f"Om={om},D={d}")
+    vel = opened(tmp_path / "v.zarr", "vel")
+    model, norm = load(data["ckpt2"])
+    for i, x in enumerate(data["fields2"]["x"]):
+        close(vel[i], whole_box(model, norm, x, (om, d), velocity=True, input_scales=False)[1], 1e-5)
+    psi = {}
+    for sign in (1, -1):
+        predict(data, 2, tmp_path / f"p{sign}.zarr", style=f"Om={om},D={d + sign * h}")
+        psi[sign] = opened(tmp_path / f"p{sign}.zarr", "y").astype(np.float64)
+    factor = velocity_factors(np.array([[om, d]]), ("Om", "D"))[0]
+    close(vel, (psi[1] - psi[-1]) / (2 * h) * factor, 1e-3)
+    scaled = predict(data, 2, tmp_path / "s.zarr", velocity=True, style=f"Om={om},D={d}")
+    assert np.abs(opened(tmp_path / "s.zarr", "vel") - vel).max() > 0.1 * np.abs(vel).max()
+    assert summary.computed == scaled.computed == summary.tiles
+    # the choice is a setting of the run: resuming an interrupted fixed run with the default starts over
+    drop_completion_mark(tmp_path / "v.zarr")
+    again = predict(data, 2, tmp_path / "v.zarr", velocity=True, style=f"Om={om},D={d}")
+    assert again.skipped == 0 and any("other settings: starting over" in n for n in again.notes), again.notes
+
+
 def test_resume_covers_both_fields(data, tmp_path):
     """An interrupted --velocity run resumes both fields: tiles with a marker are kept as they are (here
     zeroed, to see it), the others recomputed; the completion mark comes once both are written."""
@@ -326,6 +352,8 @@ BAD = {
                                     "style D=5 is no growth factor of flat LambdaCDM"),
     "velocity and an output field named vel": ("ckpt2", ["--velocity", "--out-field", "vel"], "s2",
                                                "--out-field vel: --velocity writes a field of that name"),
+    "velocity input fixed without velocity": ("ckpt2", ["--velocity-input", "fixed"], "s2",
+                                              "--velocity-input fixed: it says how the velocity is differentiated"),
 }
 
 

@@ -410,7 +410,8 @@ def _job(prep: Prepared, token: str, target: str, device: str, workers: int | No
                prep.spec, prep.plan.plan, prep.plan.offsets, prep.plan.out_shape, prep.criterion, device,
                torch_threads(opts, device, workers), opts.amp, opts.tta,
                prep.styling.values if prep.styling else (), prep.styling.norm if prep.styling else None,
-               prep.vel_field, prep.styling.vel_factors if prep.styling else (), prep.storage_options)
+               prep.vel_field, prep.styling.vel_factors if prep.styling else (),
+               prep.styling.input_scales if prep.styling else True, prep.storage_options)
 
 
 def _run_here(prep: Prepared, target: str, token: str | None, todo, total: int, done: int,

@@ -30,7 +30,9 @@ class InferConfig:
     the planner choose the tile (`map2map.infer.planning`).  A styled model
     (its card names style parameters) takes each sample's styles from the
     input store, or `style` (``Om=0.31,D=0.72``) for every sample; `velocity`
-    also writes the field `VEL_FIELD` (`map2map.infer.styles`).  `data` and
+    also writes the field `VEL_FIELD` (`map2map.infer.styles`), differentiating
+    through the input too when `velocity_input` is ``"scales"`` (an input
+    proportional to D) and not when it is ``"fixed"``.  `data` and
     `out` may be URLs (`map2map.storage`); `storage_options` (a dict, or the
     ``--storage-options`` JSON text, which the stage parses) apply to both,
     and `load_state` stays a local file.
@@ -75,6 +77,7 @@ class InferConfig:
     allow_nonfinite: bool = False
     style: str | None = None
     velocity: bool = False
+    velocity_input: str = "scales"
     storage_options: Mapping[str, Any] | str | None = None
 
 
@@ -107,7 +110,7 @@ class Job:
     (`map2map.infer.tta`).  For a styled model `styles` holds each sample's physical style values in the
     order of `style_norm` (the model card's); with ``--velocity`` `vel_field` names the velocity output and
     `vel_factors` holds each sample's factor from d(output)/dD, as the model gives it, to km/s
-    (`map2map.infer.styles`).  `out_path` is a local path or a URL, written with `storage_options`
+    (`map2map.infer.styles`), and `vel_input_scales` whether the input is proportional to D.  `out_path` is a local path or a URL, written with `storage_options`
     (travelling with every task to every worker, in this process or another)."""
 
     token: str
@@ -133,6 +136,7 @@ class Job:
     style_norm: Any = None  # a `map2map.data.styles.StyleNorm`, None for an unstyled model
     vel_field: str | None = None
     vel_factors: tuple[float, ...] = ()
+    vel_input_scales: bool = True
     storage_options: Mapping[str, Any] | None = None
 
     @property

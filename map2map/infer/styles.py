@@ -18,8 +18,11 @@ Terms:
 
   (`map2map.cosmology.peculiar_velocity`).  dpsi/dD comes from
   `map2map.models.velocity.displacement_and_derivative` (forward mode, in
-  the same pass as the displacement; the input is taken to be proportional
-  to D, as the Zel'dovich displacement at D is).  The model's output is in
+  the same pass as the displacement), along the style D and, with
+  ``--velocity-input scales`` (the default), along the input, taken to be
+  proportional to D as the Zel'dovich displacement at D is; with
+  ``--velocity-input fixed`` (an input that is the same at every D, e.g. the
+  linear field at z = 0) along the style alone.  The model's output is in
   the units of the target norm, which must be a constant factor
   (`map2map.models.eulerian.dis_norm_of`), so undoing it scales the
   derivative by the same factor.  A sample's *velocity factor* is that
@@ -43,18 +46,23 @@ from map2map.errors import UserError
 class Styling:
     """The styles of a run (module docstring): parameter `names`, `values` (nsample rows), where they
     came from (`source`: "store" or the ``--style`` text), the card's style `norm`, and with
-    ``--velocity`` each sample's velocity factor (else empty)."""
+    ``--velocity`` each sample's velocity factor (else empty) and whether the input scales with D
+    (`input_scales`, ``--velocity-input``)."""
 
     names: tuple[str, ...]
     values: tuple[tuple[float, ...], ...]
     source: str
     norm: Any
     vel_factors: tuple[float, ...] = ()
+    input_scales: bool = True
 
     def settings(self) -> dict[str, Any]:
         """What the predictions depend on, for the resume settings hash."""
-        return {"style_source": self.source, "style_names": list(self.names),
-                "style_values": [list(v) for v in self.values], "velocity": bool(self.vel_factors)}
+        out = {"style_source": self.source, "style_names": list(self.names),
+               "style_values": [list(v) for v in self.values], "velocity": bool(self.vel_factors)}
+        if self.vel_factors and not self.input_scales:  # only then: runs of the default keep their hash
+            out["velocity_input"] = "fixed"
+        return out
 
 
 def _show(names) -> str:
@@ -84,7 +92,15 @@ def resolve_styles(opts, card, nsample: int, out_chan: int, ndim: int) -> Stylin
     (None: no card), over `nsample` samples; None for an unstyled model.  One-line `UserError`s for
     ``--style`` or ``--velocity`` with an unstyled model, a store without the model's styles, a
     malformed or incomplete ``--style``, and ``--velocity`` without a style D or on an output that is
-    not a displacement (`out_chan` channels on `ndim` axes)."""
+    not a displacement (`out_chan` channels on `ndim` axes), and ``--velocity-input fixed`` without
+    ``--velocity``."""
+    input_scales = opts.velocity_input == "scales"
+    if opts.velocity_input not in ("scales", "fixed"):
+        raise UserError(f"--velocity-input {opts.velocity_input}: choose scales (the input is proportional to "
+                        "D) or fixed (the input is the same at every D)")
+    if not input_scales and not opts.velocity:
+        raise UserError("--velocity-input fixed: it says how the velocity is differentiated; add --velocity, "
+                        "or drop it")
     names = tuple(card.style_names) if card is not None else ()
     if not names:
         for given, option in ((opts.style is not None, "--style"), (opts.velocity, "--velocity")):
@@ -110,7 +126,7 @@ def resolve_styles(opts, card, nsample: int, out_chan: int, ndim: int) -> Stylin
         scale = velocity_scale(opts, out_chan, ndim)
         factors = tuple(float(f) * scale for f in _factors(values, names))
     rows = tuple(tuple(float(v) for v in row) for row in np.asarray(values, dtype=np.float32))
-    return Styling(names, rows, source, norm, factors)
+    return Styling(names, rows, source, norm, factors, input_scales)
 
 
 def _factors(values: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
@@ -164,6 +180,7 @@ def forward_for(model, job, sample: int, batch: int, device, amp: Callable) -> C
 
     def with_derivative(x):
         with amp():
-            out, dout = displacement_and_derivative(model, x, physical, job.style_norm)
+            out, dout = displacement_and_derivative(model, x, physical, job.style_norm,
+                                                    input_scales=job.vel_input_scales)
         return torch.cat([out, dout], dim=1)
     return with_derivative
