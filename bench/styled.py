@@ -33,7 +33,8 @@ pass, as `m2m infer` would stitch it exactly):
   Nyquist (``high``); ``1 - r`` is what matters, r of all three is near 1;
 * the styled model's velocity: dpsi/dD by forward-mode differentiation
   (`map2map.models.velocity.displacement_and_derivative`, the input not
-  scaling with D, so ``input_scales=False``) times a H f D
+  scaling with D, so ``input_scales=False``: what ``m2m infer --velocity
+  --velocity-input fixed`` computes) times a H f D
   (`velocity_factors`) in km/s, against the 2LPT velocity, beside the ZA
   velocity against the same: RMS error (km/s), T(k), r(k).
 
