@@ -16,9 +16,18 @@ target D as input, the target would be a function of the input alone, and a
 style could not help.)  The training store (``m2m convert --styles``) holds
 the style table ``Om,D`` synth wrote; the styled model takes ``--style D``.
 
-Training: ``StyledVNet --style D`` and the unstyled ``VNet`` of the same
-width, with the same store, crop, pad, norms (``cosmology.dis``), learning
-rate, batch size, epochs and seed.
+Training (``--models``, each with the same store, crop, pad, norms
+(``cosmology.dis``), learning rate, batch size, epochs and seed):
+
+* ``styled``: ``StyledVNet --style D`` on the input above;
+* ``unstyled``: the ``VNet`` of the same width on the same input;
+* ``styled_at_D``: ``StyledVNet --style D`` on the Zel'dovich displacement
+  at the sample's own D (``psi_za(z)``, the input of the field's emulators,
+  which scales with D) to the same target.  For displacements this input
+  already says the time (the 2LPT target is nearly a function of it alone),
+  so it is no test of the style; it is the model whose velocity ``m2m infer
+  --velocity`` computes by default: the derivative in D through the input
+  and the style together.
 
 Report, per held-out redshift, on the whole held-out box (one periodic
 pass, as `m2m infer` would stitch it exactly):
@@ -31,17 +40,19 @@ pass, as `m2m infer` would stitch it exactly):
   density it implies, against the 2LPT truth, as means over the bins up to a
   quarter of the Nyquist frequency (``low``) and between half of it and
   Nyquist (``high``); ``1 - r`` is what matters, r of all three is near 1;
-* the styled model's velocity: dpsi/dD by forward-mode differentiation
-  (`map2map.models.velocity.displacement_and_derivative`, the input not
-  scaling with D, so ``input_scales=False``: what ``m2m infer --velocity
-  --velocity-input fixed`` computes) times a H f D
-  (`velocity_factors`) in km/s, against the 2LPT velocity, beside the ZA
-  velocity against the same: RMS error (km/s), T(k), r(k).
+* each styled model's velocity: dpsi/dD by forward-mode differentiation
+  (`map2map.models.velocity.displacement_and_derivative`; for ``styled``
+  the input does not scale with D, ``input_scales=False``, what ``m2m infer
+  --velocity --velocity-input fixed`` computes; for ``styled_at_D`` it
+  does, the default) times a H f D (`velocity_factors`) in km/s, against
+  the 2LPT velocity, beside the ZA velocity against the same: RMS error
+  (km/s), T(k), r(k).
 
 Prints one JSON line.  A benchmark, not a test: the figures say how the
 runs compare at this budget on these boxes, measured once.
 
     python bench/styled.py                                  # 32^3, 2 realisations, z 0,1,2 -> 0.5 and 3
+    python bench/styled.py --models styled_at_D             # only the model of ZA at D, for its velocity
     python bench/styled.py --realisations 4 --epochs 64 --width 16   # a larger budget
 """
 
@@ -74,6 +85,10 @@ from map2map.models.velocity import displacement_and_derivative, velocity_factor
 
 DIS_STD = dis_norm_of(cosmology_norms.dis)  # Mpc/h per unit of the cosmology.dis norm (at its default z = 0)
 
+# name: (model, input field of the training store, styled, the input scales with D)
+MODELS = {"styled": ("StyledVNet", "za0", True, False), "unstyled": ("VNet", "za0", False, False),
+          "styled_at_D": ("StyledVNet", "za", True, True)}
+
 
 def _float_list(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(","))
@@ -94,16 +109,16 @@ def make_train_store(root: Path, args: argparse.Namespace) -> Path:
                                 boxsize=args.boxsize, seed=0, redshifts=args.train_z))
     add_za0(npy)
     out = root / "train.zarr"
-    convert.run(convert.ConvertConfig(output=str(out), field=(f"za0={npy}/*/dis_za0.npy",
+    convert.run(convert.ConvertConfig(output=str(out), field=(f"za0={npy}/*/dis_za0.npy", f"za={npy}/*/dis_za.npy",
                                                               f"lpt={npy}/*/dis_2lpt.npy"),
                                       crop=(args.crop,), pad=20, boxsize=args.boxsize,
                                       styles=str(synth.style_table_path(npy)), progress=False))
     return out
 
 
-def train(store: Path, run_dir: Path, args: argparse.Namespace, model: str, extra: list[str],
+def train(store: Path, run_dir: Path, args: argparse.Namespace, model: str, field: str, extra: list[str],
           kwargs: dict[str, Any]) -> dict[str, Any]:
-    argv = ["train", "--train-data", str(store), "--in", "za0", "--tgt", "lpt", "--in-norms", "cosmology.dis",
+    argv = ["train", "--train-data", str(store), "--in", field, "--tgt", "lpt", "--in-norms", "cosmology.dis",
             "--tgt-norms", "cosmology.dis", "--crop", str(args.crop), "--in-pad", "auto", "--model", model,
             "--misc-kwargs", json.dumps({"width": args.width, **kwargs}), "--lr", str(args.lr),
             "--batch-size", str(args.batch_size), "--loader-workers", "0", "--epochs", str(args.epochs),
@@ -131,22 +146,24 @@ def padded(field: np.ndarray, card) -> torch.Tensor:
     return F.pad(torch.from_numpy(field / np.float32(DIS_STD))[None], pad, mode="circular")
 
 
-def predict(model, card, za0: np.ndarray, d: float) -> np.ndarray:
-    """The displacement (Mpc/h) the model predicts for the whole box from the D = 1 ZA displacement `za0`."""
-    x = padded(za0, card)
+def predict(model, card, field: np.ndarray, d: float) -> np.ndarray:
+    """The displacement (Mpc/h) the model predicts at growth factor `d` for the whole box from its input
+    `field` (Mpc/h)."""
+    x = padded(field, card)
     style = None if card.style_norm is None else card.style_norm.apply(torch.tensor([[d]], dtype=x.dtype))
     with torch.no_grad():
         y = forward(model, x, style)
-    return narrow_like(y, za0.shape[1:])[0].numpy() * DIS_STD
+    return narrow_like(y, field.shape[1:])[0].numpy() * DIS_STD
 
 
-def velocity(model, card, za0: np.ndarray, d: float) -> np.ndarray:
-    """The styled model's peculiar velocity (km/s): dpsi/dD by jvp (the input does not scale with D) times a H f D."""
-    x = padded(za0, card)
+def velocity(model, card, field: np.ndarray, d: float, input_scales: bool) -> np.ndarray:
+    """The styled model's peculiar velocity (km/s) at growth factor `d` from its input `field` (Mpc/h): dpsi/dD
+    by jvp (through the input too if it scales with D, `input_scales`) times a H f D."""
+    x = padded(field, card)
     physical = torch.tensor([[d]], dtype=x.dtype)
-    _, dy = displacement_and_derivative(model, x, physical, card.style_norm, input_scales=False)
+    _, dy = displacement_and_derivative(model, x, physical, card.style_norm, input_scales=input_scales)
     factor = velocity_factors(physical.numpy(), card.style_norm.names)[0]
-    return narrow_like(dy, za0.shape[1:])[0].numpy() * DIS_STD * factor
+    return narrow_like(dy, field.shape[1:])[0].numpy() * DIS_STD * factor
 
 
 def rms(a: np.ndarray, b: np.ndarray) -> float:
@@ -190,8 +207,12 @@ def main() -> None:
     p.add_argument("--styled-kwargs", type=json.loads, default={},
                    help="JSON object of StyledVNet options beside the width, e.g. "
                         "'{\"demodulate\": false, \"style_bypass\": true}'")
-    p.add_argument("--skip-unstyled", action="store_true", help="train only the styled model")
+    p.add_argument("--models", type=lambda t: t.split(","), default=list(MODELS),
+                   help=f"the models to train, comma-separated (default: {','.join(MODELS)})")
     args = p.parse_args()
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        p.error(f"--models: unknown {','.join(unknown)}; choose from {','.join(MODELS)}")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
@@ -203,11 +224,10 @@ def main() -> None:
                                     seed=1000, redshifts=args.test_z, velocity=True))
         record = json.loads((test_npy / "synth.json").read_text())
         runs = {}
-        models = [("styled", "StyledVNet", ["--style", "D"], args.styled_kwargs)]
-        if not args.skip_unstyled:
-            models.append(("unstyled", "VNet", [], {}))
-        for name, model, extra, kwargs in models:
-            result = train(store, root / name, args, model, extra, kwargs)
+        for name in args.models:
+            model, field, styled, _ = MODELS[name]
+            result = train(store, root / name, args, model, field, ["--style", "D"] if styled else [],
+                           args.styled_kwargs if styled else {})
             runs[name] = (result.pop("checkpoint"), result)
         tests = {}
         for sample in record["samples"]:
@@ -217,19 +237,23 @@ def main() -> None:
             za0 = (arrays["dis_za"] / np.float32(d)).astype(np.float32)
             true = arrays["dis_2lpt"]
             entry = {"D": round(d, 5), "ZA": compare(d * za0, true, args.boxsize, True)}
+            velocities = {"ZA": compare(arrays["vel_za"], arrays["vel_2lpt"], args.boxsize, False)}
             for name, (checkpoint, _) in runs.items():
                 model, card = load(checkpoint)
-                entry[name] = compare(predict(model, card, za0, d), true, args.boxsize, True)
+                scales = MODELS[name][3]
+                field = (d * za0).astype(np.float32) if scales else za0
+                entry[name] = compare(predict(model, card, field, d), true, args.boxsize, True)
                 if card.style_norm is not None:
-                    vel = velocity(model, card, za0, d)
-                    entry["velocity"] = {"styled": compare(vel, arrays["vel_2lpt"], args.boxsize, False),
-                                         "ZA": compare(arrays["vel_za"], arrays["vel_2lpt"], args.boxsize, False)}
+                    velocities[name] = compare(velocity(model, card, field, d, scales), arrays["vel_2lpt"],
+                                               args.boxsize, False)
+            if len(velocities) > 1:
+                entry["velocity"] = velocities
             tests[f"z={z:g}"] = entry
     train_d = [round(float(growth_factor(z)), 5) for z in args.train_z]
     print(json.dumps({"ngrid": args.ngrid, "boxsize": args.boxsize, "realisations": args.realisations,
                       "train_z": list(args.train_z), "train_D": train_d, "crop": args.crop, "epochs": args.epochs,
                       "batch_size": args.batch_size, "width": args.width, "lr": args.lr,
-                      "styled_kwargs": args.styled_kwargs,
+                      "styled_kwargs": args.styled_kwargs, "models": args.models,
                       "training": {name: result for name, (_, result) in runs.items()}, "test": tests,
                       "seconds": round(time.perf_counter() - t0, 1)}))
 

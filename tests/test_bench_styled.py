@@ -70,6 +70,14 @@ class Oracle2LPT(torch.nn.Module):
         return d * x + (-3.0 / 7.0) * d ** 2 * self.f2
 
 
+class OracleAtD(Oracle2LPT):
+    """Exactly 2LPT of the ZA displacement at D: x + D2(D) f2."""
+
+    def forward(self, x, style):
+        d = self.norm.undo(style).reshape(-1, 1, 1, 1, 1)
+        return x + (-3.0 / 7.0) * d ** 2 * self.f2
+
+
 def test_predict_and_velocity_of_an_exact_model_are_the_2lpt_fields(tmp_path):
     """The bench's units end to end: a model that is exactly 2LPT predicts dis_2lpt, and its jvp velocity in
     km/s is synth's vel_2lpt (so the velocity factor and the undone norm are right)."""
@@ -84,5 +92,11 @@ def test_predict_and_velocity_of_an_exact_model_are_the_2lpt_fields(tmp_path):
     card = SimpleNamespace(in_pad=((0, 0),) * 3, style_norm=norm)
     za0 = f["dis_za"] / d
     np.testing.assert_allclose(styled.predict(model, card, za0, d), f["dis_2lpt"], rtol=0, atol=1e-5)
-    vel = styled.velocity(model, card, za0, d)
+    vel = styled.velocity(model, card, za0, d, input_scales=False)
     np.testing.assert_allclose(vel, f["vel_2lpt"], rtol=0, atol=1e-4 * np.abs(f["vel_2lpt"]).max())
+    # the model of ZA at D (styled_at_D): exactly 2LPT is x + D2(D) f2; its velocity runs through the input too
+    at_d = OracleAtD(model.f2.numpy()[0] * styled.DIS_STD, norm).double()
+    np.testing.assert_allclose(styled.predict(at_d, card, f["dis_za"], d), f["dis_2lpt"], rtol=0, atol=1e-5)
+    vel = styled.velocity(at_d, card, f["dis_za"], d, input_scales=True)
+    np.testing.assert_allclose(vel, f["vel_2lpt"], rtol=0, atol=1e-4 * np.abs(f["vel_2lpt"]).max())
+    assert styled.MODELS["styled_at_D"][1:] == ("za", True, True) and styled.MODELS["styled"][1:] == ("za0", True, False)
