@@ -377,6 +377,37 @@ def test_undemodulated_vnet_has_the_same_parameters_and_batches_exactly():
                                                  demodulate=False).modules() if isinstance(m, ConvStyled))
 
 
+@pytest.mark.parametrize("make", [
+    lambda init: StyledVNet(2, 2, 3, dim=2, width=3, demodulate=False, style_bypass=True, style_init=init),
+    lambda init: StyledG(2, 2, 3, scale_factor=2, chan_base=4, chan_min=2, dim=2, style_init=init),
+], ids=["StyledVNet", "StyledG"])
+def test_zero_style_init_starts_the_same_for_every_style_and_learns_a_dependence(make):
+    """``style_init="zero"``: every style weight starts at 0, so two styles give the same output; the rest of
+    the parameters are drawn as by default (same seed, same draws); one optimiser step on a loss that
+    depends on the style moves the style weights off 0.  The default init depends on the style at once."""
+    torch.manual_seed(8)
+    zero = make("zero").eval()
+    torch.manual_seed(8)
+    uniform = make("uniform").eval()
+    convs = [m for m in zero.modules() if isinstance(m, ConvStyled)]
+    assert convs and all(not m.style_weight.any() for m in convs)
+    for (k, a), b in zip(zero.state_dict().items(), uniform.state_dict().values()):
+        assert torch.equal(a, b) != k.endswith("style_weight"), k
+    x = torch.randn(2, 2, 44, 44)
+    s1, s2 = torch.randn(1, 3).expand(2, 3), torch.randn(1, 3).expand(2, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(zero(x, s1), zero(x, s2), rtol=0, atol=0)
+        assert (uniform(x, s1) - uniform(x, s2)).abs().max() > 1e-3
+    zero.train()
+    opt = torch.optim.SGD(zero.parameters(), lr=0.1)
+    loss = (zero(x, s1) - 1).square().mean() + (zero(x, s2) + 1).square().mean()
+    loss.backward()
+    opt.step()
+    assert all(m.style_weight.abs().sum() > 0 for m in convs)
+    with pytest.raises(ValueError, match="style_init must be one of uniform, zero, got 'ones'"):
+        make("ones")
+
+
 def test_extra_keywords_ignored_and_declared_stride():
     model = StyledVNet(in_chan=3, out_chan=3, style_size=2, scale_factor=1, width=2)
     assert model.total_stride == 4

@@ -31,6 +31,16 @@ with these blocks, so its checkpoints load parameter for parameter.
 `StyledG` is the styled counterpart of the super-resolution generator
 `map2map.models.srsgan.G`: the same levels, sizes and channel rule, every
 convolution modulated.
+
+*Style init* (``style_init`` of both models): ``"uniform"`` (the default,
+the original's) draws each modulation's style weight as torch's default
+linear layer, so at the start every style gives the network other weights,
+by up to the whole of each scale; ``"zero"`` starts every style weight at 0
+(`zero_style_weights`): the network starts as one unstyled network for every
+style and takes on the dependence on the style that training asks for.  A
+style the target barely depends on (D, when the input is already the
+Zel'dovich displacement at D) then leaves little spurious dependence behind,
+which matters for derivatives in the style such as velocities.
 """
 
 from __future__ import annotations
@@ -49,9 +59,27 @@ from .srsgan import AddNoise, n_blocks
 
 DEMOD_EPS = 1e-8  # added to the sum of squares before the square root of the demodulation
 KINDS = "CDU"
+STYLE_INITS = ("uniform", "zero")  # see "style init" in the module docstring
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def zero_style_weights(module: nn.Module) -> None:
+    """Set the style weight of every `ConvStyled` in `module` to 0, so that each modulation's scale is its
+    style bias for every style ("zero" style init, module docstring)."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, ConvStyled):
+                m.style_weight.zero_()
+
+
+def apply_style_init(module: nn.Module, style_init: str) -> None:
+    """The style init `style_init` (one of `STYLE_INITS`) for a freshly built `module`; ValueError for others."""
+    if style_init not in STYLE_INITS:
+        raise ValueError(f"style_init must be one of {', '.join(STYLE_INITS)}, got {style_init!r}")
+    if style_init == "zero":
+        zero_style_weights(module)
 
 
 def check_style(style: torch.Tensor, batch: int, style_size: int) -> None:
@@ -239,8 +267,8 @@ class StyledVNet(nn.Module):
     The default `width` is the original's; extra keyword arguments (e.g.
     `scale_factor`) are ignored.
 
-    Two options leave the original's layout (both off by default, so its
-    checkpoints load parameter for parameter):
+    Three options leave the original's layout or start (all off by default,
+    so its checkpoints load parameter for parameter):
 
     * ``demodulate=False``: no convolution is demodulated, so the style can
       scale what a layer passes on;
@@ -249,7 +277,9 @@ class StyledVNet(nn.Module):
       ``style @ bypass_weight.T + bypass_bias``, starting at the plain bypass
       (weight 0, bias 1).  Where the target grows with a style parameter (a
       displacement with the growth factor D), the network then needs to learn
-      only the correction to the scaled input.
+      only the correction to the scaled input;
+    * ``style_init="zero"``: every modulation starts independent of the style
+      (module docstring).
     """
 
     PAD = 20  # voxels the model removes from each end of every axis
@@ -257,7 +287,7 @@ class StyledVNet(nn.Module):
 
     def __init__(self, in_chan: int, out_chan: int, style_size: int, bypass: bool | None = None,
                  dim: int = 3, width: int = 64, demodulate: bool = True, style_bypass: bool = False,
-                 **kwargs) -> None:
+                 style_init: str = "uniform", **kwargs) -> None:
         super().__init__()
         w, m = width, {"dim": dim, "demodulate": demodulate}
         self.style_size, self.dim = style_size, dim
@@ -278,6 +308,7 @@ class StyledVNet(nn.Module):
             self.bypass_bias = nn.Parameter(torch.ones(out_chan))
         else:
             self.bypass_weight = self.bypass_bias = None
+        apply_style_init(self, style_init)
 
     def check_input(self, x: torch.Tensor, style: torch.Tensor) -> None:
         """Raise ValueError unless `x` is (N, C, spatial...) with every spatial size 2 * PAD plus a
@@ -344,15 +375,16 @@ class StyledG(nn.Module):
     in_chan must equal out_chan.  Without `noise` (the default) the output
     is a deterministic function of input and style (as velocities by
     differentiation need); with it, noise is injected as in `G`.
-    ``demodulate=False`` leaves every convolution undemodulated (see
-    `StyledVNet`).
+    ``demodulate=False`` leaves every convolution undemodulated and
+    ``style_init="zero"`` starts every modulation independent of the style
+    (see `StyledVNet`).
     """
 
     total_stride = 1  # no downsampling; trusted by `map2map.models.stride.total_stride`
 
     def __init__(self, in_chan: int, out_chan: int, style_size: int, scale_factor: int = 16,
                  chan_base: int = 512, chan_min: int = 64, chan_max: int = 512, noise: bool = False,
-                 dim: int = 3, demodulate: bool = True, **kwargs) -> None:
+                 dim: int = 3, demodulate: bool = True, style_init: str = "uniform", **kwargs) -> None:
         super().__init__()
         if in_chan != out_chan:
             raise ValueError(f"StyledG adds its upsampled input to its output, so it needs in_chan == out_chan, "
@@ -369,6 +401,7 @@ class StyledG(nn.Module):
         self.act = nn.LeakyReLU(0.2)
         self.blocks = nn.ModuleList(HBlockStyled(style_size, chan(b), chan(b + 1), out_chan, noise, dim, demodulate)
                                     for b in range(n_blocks(scale_factor)))
+        apply_style_init(self, style_init)
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.dim + 2:
