@@ -17,7 +17,8 @@ style could not help.)  The training store (``m2m convert --styles``) holds
 the style table ``Om,D`` synth wrote; the styled model takes ``--style D``.
 
 Training (``--models``, each with the same store, crop, pad, norms
-(``cosmology.dis``), learning rate, batch size, epochs and seed):
+(``cosmology.dis``), learning rate, batch size, epochs, seed and, with
+``--augment``, augmentation):
 
 * ``styled``: ``StyledVNet --style D`` on the input above;
 * ``unstyled``: the ``VNet`` of the same width on the same input;
@@ -122,7 +123,8 @@ def train(store: Path, run_dir: Path, args: argparse.Namespace, model: str, fiel
             "--tgt-norms", "cosmology.dis", "--crop", str(args.crop), "--in-pad", "auto", "--model", model,
             "--misc-kwargs", json.dumps({"width": args.width, **kwargs}), "--lr", str(args.lr),
             "--batch-size", str(args.batch_size), "--loader-workers", "0", "--epochs", str(args.epochs),
-            "--seed", "42", "--run-dir", str(run_dir), "--log-interval", "1000000", *extra]
+            "--seed", "42", "--run-dir", str(run_dir), "--log-interval", "1000000",
+            *(["--augment"] if args.augment else []), *extra]
     module, config = stage_of(build_parser().parse_args(argv))
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -207,6 +209,8 @@ def main() -> None:
     p.add_argument("--styled-kwargs", type=json.loads, default={},
                    help="JSON object of StyledVNet options beside the width, e.g. "
                         "'{\"demodulate\": false, \"style_bypass\": true}'")
+    p.add_argument("--augment", action="store_true",
+                   help="train with m2m train --augment (random flips and axis permutations; vector fields turn with the axes)")
     p.add_argument("--models", type=lambda t: t.split(","), default=list(MODELS),
                    help=f"the models to train, comma-separated (default: {','.join(MODELS)})")
     args = p.parse_args()
@@ -252,7 +256,7 @@ def main() -> None:
     train_d = [round(float(growth_factor(z)), 5) for z in args.train_z]
     print(json.dumps({"ngrid": args.ngrid, "boxsize": args.boxsize, "realisations": args.realisations,
                       "train_z": list(args.train_z), "train_D": train_d, "crop": args.crop, "epochs": args.epochs,
-                      "batch_size": args.batch_size, "width": args.width, "lr": args.lr,
+                      "batch_size": args.batch_size, "width": args.width, "lr": args.lr, "augment": args.augment,
                       "styled_kwargs": args.styled_kwargs, "models": args.models,
                       "training": {name: result for name, (_, result) in runs.items()}, "test": tests,
                       "seconds": round(time.perf_counter() - t0, 1)}))
