@@ -18,7 +18,7 @@ the style table ``Om,D`` synth wrote; the styled model takes ``--style D``.
 
 Training (``--models``, each with the same store, crop, pad, norms
 (``cosmology.dis``), learning rate, batch size, epochs, seed and, with
-``--augment``, augmentation):
+``--augment``, augmentation, and ``--train-args``):
 
 * ``styled``: ``StyledVNet --style D`` on the input above;
 * ``unstyled``: the ``VNet`` of the same width on the same input;
@@ -64,6 +64,7 @@ import contextlib
 import io
 import json
 import math
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -124,7 +125,7 @@ def train(store: Path, run_dir: Path, args: argparse.Namespace, model: str, fiel
             "--misc-kwargs", json.dumps({"width": args.width, **kwargs}), "--lr", str(args.lr),
             "--batch-size", str(args.batch_size), "--loader-workers", "0", "--epochs", str(args.epochs),
             "--seed", "42", "--run-dir", str(run_dir), "--log-interval", "1000000",
-            *(["--augment"] if args.augment else []), *extra]
+            *(["--augment"] if args.augment else []), *shlex.split(args.train_args), *extra]
     module, config = stage_of(build_parser().parse_args(argv))
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -211,6 +212,8 @@ def main() -> None:
                         "'{\"demodulate\": false, \"style_bypass\": true}'")
     p.add_argument("--augment", action="store_true",
                    help="train with m2m train --augment (random flips and axis permutations; vector fields turn with the axes)")
+    p.add_argument("--train-args", default="", metavar="ARGS",
+                   help="more m2m train options for every model, e.g. '--reduce-lr-on-plateau'")
     p.add_argument("--models", type=lambda t: t.split(","), default=list(MODELS),
                    help=f"the models to train, comma-separated (default: {','.join(MODELS)})")
     args = p.parse_args()
@@ -257,6 +260,7 @@ def main() -> None:
     print(json.dumps({"ngrid": args.ngrid, "boxsize": args.boxsize, "realisations": args.realisations,
                       "train_z": list(args.train_z), "train_D": train_d, "crop": args.crop, "epochs": args.epochs,
                       "batch_size": args.batch_size, "width": args.width, "lr": args.lr, "augment": args.augment,
+                      "train_args": args.train_args,
                       "styled_kwargs": args.styled_kwargs, "models": args.models,
                       "training": {name: result for name, (_, result) in runs.items()}, "test": tests,
                       "seconds": round(time.perf_counter() - t0, 1)}))
