@@ -352,6 +352,8 @@ BAD = {
                                     "style D=5 is no growth factor of flat LambdaCDM"),
     "velocity and an output field named vel": ("ckpt2", ["--velocity", "--out-field", "vel"], "s2",
                                                "--out-field vel: --velocity writes a field of that name"),
+    "velocity input unknown": ("ckpt2", ["--velocity", "--velocity-input", "sideways"], "s2",
+                               "--velocity-input sideways: choose scales (the input is proportional to D) or fixed"),
     "velocity input fixed without velocity": ("ckpt2", ["--velocity-input", "fixed"], "s2",
                                               "--velocity-input fixed: it says how the velocity is differentiated"),
 }

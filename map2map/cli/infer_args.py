@@ -131,7 +131,7 @@ def add_infer(sub: argparse._SubParsersAction) -> None:
                    help="for a model of displacements styled by the growth factor D: also write the field 'vel', "
                         "the peculiar velocity a H f D dpsi/dD in km/s, dpsi/dD by forward-mode differentiation "
                         "in the same pass (see --velocity-input)")
-    p.add_argument("--velocity-input", choices=("scales", "fixed"), default="scales",
+    p.add_argument("--velocity-input", default="scales", metavar="scales|fixed",
                    help="with --velocity, how the input depends on D: 'scales' (proportional to D, as the "
                         "Zel'dovich displacement at the sample's D is; the derivative runs through the input "
                         "and the style) or 'fixed' (the same at every D, e.g. the linear field at z = 0; "

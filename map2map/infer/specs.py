@@ -110,7 +110,8 @@ class Job:
     (`map2map.infer.tta`).  For a styled model `styles` holds each sample's physical style values in the
     order of `style_norm` (the model card's); with ``--velocity`` `vel_field` names the velocity output and
     `vel_factors` holds each sample's factor from d(output)/dD, as the model gives it, to km/s
-    (`map2map.infer.styles`), and `vel_input_scales` whether the input is proportional to D.  `out_path` is a local path or a URL, written with `storage_options`
+    (`map2map.infer.styles`), and `vel_input_scales` whether the input is proportional to D.
+    `out_path` is a local path or a URL, written with `storage_options`
     (travelling with every task to every worker, in this process or another)."""
 
     token: str

@@ -41,6 +41,8 @@ import numpy as np
 
 from map2map.errors import UserError
 
+VELOCITY_INPUTS = ("scales", "fixed")  # --velocity-input: the input proportional to D, or the same at every D
+
 
 @dataclass(frozen=True)
 class Styling:
@@ -94,8 +96,8 @@ def resolve_styles(opts, card, nsample: int, out_chan: int, ndim: int) -> Stylin
     malformed or incomplete ``--style``, and ``--velocity`` without a style D or on an output that is
     not a displacement (`out_chan` channels on `ndim` axes), and ``--velocity-input fixed`` without
     ``--velocity``."""
-    input_scales = opts.velocity_input == "scales"
-    if opts.velocity_input not in ("scales", "fixed"):
+    input_scales = opts.velocity_input == VELOCITY_INPUTS[0]
+    if opts.velocity_input not in VELOCITY_INPUTS:
         raise UserError(f"--velocity-input {opts.velocity_input}: choose scales (the input is proportional to "
                         "D) or fixed (the input is the same at every D)")
     if not input_scales and not opts.velocity:
